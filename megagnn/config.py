@@ -1,0 +1,275 @@
+"""One typed config tree: dataclasses filled from YAML and ``--set a.b=c`` overrides.
+
+A YAML file may start with ``include: [other.yaml, ...]`` (paths relative to the file);
+included files are merged first, in order, and the file's own keys win. An unknown key
+anywhere is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message says what to change."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str = "painn"
+    """Backbone: 'schnet' (continuous filters) or 'painn' (equivariant vectors)."""
+    hidden: int = 64
+    """Channel width H of every block."""
+    layers: int = 3
+    """Number of interaction blocks L."""
+    num_rbf: int = 16
+    """Number of radial basis functions."""
+    rbf: str = "bessel"
+    """Radial basis: 'gaussian' or 'bessel'."""
+    cutoff: float = 5.0
+    """Neighbour cutoff in Å; the envelope goes smoothly to zero there."""
+    envelope_p: int = 6
+    """Exponent p of the polynomial cutoff envelope (DimeNet eq. 8)."""
+    max_z: int = 100
+    """Largest atomic number the embedding covers."""
+    forces: str = "conservative"
+    """'conservative' (F = -dE/dx), 'direct' (equivariant edge head) or 'none'."""
+    stress: bool = True
+    """Predict stress from the strain derivative for periodic cells (conservative only)."""
+    heads: list[str] = field(default_factory=lambda: ["default"])
+    """Names of the energy heads, one per dataset family, on a shared trunk."""
+
+    def __post_init__(self) -> None:
+        if self.family not in ("schnet", "painn"):
+            raise ConfigError(f"model.family={self.family!r}: use 'schnet' or 'painn'")
+        if self.rbf not in ("gaussian", "bessel"):
+            raise ConfigError(f"model.rbf={self.rbf!r}: use 'gaussian' or 'bessel'")
+        if self.forces not in ("conservative", "direct", "none"):
+            raise ConfigError(
+                f"model.forces={self.forces!r}: use 'conservative', 'direct' or 'none'"
+            )
+        if self.hidden < 1 or self.layers < 1 or self.num_rbf < 1:
+            raise ConfigError("model.hidden, model.layers and model.num_rbf must be >= 1")
+        if self.cutoff <= 0:
+            raise ConfigError(f"model.cutoff={self.cutoff}: must be > 0 Å")
+        if self.stress and self.forces != "conservative":
+            raise ConfigError(
+                "model.stress=true needs model.forces=conservative (stress is dE/dstrain); "
+                "set model.stress=false for direct or no forces"
+            )
+        if not self.heads or len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"model.heads={self.heads}: give one or more distinct names")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/emt"
+    """Dataset folder holding dataset.json and its HDF5 shards."""
+    split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
+    """Train/val/test fractions of the structures, drawn by split_seed."""
+    split_seed: int = 0
+    """Seed of the train/val/test split (fixed across runs so held-out data stays held out)."""
+    max_atoms: int = 512
+    """Atom budget per batch (the GNN analogue of tokens per batch)."""
+    max_edges: int | None = None
+    """Optional edge budget per batch; needs shards preprocessed with the same cutoff."""
+    num_workers: int = 0
+    """DataLoader worker processes (each opens its own HDF5 handles)."""
+
+    def __post_init__(self) -> None:
+        if (
+            len(self.split) != 3
+            or any(f < 0 for f in self.split)
+            or abs(sum(self.split) - 1) > 1e-6
+        ):
+            raise ConfigError(f"data.split={self.split}: give three fractions that sum to 1")
+        if self.max_atoms < 1:
+            raise ConfigError("data.max_atoms must be >= 1")
+        if self.max_edges is not None and self.max_edges < 1:
+            raise ConfigError("data.max_edges must be >= 1 or null")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    out_dir: str = "runs/default"
+    """Run folder: checkpoints/, tensorboard/ and the resolved config.yaml."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of lr, reached by the cosine decay."""
+    warmup_steps: int = 50
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 10.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    energy_weight: float = 1.0
+    """Loss weight of the energy-per-atom term."""
+    force_weight: float = 10.0
+    """Loss weight of the force term."""
+    stress_weight: float = 1.0
+    """Loss weight of the stress term (eV/Å^3 scaled to GPa would dwarf others)."""
+    loss: str = "mse"
+    """'mse' or 'huber' (delta 0.01 on each normalised term)."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast for the dense layers; geometry stays fp32)."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout-free randomness."""
+    log_every: int = 10
+    """Steps between TensorBoard scalar writes."""
+    eval_every: int = 200
+    """Steps between validation passes (0 disables)."""
+    save_every: int = 200
+    """Steps between checkpoints (the last step is always saved)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    resume: bool = True
+    """Continue from out_dir/checkpoints/last.pt when it exists."""
+    max_bad_steps: int = 20
+    """Abort after this many consecutive steps with a non-finite loss or gradient."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("mse", "huber"):
+            raise ConfigError(f"train.loss={self.loss!r}: use 'mse' or 'huber'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r}: use 'fp32' or 'bf16'")
+        if self.max_steps < 1 or self.lr <= 0:
+            raise ConfigError("train.max_steps must be >= 1 and train.lr > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the data is and how it is batched."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, logging and checkpointing."""
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value against a field's type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a valid {tp}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
+            f"known keys{' of ' + where if where else ''}: {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file with its includes resolved into one mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    merged: dict = {}
+    for inc in raw.pop("include", []) or []:
+        merged = _merge(merged, load_yaml(path.parent / inc))
+    return _merge(merged, raw)
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 3e-4}} (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: write it as section.key=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    node: Any = yaml.safe_load(value) if value.strip() else None
+    for p in reversed(parts):
+        node = {p: node}
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config tree from an optional YAML file and dotted overrides."""
+    values = load_yaml(path) if path is not None else {}
+    for text in overrides or []:
+        values = _merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

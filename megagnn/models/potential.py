@@ -1,0 +1,155 @@
+"""Interatomic potential: geometry -> backbone -> energy heads -> forces and stress."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megagnn import keys as K
+from megagnn.config import ModelConfig
+from megagnn.models.painn import PaiNN
+from megagnn.models.radial import make_basis, polynomial_envelope
+from megagnn.models.schnet import SchNet
+from megagnn.ops import segment_sum
+
+BACKBONES = {"schnet": SchNet, "painn": PaiNN}
+
+
+class EnergyHead(nn.Module):
+    """Per-atom energy readout, one MLP per dataset family on the shared trunk."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        mid = max(hidden // 2, 1)
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, mid), nn.SiLU(), nn.Linear(mid, 1))
+            for _ in range(num_heads)
+        )
+
+    def forward(self, h: torch.Tensor, head_of_atom: torch.Tensor) -> torch.Tensor:  # -> [N]
+        if len(self.mlps) == 1:
+            return self.mlps[0](h).squeeze(-1)
+        out = torch.stack([mlp(h).squeeze(-1) for mlp in self.mlps], dim=-1)  # [N, heads]
+        return out.gather(1, head_of_atom.unsqueeze(-1)).squeeze(-1)
+
+
+class DirectForceHead(nn.Module):
+    """F_i = Σ_j w_ij r̂_ij with w_ij = w_ji from a symmetric edge MLP (Newton's third law)."""
+
+    def __init__(self, hidden: int, num_rbf: int):
+        super().__init__()
+        self.node = nn.Linear(hidden, hidden)
+        self.radial = nn.Linear(num_rbf, hidden)
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, h, edge_index, rbf, envelope, unit, inv_avg_neighbors):
+        sender, receiver = edge_index
+        x = self.node(h)  # [N, H]
+        w = self.out(x[sender] * x[receiver] * self.radial(rbf)).squeeze(-1) * envelope  # [E]
+        f = w.unsqueeze(-1).to(unit.dtype) * unit  # [E, 3]
+        return segment_sum(f, receiver, h.shape[0]) * inv_avg_neighbors
+
+
+class Potential(nn.Module):
+    """E = Σ_i [scale · y_i + E_ref(Z_i)];  F = -∂E/∂x;  σ = (1/V) ∂E/∂ε.
+
+    ``scale``, ``atomic_energies`` and ``avg_num_neighbors`` are buffers set from dataset
+    statistics (``set_statistics``) and saved with the weights.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = BACKBONES[cfg.family](cfg.hidden, cfg.layers, cfg.num_rbf, cfg.max_z)
+        self.basis = make_basis(cfg.rbf, cfg.cutoff, cfg.num_rbf)
+        self.energy_head = EnergyHead(cfg.hidden, len(cfg.heads))
+        self.force_head = (
+            DirectForceHead(cfg.hidden, cfg.num_rbf) if cfg.forces == "direct" else None
+        )
+        self.register_buffer("scale", torch.ones(len(cfg.heads)))
+        self.register_buffer("atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1))
+        self.register_buffer("avg_num_neighbors", torch.ones(()))
+
+    @torch.no_grad()
+    def set_statistics(
+        self, head: int, atomic_energies: dict[int, float], scale: float, avg_neighbors: float
+    ) -> None:
+        self.atomic_energies[head].zero_()
+        for z, e in atomic_energies.items():
+            self.atomic_energies[head, int(z)] = e
+        self.scale[head] = scale
+        self.avg_num_neighbors.fill_(avg_neighbors)
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        compute_forces: bool | None = None,
+        compute_stress: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Predict energy [B], forces [N, 3] and stress [B, 3, 3] for a batch.
+
+        Forces and stress default to what the config asks for. With conservative forces the
+        graph is kept (create_graph) while training, so force losses can be backpropagated.
+        """
+        cfg = self.cfg
+        if compute_forces is None:
+            compute_forces = cfg.forces != "none"
+        if compute_stress is None:
+            compute_stress = cfg.stress and compute_forces and cfg.forces == "conservative"
+        conservative = compute_forces and cfg.forces == "conservative"
+        # forces are gradients: they need autograd even when called under no_grad
+        with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
+            return self._forward(batch, compute_forces, compute_stress, conservative)
+
+    def _forward(self, batch, compute_forces, compute_stress, conservative):
+        cfg = self.cfg
+        pos_leaf = batch[K.POSITIONS].detach().requires_grad_(conservative)  # [N, 3]
+        pos = pos_leaf
+        cell = batch[K.CELL]  # [B, 3, 3]
+        graph_of_atom = batch[K.BATCH]  # [N]
+        n_graphs = cell.shape[0]
+        strain = None
+        if compute_stress:
+            # homogeneous strain ε applied to positions and cell: dE/dε gives the virial
+            strain = torch.zeros_like(cell).requires_grad_(True)  # [B, 3, 3]
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            pos = pos + torch.einsum("ni,nij->nj", pos, sym[graph_of_atom])
+            cell = cell + torch.bmm(cell, sym)
+
+        sender, receiver = batch[K.EDGE_INDEX]
+        edge_graph = graph_of_atom[receiver]
+        with torch.autocast(pos.device.type, enabled=False):  # geometry stays full precision
+            shift = torch.einsum("ei,eij->ej", batch[K.CELL_SHIFTS], cell[edge_graph])  # [E, 3]
+            vec = pos[sender] - pos[receiver] + shift  # [E, 3]
+            r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
+            unit = vec / r.unsqueeze(-1)  # [E, 3]
+            rbf = self.basis(r)  # [E, K]
+            env = polynomial_envelope(r, cfg.cutoff, cfg.envelope_p)  # [E]
+        inv_n = 1.0 / self.avg_num_neighbors
+        h = self.backbone(batch[K.ATOMIC_NUMBERS], batch[K.EDGE_INDEX], rbf, env, unit, inv_n)
+
+        head = batch[K.HEAD][graph_of_atom]  # [N]
+        y = self.energy_head(h, head).to(pos.dtype)  # [N], out of bf16 before summing
+        atomic = y * self.scale[head] + self.atomic_energies[head, batch[K.ATOMIC_NUMBERS]]
+        energy = segment_sum(atomic.to(pos.dtype), graph_of_atom, n_graphs)  # [B]
+        out = {K.ENERGY: energy}
+
+        if conservative:
+            inputs = [pos_leaf] if strain is None else [pos_leaf, strain]
+            grads = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=self.training, allow_unused=True
+            )
+            out[K.FORCES] = -_zero_if_none(grads[0], inputs[0])
+            if strain is not None:
+                volume = torch.linalg.det(batch[K.CELL]).abs()  # [B]
+                periodic = batch[K.PBC].all(dim=1) & (volume > 1e-8)
+                virial = _zero_if_none(grads[1], strain)
+                stress = virial / torch.where(periodic, volume, 1.0)[:, None, None]
+                out[K.STRESS] = stress * periodic[:, None, None]
+        elif compute_forces:
+            out[K.FORCES] = self.force_head(h, batch[K.EDGE_INDEX], rbf, env, unit, inv_n)
+        return out
+
+
+def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megagnn",
+    version="0.1.0",
+    description="Megatron-style training of large graph neural network interatomic potentials",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megagnn", "megagnn.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "ase>=3.23",
+        "vesin>=0.3",
+        "h5py",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "dev": ["pytest", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megagnn-pretrain=megagnn.pretrain:main",
+            "megagnn-evaluate=megagnn.evaluate:main",
+        ]
+    },
+)

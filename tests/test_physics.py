@@ -1,0 +1,201 @@
+"""Physics every model must satisfy: FD forces and stress, invariances, batching, PBC images."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from scipy.spatial.transform import Rotation
+
+from megagnn import keys as K
+from megagnn.config import ModelConfig
+from megagnn.data import atoms_to_graph, collate, structure_to_graph, to_device
+from megagnn.models import build_model
+
+CUTOFF = 4.0
+FAMILIES = ["schnet", "painn"]
+
+
+def make_model(family, forces="conservative", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        family=family,
+        hidden=16,
+        layers=2,
+        num_rbf=8,
+        cutoff=CUTOFF,
+        forces=forces,
+        stress=forces == "conservative",
+    )
+    model = build_model(cfg).double().eval()
+    # non-trivial statistics so they are exercised too
+    model.set_statistics(0, {29: -3.5, 79: -2.0, 1: -13.0, 8: -430.0, 6: -1000.0}, 0.7, 12.0)
+    return model
+
+
+def predict(model, atoms):
+    return model(to_device(atoms_to_graph(atoms, CUTOFF), "cpu", torch.float64))
+
+
+def alloy(seed=0, rattle=0.15):
+    atoms = bulk("Cu", "fcc", a=3.7) * (2, 2, 2)  # triclinic primitive cell
+    atoms.numbers[::3] = 79
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def slab():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 1)
+    atoms.center(vacuum=4.0, axis=2)
+    atoms.pbc = [True, True, False]
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def mol():
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+STRUCTURES = {"bulk": alloy, "slab": slab, "molecule": mol}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_forces_match_finite_differences(family, name):
+    model = make_model(family)
+    atoms = STRUCTURES[name]()
+    forces = predict(model, atoms)[K.FORCES].detach().numpy()
+    h = 1e-5
+    rng = np.random.default_rng(0)
+    for a in rng.choice(len(atoms), size=3, replace=False):
+        for d in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[a, d] += h
+            minus.positions[a, d] -= h
+            fd = -(predict(model, plus)[K.ENERGY] - predict(model, minus)[K.ENERGY]).item() / (
+                2 * h
+            )
+            assert forces[a, d] == pytest.approx(fd, abs=1e-7, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stress_matches_strain_derivative(family):
+    model = make_model(family)
+    atoms = alloy()
+    stress = predict(model, atoms)[K.STRESS][0].detach().numpy()
+    h, cell, vol = 1e-6, atoms.get_cell()[:], atoms.get_volume()
+    for i in range(3):
+        for j in range(3):
+            eps = np.zeros((3, 3))
+            eps[i, j] = eps[j, i] = h / 2 if i != j else h
+            energies = []
+            for sign in (1, -1):
+                strained = atoms.copy()
+                strained.set_cell(cell @ (np.eye(3) + sign * eps), scale_atoms=True)
+                energies.append(predict(model, strained)[K.ENERGY].item())
+            fd = (energies[0] - energies[1]) / (2 * h * vol)
+            assert stress[i, j] == pytest.approx(fd, abs=1e-8, rel=1e-5)
+
+
+def test_stress_is_zero_for_non_periodic():
+    model = make_model("painn")
+    assert torch.all(predict(model, slab())[K.STRESS] == 0)
+    assert torch.all(predict(model, mol())[K.STRESS] == 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("forces", ["conservative", "direct"])
+def test_rotation_translation_invariance(family, forces):
+    model = make_model(family, forces)
+    rot = Rotation.random(random_state=7).as_matrix()
+    for atoms in (alloy(), mol()):
+        ref = predict(model, atoms)
+        moved = atoms.copy()
+        moved.positions = atoms.positions @ rot.T + np.array([0.3, -1.2, 2.5])
+        moved.set_cell(atoms.get_cell()[:] @ rot.T)
+        out = predict(model, moved)
+        torch.testing.assert_close(out[K.ENERGY], ref[K.ENERGY], rtol=1e-10, atol=1e-10)
+        rotated = ref[K.FORCES] @ torch.as_tensor(rot.T)
+        torch.testing.assert_close(out[K.FORCES], rotated, rtol=1e-8, atol=1e-10)
+        if forces == "conservative" and atoms.pbc.all():
+            r = torch.as_tensor(rot)
+            torch.testing.assert_close(
+                out[K.STRESS][0], r @ ref[K.STRESS][0] @ r.T, rtol=1e-8, atol=1e-12
+            )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("forces", ["conservative", "direct"])
+def test_permutation_equivariance(family, forces):
+    model = make_model(family, forces)
+    atoms = alloy()
+    perm = np.random.default_rng(1).permutation(len(atoms))
+    ref, out = predict(model, atoms), predict(model, atoms[perm])
+    torch.testing.assert_close(out[K.ENERGY], ref[K.ENERGY], rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(out[K.FORCES], ref[K.FORCES][perm], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_supercell_energy_per_atom(family):
+    model = make_model(family)
+    atoms = alloy(rattle=0.1)
+    big = atoms * (2, 2, 2)
+    e1 = predict(model, atoms)[K.ENERGY].item() / len(atoms)
+    out = predict(model, big)
+    assert out[K.ENERGY].item() / len(big) == pytest.approx(e1, rel=1e-10, abs=1e-10)
+    f1 = predict(model, atoms)[K.FORCES]
+    torch.testing.assert_close(out[K.FORCES][: len(atoms)], f1, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        out[K.STRESS], predict(model, atoms)[K.STRESS], rtol=1e-8, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("forces", ["conservative", "direct"])
+def test_batch_equals_singles(family, forces):
+    model = make_model(family, forces)
+    structures = [alloy(0), mol(), slab(), alloy(5), Atoms("Cu", positions=[[0, 0, 0]])]
+    graphs = [
+        structure_to_graph(
+            {
+                "atomic_numbers": a.numbers,
+                "positions": a.positions,
+                "cell": a.cell[:],
+                "pbc": a.pbc,
+            },
+            CUTOFF,
+        )
+        for a in structures
+    ]
+    batched = model(to_device(collate(graphs), "cpu", torch.float64))
+    start = 0
+    for k, a in enumerate(structures):
+        single = predict(model, a)
+        torch.testing.assert_close(
+            batched[K.ENERGY][k], single[K.ENERGY][0], rtol=1e-12, atol=1e-10
+        )
+        torch.testing.assert_close(
+            batched[K.FORCES][start : start + len(a)], single[K.FORCES], rtol=1e-10, atol=1e-12
+        )
+        start += len(a)
+
+
+def test_isolated_atom_energy_is_reference():
+    model = make_model("painn")
+    out = predict(model, Atoms("Cu", positions=[[0, 0, 0]]))
+    # no neighbours: energy is the readout of the embedding only, and the force is zero
+    assert torch.all(out[K.FORCES] == 0)
+    assert torch.isfinite(out[K.ENERGY]).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smooth_at_cutoff(family):
+    """An atom crossing the cutoff changes the energy continuously."""
+    model = make_model(family)
+    energies = []
+    for d in (CUTOFF - 1e-6, CUTOFF + 1e-6):
+        atoms = Atoms("CuCu", positions=[[0, 0, 0], [d, 0, 0]])
+        energies.append(predict(model, atoms)[K.ENERGY].item())
+    assert energies[0] == pytest.approx(energies[1], abs=1e-9)
