@@ -1,0 +1,80 @@
+"""Energy/force/stress loss and error metrics, per head in units of the head's scale."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from megagnn import keys as K
+from megagnn.config import TrainConfig
+
+
+def _penalty(err: torch.Tensor, kind: str) -> torch.Tensor:
+    if err.numel() == 0:
+        return err.new_zeros(())
+    if kind == "huber":
+        return F.huber_loss(err, torch.zeros_like(err), delta=0.01)
+    return (err * err).mean()
+
+
+def loss_terms(
+    pred: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    scale: torch.Tensor,  # [heads] eV/Å, from the model
+    cfg: TrainConfig,
+) -> dict[str, torch.Tensor]:
+    """Weighted loss and its terms. Errors are divided by the head's scale so the terms are
+    dimensionless and comparable: energy per atom, force components, stress components."""
+    head = batch[K.HEAD]  # [B]
+    s_graph = scale[head]  # [B]
+    n = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
+    terms = {"energy": _penalty((pred[K.ENERGY] - batch[K.ENERGY]) / n / s_graph, cfg.loss)}
+    total = cfg.energy_weight * terms["energy"]
+    if K.FORCES in pred:
+        atom_mask = batch[K.HAS_FORCES][batch[K.BATCH]]  # [N]
+        s_atom = s_graph[batch[K.BATCH]].unsqueeze(-1)
+        err = ((pred[K.FORCES] - batch[K.FORCES]) / s_atom)[atom_mask]
+        terms["forces"] = _penalty(err, cfg.loss)
+        total = total + cfg.force_weight * terms["forces"]
+    if K.STRESS in pred:
+        mask = batch[K.HAS_STRESS] & batch[K.PBC].all(dim=1)
+        err = ((pred[K.STRESS] - batch[K.STRESS]) / s_graph[:, None, None])[mask]
+        terms["stress"] = _penalty(err, cfg.loss)
+        total = total + cfg.stress_weight * terms["stress"]
+    terms["total"] = total
+    return terms
+
+
+class ErrorMeter:
+    """Accumulates absolute errors over batches: energy/atom (eV), forces (eV/Å), stress."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def _add(self, name: str, err: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(err.abs().sum())
+        self.counts[name] = self.counts.get(name, 0) + err.numel()
+
+    @torch.no_grad()
+    def update(
+        self,
+        pred: dict[str, torch.Tensor],
+        batch: dict[str, torch.Tensor],
+        reference_energy: torch.Tensor,
+    ) -> None:
+        n = batch[K.N_ATOMS].to(batch[K.ENERGY].dtype)
+        self._add("energy_per_atom_mae", (pred[K.ENERGY].detach() - batch[K.ENERGY]) / n)
+        # baseline: reference energies alone (what the model adds on top of them)
+        self._add("baseline_energy_per_atom_mae", (reference_energy - batch[K.ENERGY]) / n)
+        if K.FORCES in pred:
+            mask = batch[K.HAS_FORCES][batch[K.BATCH]]
+            self._add("forces_mae", (pred[K.FORCES].detach() - batch[K.FORCES])[mask])
+            self._add("baseline_zero_forces_mae", batch[K.FORCES][mask])
+        if K.STRESS in pred:
+            mask = batch[K.HAS_STRESS] & batch[K.PBC].all(dim=1)
+            self._add("stress_mae", (pred[K.STRESS].detach() - batch[K.STRESS])[mask])
+            self._add("baseline_zero_stress_mae", batch[K.STRESS][mask])
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}

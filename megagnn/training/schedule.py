@@ -1,0 +1,22 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to min_lr_ratio · lr."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megagnn.config import TrainConfig
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    warmup = max(cfg.warmup_steps, 0)
+    decay = max(cfg.max_steps - warmup, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min((step - warmup) / decay, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,285 @@
+"""Single-process training: data, model, optimizer, loop, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from megagnn import keys as K
+from megagnn.config import Config, config_from_dict, config_to_dict
+from megagnn.data.graph import to_device
+from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches, split_indices
+from megagnn.data.shards import DataError, ShardedDataset
+from megagnn.models import Potential, build_model, count_parameters
+from megagnn.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from megagnn.training.loss import ErrorMeter, loss_terms
+from megagnn.training.schedule import warmup_cosine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class DataSplits:
+    """The dataset, its graphs at the model's cutoff and the seeded train/val/test split."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
+        self.dataset = ShardedDataset(cfg.data.path)
+        self.graphs = GraphDataset(self.dataset, cfg.model.cutoff)
+        self.indices = split_indices(len(self.dataset), cfg.data.split, cfg.data.split_seed)
+        if len(self.indices["train"]) == 0:
+            raise DataError(f"{cfg.data.path}: the train split is empty")
+        self.n_atoms = self.dataset.sizes("n_atoms")
+        self.n_edges = None
+        if cfg.data.max_edges is not None:
+            if self.dataset.manifest.get("cutoff") != cfg.model.cutoff:
+                raise DataError(
+                    f"data.max_edges needs edge counts at cutoff {cfg.model.cutoff}; "
+                    f"{cfg.data.path} has them for {self.dataset.manifest.get('cutoff')}. "
+                    "Preprocess with --cutoff or set data.max_edges=null"
+                )
+            self.n_edges = self.dataset.sizes("n_edges")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+
+    def sampler(self, split: str, shuffle: bool) -> BudgetBatchSampler:
+        idx = self.indices[split]
+        return BudgetBatchSampler(
+            idx,
+            self.n_atoms[idx],
+            self.cfg.data.max_atoms,
+            None if self.n_edges is None else self.n_edges[idx],
+            self.cfg.data.max_edges,
+            shuffle=shuffle,
+            seed=self.cfg.train.seed,
+            rank=self.rank if split == "train" else 0,
+            world_size=self.world_size if split == "train" else 1,
+        )
+
+    def avg_num_neighbors(self, limit: int = 200) -> float:
+        manifest = self.dataset.manifest
+        if manifest.get("cutoff") == self.cfg.model.cutoff and manifest.get("avg_num_neighbors"):
+            return float(manifest["avg_num_neighbors"])
+        idx = self.indices["train"][:limit]
+        edges = sum(self.graphs[int(i)][K.EDGE_INDEX].shape[1] for i in idx)
+        return max(edges / max(int(self.n_atoms[idx].sum()), 1), 1.0)
+
+
+def set_model_statistics(model: Potential, data: DataSplits) -> None:
+    manifest = data.dataset.manifest
+    scale = manifest.get("force_rms") or manifest.get("energy_per_atom_residual_rms") or 1.0
+    energies = {int(z): e for z, e in manifest["atomic_energies"].items()}
+    for head in range(len(model.cfg.heads)):
+        model.set_statistics(head, energies, max(scale, 1e-6), data.avg_num_neighbors())
+
+
+def evaluate(
+    model: Potential,
+    graphs: GraphDataset,
+    sampler: BudgetBatchSampler,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines."""
+    was_training = model.training
+    model.eval()
+    meter = ErrorMeter()
+    batches = iterate_batches(graphs, sampler, epoch=0)
+    for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
+        batch = to_device(batch, device, dtype)
+        pred = model(batch)
+        ref = torch.zeros_like(batch[K.ENERGY]).index_add(
+            0,
+            batch[K.BATCH],
+            model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]].to(dtype),
+        )
+        meter.update(pred, batch, ref)
+    model.train(was_training)
+    return meter.result()
+
+
+class Trainer:
+    """Reads top to bottom: build everything in __init__, then ``train()`` loops over steps."""
+
+    def __init__(self, cfg: Config, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or default_device()
+        self.dtype = DTYPES[cfg.train.precision]
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        torch.manual_seed(cfg.train.seed)
+        self.data = DataSplits(cfg)
+        self.model = build_model(cfg.model).to(self.device, self.dtype)
+        set_model_statistics(self.model, self.data)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        self.scheduler = warmup_cosine(self.optimizer, cfg.train)
+        self.train_sampler = self.data.sampler("train", shuffle=True)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.bad_steps = 0
+
+        resume = latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume))
+            print(f"resumed from {resume} at step {self.step}")
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "data": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = config_from_dict(state["config"])
+        if saved.model != self.cfg.model:
+            raise ValueError(
+                f"checkpoint model config differs from this run's ({saved.model} vs "
+                f"{self.cfg.model}); use another train.out_dir or train.resume=false"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.epoch = state["data"]["epoch"]
+        self.batch_in_epoch = state["data"]["batch_in_epoch"]
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.ckpt_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints
+        )
+
+    # -- loop ----------------------------------------------------------------------------
+    def batches(self):
+        """Training batches forever, epoch after epoch, tracking the position for resume."""
+        while True:
+            for batch in iterate_batches(
+                self.data.graphs,
+                self.train_sampler,
+                self.epoch,
+                self.batch_in_epoch,
+                self.cfg.data.num_workers,
+            ):
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def train_step(self, batch: dict) -> dict[str, float] | None:
+        """One optimizer step; returns None (and changes nothing) if it was not finite."""
+        cfg = self.cfg.train
+        self.model.train()
+        batch = to_device(batch, self.device, self.dtype)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if cfg.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            pred = self.model(batch)
+        terms = loss_terms(pred, batch, self.model.scale, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not (torch.isfinite(terms["total"]) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        out = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+        out["grad_norm"] = float(grad_norm)
+        return out
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg)))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        n_params = count_parameters(self.model)
+        print(
+            f"model: {self.cfg.model.family} H={self.cfg.model.hidden} "
+            f"L={self.cfg.model.layers}, {n_params:,} parameters; "
+            f"train/val/test = {[len(v) for v in self.data.indices.values()]} structures"
+        )
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress)
+        batches = self.batches()
+        t0, atoms_seen, last = time.perf_counter(), 0, {}
+        while self.step < cfg.max_steps:
+            batch = next(batches)
+            metrics = self.train_step(batch)
+            self.scheduler.step()
+            self.step += 1
+            atoms_seen += int(batch[K.N_ATOMS].sum())
+            if metrics is None:
+                self.bad_steps += 1
+                warnings.warn(
+                    f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=1
+                )
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{self.bad_steps} consecutive non-finite steps; lower train.lr or "
+                        "check the data"
+                    )
+                continue
+            self.bad_steps = 0
+            last = metrics
+            bar.update(self.step - bar.n)
+            bar.set_postfix(loss=f"{metrics['loss/total']:.4g}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - t0
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                metrics["throughput/atoms_per_s"] = atoms_seen / max(elapsed, 1e-9)
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, self.step)
+                t0, atoms_seen = time.perf_counter(), 0
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                if len(self.data.indices["val"]):
+                    val = self.validate()
+                    for k, v in val.items():
+                        writer.add_scalar(f"val/{k}", v, self.step)
+                    bar.write(f"step {self.step}: " + _format(val))
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        writer.close()
+        return last
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(
+            self.model,
+            self.data.graphs,
+            self.data.sampler("val", shuffle=False),
+            self.device,
+            self.dtype,
+        )
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("baseline"))
+
+
+__all__ = ["DataSplits", "Trainer", "evaluate"]

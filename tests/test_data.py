@@ -1,0 +1,251 @@
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+from megagnn.data import DataError, ShardedDataset, read_manifest
+from megagnn.data.neighbors import neighbor_list
+from megagnn.data.preprocess import main as preprocess_main
+from megagnn.data.preprocess import preprocess
+from megagnn.data.sampler import BudgetBatchSampler, pack_batches, split_indices
+
+
+def test_round_trip(emt_extxyz, emt_dataset):
+    originals = ase.io.read(emt_extxyz, index=":")
+    data = ShardedDataset(emt_dataset)
+    assert len(data) == len(originals) == 40
+    assert len(data.manifest["shards"]) == 2
+    for k in (0, 24, 25, 39):  # both sides of the shard boundary
+        rec, ref = data[k], originals[k]
+        np.testing.assert_array_equal(rec["atomic_numbers"], ref.numbers)
+        np.testing.assert_array_equal(rec["positions"], ref.positions)
+        np.testing.assert_array_equal(rec["forces"], ref.get_forces())
+        np.testing.assert_array_equal(rec["cell"], ref.cell[:])
+        assert rec["energy"] == ref.get_potential_energy()
+        np.testing.assert_allclose(
+            rec["stress"].flat[[0, 4, 8, 5, 2, 1]], ref.get_stress(), rtol=0, atol=0
+        )
+    np.testing.assert_array_equal(data.sizes("n_atoms"), [len(a) for a in originals])
+    counts = [len(neighbor_list(a.positions, a.cell[:], a.pbc, 4.0)[0][0]) for a in originals]
+    np.testing.assert_array_equal(data.sizes("n_edges"), counts)
+
+
+def test_reference_energies_are_least_squares(emt_extxyz, emt_dataset):
+    originals = ase.io.read(emt_extxyz, index=":")
+    m = read_manifest(emt_dataset)
+    elements = m["elements"]
+    a = np.array([[np.sum(at.numbers == z) for z in elements] for at in originals], float)
+    e = np.array([at.get_potential_energy() for at in originals])
+    expected = np.linalg.lstsq(a, e, rcond=None)[0]
+    got = np.array([m["atomic_energies"][str(z)] for z in elements])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    residual = (e - a @ expected) / a.sum(1)
+    assert m["energy_per_atom_residual_rms"] == pytest.approx(
+        np.sqrt(np.mean(residual**2)), rel=1e-4
+    )
+    forces = np.concatenate([at.get_forces() for at in originals])
+    assert m["force_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)))
+
+
+def _labelled(atoms, energy=-1.0, forces=None, stress=None):
+    atoms.calc = SinglePointCalculator(
+        atoms,
+        energy=energy,
+        forces=np.zeros((len(atoms), 3)) if forces is None else forces,
+        stress=np.zeros(6) if stress is None else stress,
+    )
+    return atoms
+
+
+def _good():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=0)
+    return _labelled(atoms)
+
+
+def _bad_records():
+    nan_pos = _good()
+    nan_pos.positions[1, 2] = np.nan
+    no_energy = bulk("Cu", "fcc", a=3.6, cubic=True)
+    no_energy.calc = None
+    overlap = _good()
+    overlap.positions[1] = overlap.positions[0] + [0.1, 0, 0]
+    zero_cell = _labelled(Atoms("Cu2", positions=[[0, 0, 0], [2, 0, 0]], cell=[3, 3, 0], pbc=True))
+    nan_force = _good()
+    nan_force.calc.results["forces"][0, 0] = np.inf
+    return {
+        "positions contain NaN": nan_pos,
+        "no energy": no_energy,
+        "overlap": overlap,
+        "zero volume|zero cell": zero_cell,
+        "forces contain NaN or inf": nan_force,
+    }
+
+
+@pytest.mark.parametrize("message", list(_bad_records()))
+def test_bad_record_is_rejected_with_file_and_index(tmp_path, message):
+    bad = _bad_records()[message]
+    path = tmp_path / "in.extxyz"
+    ase.io.write(path, [_good(), _good(), bad, _good()])
+    with pytest.raises(DataError, match=rf"in\.extxyz record 2: .*({message})"):
+        preprocess([str(path)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_skip_invalid_drops_and_counts(tmp_path, capsys):
+    path = tmp_path / "in.extxyz"
+    records = [_good(), *_bad_records().values(), _good()]
+    ase.io.write(path, records)
+    assert (
+        preprocess_main([str(path), "-o", str(tmp_path / "out"), "--skip-invalid", "--no-progress"])
+        == 0
+    )
+    m = read_manifest(tmp_path / "out")
+    assert m["n_structures"] == 2 and m["skipped"] == 5
+    assert "record 2" in capsys.readouterr().err
+
+
+def test_unreadable_and_missing_inputs(tmp_path):
+    garbage = tmp_path / "garbage.extxyz"
+    garbage.write_text("not a structure file\n1 2 3\n")
+    assert preprocess_main([str(garbage), "-o", str(tmp_path / "a"), "--no-progress"]) == 1
+    with pytest.raises(DataError, match="garbage.extxyz"):
+        preprocess([str(garbage)], tmp_path / "b", progress=False)
+    with pytest.raises(DataError, match="no file matches"):
+        preprocess([str(tmp_path / "*.traj")], tmp_path / "c", progress=False)
+
+
+def test_reads_ase_database_and_globs(tmp_path):
+    from ase.db import connect
+
+    db = connect(tmp_path / "x.db")
+    for _ in range(3):
+        db.write(_good())
+    ase.io.write(tmp_path / "a.extxyz", [_good()])
+    ase.io.write(tmp_path / "b.extxyz", [_good(), _good()])
+    m = preprocess(
+        [str(tmp_path / "x.db"), str(tmp_path / "*.extxyz")], tmp_path / "out", progress=False
+    )
+    assert m["n_structures"] == 6
+
+
+def test_crash_mid_write_leaves_nothing_complete(tmp_path, monkeypatch):
+    path = tmp_path / "in.extxyz"
+    ase.io.write(path, [_good() for _ in range(7)])
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("megagnn.data.shards.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess([str(path)], tmp_path / "out", shard_size=3, progress=False)
+    assert not list((tmp_path / "out").glob("*.h5"))  # only a .tmp file, never a shard
+    assert not (tmp_path / "out" / "dataset.json").exists()
+    with pytest.raises(DataError, match="did not finish"):
+        ShardedDataset(tmp_path / "out")
+
+
+def test_refuses_to_overwrite_a_dataset(emt_dataset, emt_extxyz):
+    with pytest.raises(DataError, match="already holds a dataset"):
+        preprocess([str(emt_extxyz)], emt_dataset, progress=False)
+
+
+def test_corrupt_shard_and_manifest_are_named(tmp_path, emt_extxyz):
+    out = tmp_path / "d"
+    preprocess([str(emt_extxyz)], out, shard_size=25, progress=False)
+    shard = out / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    data = ShardedDataset(out)
+    data[0]
+    with pytest.raises(DataError, match="shard-00001.h5"):
+        data[30]
+    (out / "dataset.json").write_text("{ truncated")
+    with pytest.raises(DataError, match="dataset.json is corrupt"):
+        ShardedDataset(out)
+    (out / "dataset.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "shards": [{"file": "shard-00009.h5", "n_structures": 1, "n_atoms": 1}],
+            }
+        )
+    )
+    with pytest.raises(DataError, match="shard-00009.h5 .* is missing"):
+        ShardedDataset(out)
+
+
+def _pairs(i, j, shifts):
+    return sorted(zip(i.tolist(), j.tolist(), map(tuple, shifts.tolist()), strict=True))
+
+
+@pytest.mark.parametrize(
+    "atoms",
+    [
+        bulk("Cu", "fcc", a=3.6) * (2, 1, 3),  # triclinic
+        bulk("Cu", "hcp", a=2.5, c=4.1),  # hexagonal, cell shorter than the cutoff
+        Atoms(
+            "Cu3",
+            positions=[[0, 0, 0], [2, 0.5, 0], [0.5, 2.2, 1.0]],
+            cell=[5, 6, 0],
+            pbc=[True, True, False],
+        ),  # slab with a zero vector out of plane
+        Atoms(
+            "Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[0, 7, 0], pbc=[False, True, False]
+        ),  # wire
+        Atoms("CuAu", positions=[[0, 0, 0], [9, 0, 0]]),  # two isolated atoms
+    ],
+    ids=["triclinic", "small-hcp", "slab", "wire", "isolated"],
+)
+def test_neighbor_list_matches_ase(atoms):
+    atoms.rattle(0.05, seed=4)
+    edge_index, shifts = neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc, 4.0)
+    i, j, s = ase_neighbor_list("ijS", atoms, 4.0)
+    assert _pairs(edge_index[1], edge_index[0], shifts) == _pairs(i, j, s)
+    assert np.all(np.diff(edge_index[1]) >= 0)  # sorted by receiver
+
+
+def test_split_is_disjoint_and_seeded():
+    s = split_indices(101, [0.8, 0.1, 0.1], seed=3)
+    every = np.concatenate(list(s.values()))
+    assert sorted(every.tolist()) == list(range(101))
+    assert (len(s["val"]), len(s["test"])) == (10, 10)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(s.values(), split_indices(101, [0.8, 0.1, 0.1], 3).values(), strict=True)
+    )
+
+
+def test_pack_batches_respects_budgets():
+    rng = np.random.default_rng(0)
+    atoms, edges = rng.integers(1, 40, 200), rng.integers(0, 900, 200)
+    batches = pack_batches(np.arange(200), atoms, 100, edges, 2000)
+    assert np.array_equal(np.concatenate(batches), np.arange(200))
+    for b in batches:
+        assert len(b) == 1 or (atoms[b].sum() <= 100 and edges[b].sum() <= 2000)
+    # an oversized structure gets a batch of its own
+    assert [b.tolist() for b in pack_batches(np.arange(3), np.array([5, 50, 5]), 10)] == [
+        [0],
+        [1],
+        [2],
+    ]
+
+
+def test_sampler_is_deterministic_and_splits_ranks():
+    idx = np.arange(50, 150)
+    sizes = np.random.default_rng(1).integers(1, 30, len(idx))
+    full = BudgetBatchSampler(idx, sizes, 64, seed=7)
+    e0, e1 = full.batches(0), full.batches(1)
+    assert [b.tolist() for b in e0] == [b.tolist() for b in full.batches(0)]
+    assert [b.tolist() for b in e0] != [b.tolist() for b in e1]
+    assert sorted(np.concatenate(e0).tolist()) == idx.tolist()
+    ranks = [
+        BudgetBatchSampler(idx, sizes, 64, seed=7, rank=r, world_size=2).batches(0)
+        for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1])
+    assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())

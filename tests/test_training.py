@@ -1,0 +1,155 @@
+import math
+
+import pytest
+import torch
+
+from megagnn import keys as K
+from megagnn.config import load_config
+from megagnn.evaluate import main as evaluate_main
+from megagnn.pretrain import main as pretrain_main
+from megagnn.training.checkpoint import CheckpointError, load_checkpoint
+from megagnn.training.trainer import Trainer
+
+
+def tiny_config(dataset, out_dir, *extra):
+    return load_config(
+        None,
+        [
+            f"data.path={dataset}",
+            f"train.out_dir={out_dir}",
+            "data.max_atoms=96",
+            "data.split=[0.7, 0.15, 0.15]",
+            "model.hidden=16",
+            "model.layers=2",
+            "model.num_rbf=8",
+            "model.cutoff=4.0",
+            "train.max_steps=6",
+            "train.warmup_steps=2",
+            "train.save_every=3",
+            "train.eval_every=0",
+            "train.progress=false",
+            "train.log_every=1",
+            *extra,
+        ],
+    )
+
+
+def run_losses(trainer, crash_after=None):
+    """Train, recording each step's loss; optionally die (like a killed job) mid-run."""
+    losses, step = [], trainer.train_step
+
+    def recording(batch):
+        if crash_after is not None and len(losses) == crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        out = step(batch)
+        losses.append(out["loss/total"])
+        return out
+
+    trainer.train_step = recording
+    trainer.train()
+    return losses
+
+
+@pytest.mark.parametrize("family", ["schnet", "painn"])
+def test_resume_reproduces_uninterrupted_run(emt_dataset, tmp_path, family):
+    ref = Trainer(tiny_config(emt_dataset, tmp_path / "a", f"model.family={family}"))
+    ref_losses = run_losses(ref)
+
+    crashed = Trainer(tiny_config(emt_dataset, tmp_path / "b", f"model.family={family}"))
+    with pytest.raises(KeyboardInterrupt):
+        run_losses(crashed, crash_after=4)  # checkpoint at step 3, dies during step 5
+    resumed = Trainer(tiny_config(emt_dataset, tmp_path / "b", f"model.family={family}"))
+    assert resumed.step == 3
+    tail = run_losses(resumed)
+    assert tail == ref_losses[3:]  # bit-for-bit
+    for (name, a), b in zip(
+        ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_training_reduces_force_error(emt_dataset, tmp_path):
+    cfg = tiny_config(
+        emt_dataset, tmp_path, "train.max_steps=60", "train.lr=5e-3", "train.save_every=1000"
+    )
+    trainer = Trainer(cfg)
+    before = trainer.validate()
+    trainer.train()
+    after = trainer.validate()
+    assert after["forces_mae"] < 0.8 * before["forces_mae"]
+    assert after["forces_mae"] < after["baseline_zero_forces_mae"]
+
+
+def test_bf16_step_is_finite(emt_dataset, tmp_path):
+    trainer = Trainer(
+        tiny_config(emt_dataset, tmp_path, "train.precision=bf16", "train.max_steps=2")
+    )
+    losses = run_losses(trainer)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_nan_guard_skips_bad_steps_then_aborts(emt_dataset, tmp_path):
+    trainer = Trainer(
+        tiny_config(emt_dataset, tmp_path, "train.max_bad_steps=3", "train.max_steps=10")
+    )
+    good = trainer.batches
+
+    def poisoned():
+        for k, batch in enumerate(good()):
+            if k >= 1:
+                batch[K.ENERGY][:] = float("nan")
+            yield batch
+
+    trainer.batches = poisoned
+    weights = None
+    original_step = trainer.train_step
+
+    def spy(batch):
+        nonlocal weights
+        out = original_step(batch)
+        if out is not None:
+            weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        return out
+
+    trainer.train_step = spy
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(FloatingPointError):
+        trainer.train()
+    assert trainer.step == 4  # 1 good step, then 3 bad ones
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, weights[k]), f"{k} changed by a skipped step"
+
+
+def test_cli_train_then_evaluate(emt_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        f"data.path={emt_dataset}",
+        f"train.out_dir={out}",
+        "model.hidden=8",
+        "model.layers=1",
+        "model.cutoff=4.0",
+        "train.max_steps=2",
+        "train.progress=false",
+        "data.split=[0.6, 0.2, 0.2]",
+    ]
+    assert pretrain_main(["--set", *args]) == 0
+    assert (out / "checkpoints" / "latest").is_file()
+    assert list((out / "tensorboard").iterdir())
+    assert evaluate_main(["--run", str(out), "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "forces_mae" in text and "zero-force" in text
+    assert pretrain_main(["--set", "model.hidden=oops"]) == 2
+    assert pretrain_main(["--set", "data.path=/no/such/dir"]) == 2
+
+
+def test_resume_refuses_a_different_model(emt_dataset, tmp_path):
+    Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1")).train()
+    with pytest.raises(ValueError, match="model config differs"):
+        Trainer(tiny_config(emt_dataset, tmp_path, "model.hidden=8"))
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    (tmp_path / "step-00000001.pt").write_bytes(b"\x80\x02 truncated")
+    with pytest.raises(CheckpointError, match="step-00000001.pt is corrupt"):
+        load_checkpoint(tmp_path / "step-00000001.pt")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path)
