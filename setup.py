@@ -17,8 +17,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest"],
-        "dev": ["pytest", "ruff"],
+        "test": ["pytest", "scipy"],
+        "dev": ["pytest", "scipy", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -31,6 +31,9 @@ class ModelConfig:
     """Number of interaction blocks L."""
     num_rbf: int = 16
     """Number of radial basis functions."""
+    radial_hidden: int = 64
+    """Hidden width of SchNet's filter network (kept small: its [E, R] activation is not split
+    by tensor parallelism)."""
     rbf: str = "bessel"
     """Radial basis: 'gaussian' or 'bessel'."""
     cutoff: float = 5.0
@@ -55,8 +58,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.forces={self.forces!r}: use 'conservative', 'direct' or 'none'"
             )
-        if self.hidden < 1 or self.layers < 1 or self.num_rbf < 1:
-            raise ConfigError("model.hidden, model.layers and model.num_rbf must be >= 1")
+        if min(self.hidden, self.layers, self.num_rbf, self.radial_hidden) < 1:
+            raise ConfigError(
+                "model.hidden, model.layers, model.num_rbf and model.radial_hidden must be >= 1"
+            )
         if self.cutoff <= 0:
             raise ConfigError(f"model.cutoff={self.cutoff}: must be > 0 Å")
         if self.stress and self.forces != "conservative":
@@ -117,7 +122,7 @@ class TrainConfig:
     force_weight: float = 10.0
     """Loss weight of the force term."""
     stress_weight: float = 1.0
-    """Loss weight of the stress term (eV/Å^3 scaled to GPa would dwarf others)."""
+    """Loss weight of the stress term (stress times volume per atom, i.e. virial per atom)."""
     loss: str = "mse"
     """'mse' or 'huber' (delta 0.01 on each normalised term)."""
     precision: str = "fp32"

@@ -30,5 +30,5 @@ def test_meta_model_materialises_like_a_normal_one():
     meta = build_model(cfg, device="meta")
     meta.to_empty(device="cpu")
     meta.load_state_dict(ref.state_dict())
-    for (n1, p1), (n2, p2) in zip(ref.state_dict().items(), meta.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(ref.state_dict().items(), meta.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)

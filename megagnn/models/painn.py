@@ -11,13 +11,16 @@ from megagnn.ops import segment_sum
 class PaiNNMessage(nn.Module):
     """Eqs. 7-8: Δs_i = Σ_j φ_s(s_j) ⊙ W_s(r_ij);  Δv_i = Σ_j v_j ⊙ φ_vv W_vv + φ_vs W_vs r̂_ij."""
 
-    def __init__(self, hidden: int, num_rbf: int):
+    def __init__(self, hidden: int, num_rbf: int, radial_hidden: int):
         super().__init__()
         self.hidden = hidden
         self.phi = nn.Sequential(
             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden)
         )
-        self.filter = nn.Linear(num_rbf, 3 * hidden)
+        # radial MLP (as in NequIP/MACE) rather than PaiNN's single linear layer
+        self.filter = nn.Sequential(
+            nn.Linear(num_rbf, radial_hidden), nn.SiLU(), nn.Linear(radial_hidden, 3 * hidden)
+        )
 
     def forward(self, s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors):
         sender, receiver = edge_index
@@ -57,9 +60,9 @@ class PaiNNUpdate(nn.Module):
 
 
 class PaiNNBlock(nn.Module):
-    def __init__(self, hidden: int, num_rbf: int):
+    def __init__(self, hidden: int, num_rbf: int, radial_hidden: int):
         super().__init__()
-        self.message = PaiNNMessage(hidden, num_rbf)
+        self.message = PaiNNMessage(hidden, num_rbf, radial_hidden)
         self.update = PaiNNUpdate(hidden)
 
     def forward(self, s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors):
@@ -70,11 +73,13 @@ class PaiNNBlock(nn.Module):
 class PaiNN(nn.Module):
     """Embedding -> L equivariant blocks -> per-atom scalar features [N, H]."""
 
-    def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int):
+    def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
         super().__init__()
         self.hidden = hidden
         self.embedding = nn.Embedding(max_z + 1, hidden)
-        self.blocks = nn.ModuleList(PaiNNBlock(hidden, num_rbf) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            PaiNNBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
+        )
 
     def forward(self, atomic_numbers, edge_index, rbf, envelope, unit, inv_avg_neighbors):
         s = self.embedding(atomic_numbers)  # [N, H]

@@ -60,7 +60,9 @@ class Potential(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = BACKBONES[cfg.family](cfg.hidden, cfg.layers, cfg.num_rbf, cfg.max_z)
+        self.backbone = BACKBONES[cfg.family](
+            cfg.hidden, cfg.layers, cfg.num_rbf, cfg.max_z, cfg.radial_hidden
+        )
         self.basis = make_basis(cfg.rbf, cfg.cutoff, cfg.num_rbf)
         self.energy_head = EnergyHead(cfg.hidden, len(cfg.heads))
         self.force_head = (

@@ -25,10 +25,10 @@ class SchNetBlock(nn.Module):
     split the H channels (in2f, filter: column-parallel; f2out's last linear: row-parallel).
     """
 
-    def __init__(self, hidden: int, num_rbf: int):
+    def __init__(self, hidden: int, num_rbf: int, radial_hidden: int):
         super().__init__()
         self.filter = nn.Sequential(
-            nn.Linear(num_rbf, hidden), ShiftedSoftplus(), nn.Linear(hidden, hidden)
+            nn.Linear(num_rbf, radial_hidden), ShiftedSoftplus(), nn.Linear(radial_hidden, hidden)
         )
         self.in2f = nn.Linear(hidden, hidden, bias=False)
         self.f2out = nn.Sequential(
@@ -54,10 +54,12 @@ class SchNetBlock(nn.Module):
 class SchNet(nn.Module):
     """Embedding -> L continuous-filter blocks -> per-atom scalar features [N, H]."""
 
-    def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int):
+    def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
         super().__init__()
         self.embedding = nn.Embedding(max_z + 1, hidden)
-        self.blocks = nn.ModuleList(SchNetBlock(hidden, num_rbf) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            SchNetBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
+        )
 
     def forward(self, atomic_numbers, edge_index, rbf, envelope, unit, inv_avg_neighbors):
         h = self.embedding(atomic_numbers)  # [N, H]

@@ -24,7 +24,8 @@ def loss_terms(
     cfg: TrainConfig,
 ) -> dict[str, torch.Tensor]:
     """Weighted loss and its terms. Errors are divided by the head's scale so the terms are
-    dimensionless and comparable: energy per atom, force components, stress components."""
+    dimensionless and comparable: energy per atom, force components, and stress components
+    times the volume per atom (the virial per atom)."""
     head = batch[K.HEAD]  # [B]
     s_graph = scale[head]  # [B]
     n = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
@@ -38,7 +39,10 @@ def loss_terms(
         total = total + cfg.force_weight * terms["forces"]
     if K.STRESS in pred:
         mask = batch[K.HAS_STRESS] & batch[K.PBC].all(dim=1)
-        err = ((pred[K.STRESS] - batch[K.STRESS]) / s_graph[:, None, None])[mask]
+        # stress x volume per atom is the virial per atom (eV), comparable to energy per atom
+        volume_per_atom = torch.linalg.det(batch[K.CELL]).abs() / n
+        err = (pred[K.STRESS] - batch[K.STRESS]) * (volume_per_atom / s_graph)[:, None, None]
+        err = err[mask]
         terms["stress"] = _penalty(err, cfg.loss)
         total = total + cfg.stress_weight * terms["stress"]
     terms["total"] = total

@@ -1,0 +1,5 @@
+"""Serving trained models."""
+
+from megagnn.inference.calculator import MegaGNNCalculator, load_model
+
+__all__ = ["MegaGNNCalculator", "load_model"]
