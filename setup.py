@@ -15,6 +15,9 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        # process groups and (on GPU) DDP/optimizer; 0.17+ needs Python 3.12
+        "megatron-core==0.16.1",
+        "psutil",  # megatron-core needs it for dist_checkpointing but does not declare it
     ],
     extras_require={
         "test": ["pytest", "scipy"],

@@ -156,6 +156,34 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size: the channels of every block are split over this many ranks."""
+    pipeline: int = 1
+    """Pipeline-parallel size: consecutive blocks form this many stages."""
+
+    def __post_init__(self) -> None:
+        if self.tensor < 1 or self.pipeline < 1:
+            raise ConfigError("parallel.tensor and parallel.pipeline must be >= 1")
+        if self.pipeline > 1:
+            raise ConfigError(
+                "parallel.pipeline > 1 is not available yet; use parallel.tensor and data "
+                "parallelism (more torchrun processes)"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size: what is left of the world after tensor x pipeline."""
+        per_replica = self.tensor * self.pipeline
+        if world_size % per_replica:
+            raise ConfigError(
+                f"{world_size} processes cannot hold whole replicas of parallel.tensor="
+                f"{self.tensor} x parallel.pipeline={self.pipeline}; launch a multiple of "
+                f"{per_replica} processes"
+            )
+        return world_size // per_replica
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
@@ -163,6 +191,8 @@ class Config:
     """Where the data is and how it is batched."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, logging and checkpointing."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline layout; data parallelism takes the remaining processes."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -21,19 +21,21 @@ class PaiNNMessage(nn.Module):
         self.filter = nn.Sequential(
             nn.Linear(num_rbf, radial_hidden), nn.SiLU(), nn.Linear(radial_hidden, 3 * hidden)
         )
+        # tensor-parallel boundary: Δs is computed on this rank's channels, s is replicated
+        self.gather_ds = nn.Identity()
 
     def forward(self, s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors):
         sender, receiver = edge_index
         n = s.shape[0]
         w = self.filter(rbf) * envelope.unsqueeze(-1)  # [E, 3H]
         x = self.phi(s)[sender] * w  # [E, 3H]
-        x_s, x_vv, x_vs = torch.split(x, self.hidden, dim=-1)  # [E, H] each
+        x_s, x_vv, x_vs = x.chunk(3, dim=-1)  # [E, H/tp] each
         v_msg = v[sender] * x_vv.unsqueeze(1) + unit.to(x_vs.dtype).unsqueeze(-1) * x_vs.unsqueeze(
             1
         )
-        ds = segment_sum(x_s, receiver, n) * inv_avg_neighbors  # [N, H]
-        dv = segment_sum(v_msg, receiver, n) * inv_avg_neighbors  # [N, 3, H]
-        return s + ds, v + dv
+        ds = segment_sum(x_s, receiver, n) * inv_avg_neighbors  # [N, H/tp]
+        dv = segment_sum(v_msg, receiver, n) * inv_avg_neighbors  # [N, 3, H/tp]
+        return s + self.gather_ds(ds), v + dv
 
 
 class PaiNNUpdate(nn.Module):
@@ -44,6 +46,8 @@ class PaiNNUpdate(nn.Module):
         self.hidden = hidden
         self.U = nn.Linear(hidden, hidden, bias=False)
         self.V = nn.Linear(hidden, hidden, bias=False)
+        # tensor-parallel boundary: v lives on this rank's channels, Δv is computed in full
+        self.split_dv = nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden)
         )
@@ -54,9 +58,9 @@ class PaiNNUpdate(nn.Module):
         vnorm = torch.sqrt((vv * vv).sum(dim=1) + 1e-8)  # [N, H]
         a = self.mlp(torch.cat([s, vnorm], dim=-1))  # [N, 3H]
         a_vv, a_sv, a_ss = torch.split(a, self.hidden, dim=-1)
-        ds = a_ss + a_sv * (uv * vv).sum(dim=1)
-        dv = a_vv.unsqueeze(1) * uv
-        return s + ds, v + dv
+        ds = a_ss + a_sv * (uv * vv).sum(dim=1)  # [N, H]
+        dv = a_vv.unsqueeze(1) * uv  # [N, 3, H]
+        return s + ds, v + self.split_dv(dv)
 
 
 class PaiNNBlock(nn.Module):
@@ -83,7 +87,8 @@ class PaiNN(nn.Module):
 
     def forward(self, atomic_numbers, edge_index, rbf, envelope, unit, inv_avg_neighbors):
         s = self.embedding(atomic_numbers)  # [N, H]
-        v = s.new_zeros((s.shape[0], 3, self.hidden))  # [N, 3, H]
+        # vector channels held by this rank: U's input width (H, or H/tp under tensor parallel)
+        v = s.new_zeros((s.shape[0], 3, self.blocks[0].update.U.weight.shape[1]))  # [N, 3, H/tp]
         for block in self.blocks:
             s, v = block(s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors)
         return s

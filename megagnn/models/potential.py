@@ -68,6 +68,9 @@ class Potential(nn.Module):
         self.force_head = (
             DirectForceHead(cfg.hidden, cfg.num_rbf) if cfg.forces == "direct" else None
         )
+        # tensor-parallel boundary: replicated edge geometry that multiplies channel-split
+        # activations inside the backbone (its gradient must be summed over the channels)
+        self.geometry_to_channels = nn.Identity()
         self.register_buffer("scale", torch.ones(len(cfg.heads)))
         self.register_buffer("atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1))
         self.register_buffer("avg_num_neighbors", torch.ones(()))
@@ -128,7 +131,14 @@ class Potential(nn.Module):
             rbf = self.basis(r)  # [E, K]
             env = polynomial_envelope(r, cfg.cutoff, cfg.envelope_p)  # [E]
         inv_n = 1.0 / self.avg_num_neighbors
-        h = self.backbone(batch[K.ATOMIC_NUMBERS], batch[K.EDGE_INDEX], rbf, env, unit, inv_n)
+        h = self.backbone(
+            batch[K.ATOMIC_NUMBERS],
+            batch[K.EDGE_INDEX],
+            rbf,
+            self.geometry_to_channels(env),
+            self.geometry_to_channels(unit),
+            inv_n,
+        )
 
         head = batch[K.HEAD][graph_of_atom]  # [N]
         y = self.energy_head(h, head).to(pos.dtype)  # [N], out of bf16 before summing

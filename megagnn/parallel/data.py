@@ -1,0 +1,54 @@
+"""Data parallelism on any device: gradient averaging and the global gradient norm.
+
+On GPUs megatron-core's DDP and DistributedOptimizer are the fast path; their CPU support is
+missing (they require CUDA tensors), so this plain path carries the same semantics everywhere:
+each data-parallel rank computes its batch's mean loss, gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megagnn.parallel.layers import is_sharded
+from megagnn.parallel.mappings import Group
+
+
+def average_gradients(model: nn.Module, group: Group) -> None:
+    """Average every parameter's gradient over ``group`` in one flat all-reduce."""
+    if group is None:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, tp_group: Group) -> torch.Tensor:
+    """Clip by the norm of the *full* gradient: tensor-parallel shards add up over the TP
+    group, replicated parameters count once. Returns the norm before clipping."""
+    sharded, replicated = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.grad is not None:
+                (sharded if is_sharded(module, name) else replicated).append(p.grad)
+    zero = next(model.parameters()).new_zeros((), dtype=torch.float64)
+    sq_shard = sum((g.double().pow(2).sum() for g in sharded), zero)
+    sq_rep = sum((g.double().pow(2).sum() for g in replicated), zero)
+    if tp_group is not None:
+        dist.all_reduce(sq_shard, group=tp_group)
+    norm = (sq_shard + sq_rep).sqrt()
+    if math.isfinite(max_norm) and torch.isfinite(norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in sharded + replicated:
+            g.mul_(coef.to(g.dtype))
+    return norm

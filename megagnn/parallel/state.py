@@ -1,0 +1,80 @@
+"""Process groups from the torchrun environment, via megatron-core's parallel_state."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megagnn.config import ParallelConfig
+from megagnn.parallel.mappings import Group
+
+
+@dataclass
+class ParallelState:
+    """Where this process sits: its groups, ranks and device."""
+
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    tp_group: Group = None
+    tp_size: int = 1
+    tp_rank: int = 0
+    dp_group: Group = None
+    dp_size: int = 1
+    dp_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_parallel(cfg: ParallelConfig) -> ParallelState:
+    """Initialise torch.distributed (nccl on GPU, gloo on CPU) and the TP/PP/DP groups.
+
+    A single process without torchrun needs no process group at all.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp_size = cfg.data_parallel_size(world)
+    device = _device()
+    if world == 1:
+        return ParallelState(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with warnings.catch_warnings():  # megatron-core warns that TE and Apex are absent
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor, pipeline_model_parallel_size=cfg.pipeline
+        )
+    return ParallelState(
+        device=device,
+        world_size=world,
+        rank=dist.get_rank(),
+        tp_group=ps.get_tensor_model_parallel_group() if cfg.tensor > 1 else None,
+        tp_size=cfg.tensor,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        dp_group=ps.get_data_parallel_group() if dp_size > 1 else None,
+        dp_size=dp_size,
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
