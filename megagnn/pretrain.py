@@ -1,13 +1,14 @@
 """Pretrain a potential.
 
-    torchrun --nproc_per_node=1 -m megagnn.pretrain --config configs/quickstart.yaml \
-        [--set train.max_steps=100 model.hidden=128 ...]
+    torchrun --nproc_per_node=N -m megagnn.pretrain --config configs/quickstart.yaml \
+        [--set train.max_steps=100 model.hidden=128 parallel.tensor=2 ...]
+
+N = tensor x pipeline x data-parallel size; data parallelism takes what the layout leaves.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megagnn.config import ConfigError, load_config
@@ -36,20 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world != 1:
-            raise ConfigError(
-                f"WORLD_SIZE={world}: this build trains on one process; "
-                "use torchrun --nproc_per_node=1"
-            )
+        from megagnn.parallel.state import destroy_parallel, init_parallel
         from megagnn.training.trainer import Trainer
 
-        trainer = Trainer(cfg)
+        parallel = init_parallel(cfg.parallel)
+        trainer = Trainer(cfg, parallel)
         trainer.train()
+        destroy_parallel()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {trainer.step} steps, checkpoints in {trainer.ckpt_dir}")
+    trainer.log(f"done: {trainer.step} steps, checkpoints in {trainer.ckpt_dir}")
     return 0
 
 

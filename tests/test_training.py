@@ -143,7 +143,7 @@ def test_cli_train_then_evaluate(emt_dataset, tmp_path, capsys):
 
 def test_resume_refuses_a_different_model(emt_dataset, tmp_path):
     Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1")).train()
-    with pytest.raises(ValueError, match="model config differs"):
+    with pytest.raises(ValueError, match="model/parallel config differs"):
         Trainer(tiny_config(emt_dataset, tmp_path, "model.hidden=8"))
 
 

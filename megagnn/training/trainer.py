@@ -18,12 +18,16 @@ from megagnn.data.graph import to_device
 from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches, split_indices
 from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
+from megagnn.parallel.data import average_gradients, clip_grad_norm
+from megagnn.parallel.state import ParallelState
+from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.checkpoint import (
+    commit,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
-    save_checkpoint,
     set_rng_state,
+    write_shard,
 )
 from megagnn.training.loss import ErrorMeter, loss_terms
 from megagnn.training.schedule import warmup_cosine
@@ -114,19 +118,27 @@ def evaluate(
 
 
 class Trainer:
-    """Reads top to bottom: build everything in __init__, then ``train()`` loops over steps."""
+    """Reads top to bottom: build everything in __init__, then ``train()`` loops over steps.
 
-    def __init__(self, cfg: Config, device: torch.device | None = None):
+    Under torchrun, ``parallel`` says where this process sits: the model is cut over the
+    tensor-parallel group and every data-parallel replica reads its own batches.
+    """
+
+    def __init__(self, cfg: Config, parallel: ParallelState | None = None):
         self.cfg = cfg
-        self.device = device or default_device()
+        self.par = parallel or ParallelState(device=default_device())
+        self.device = self.par.device
         self.dtype = DTYPES[cfg.train.precision]
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        # each tensor-parallel rank keeps its own checkpoint file; one process: no suffix
+        self.shard = f"-tp{self.par.tp_rank}of{self.par.tp_size}" if self.par.tp_size > 1 else ""
 
-        torch.manual_seed(cfg.train.seed)
-        self.data = DataSplits(cfg)
-        self.model = build_model(cfg.model).to(self.device, self.dtype)
-        set_model_statistics(self.model, self.data)
+        torch.manual_seed(cfg.train.seed)  # the same full weights on every rank, then cut
+        self.data = DataSplits(cfg, rank=self.par.dp_rank, world_size=self.par.dp_size)
+        model = build_model(cfg.model)
+        set_model_statistics(model, self.data)
+        self.model = parallelize_tensor(model, self.par.tp_group).to(self.device, self.dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
@@ -135,10 +147,14 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.bad_steps = 0
 
-        resume = latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
+        resume = latest_checkpoint(self.ckpt_dir, self.shard) if cfg.train.resume else None
         if resume is not None:
             self.load_state_dict(load_checkpoint(resume))
-            print(f"resumed from {resume} at step {self.step}")
+            self.log(f"resumed from {resume} at step {self.step}")
+
+    def log(self, text: str) -> None:
+        if self.par.is_main:
+            print(text)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -154,10 +170,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         saved = config_from_dict(state["config"])
-        if saved.model != self.cfg.model:
+        if (saved.model, saved.parallel) != (self.cfg.model, self.cfg.parallel):
             raise ValueError(
-                f"checkpoint model config differs from this run's ({saved.model} vs "
-                f"{self.cfg.model}); use another train.out_dir or train.resume=false"
+                f"checkpoint model/parallel config differs from this run's ({saved.model}, "
+                f"{saved.parallel} vs {self.cfg.model}, {self.cfg.parallel}); use another "
+                "train.out_dir or train.resume=false"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -167,10 +184,19 @@ class Trainer:
         self.batch_in_epoch = state["data"]["batch_in_epoch"]
         set_rng_state(state["rng"])
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.ckpt_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints
-        )
+    def save(self) -> None:
+        """Replica 0 writes one file per tensor-parallel rank; when all are on disk, rank 0
+        points ``latest`` at them, so a crash never leaves a half-saved step as latest."""
+        if self.par.dp_rank == 0:
+            write_shard(self.ckpt_dir, self.step, self.state_dict(), self.shard)
+        self._barrier()
+        if self.par.is_main:
+            commit(self.ckpt_dir, self.step, keep=self.cfg.train.keep_checkpoints)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.par.world_size > 1:
+            torch.distributed.barrier()
 
     # -- loop ----------------------------------------------------------------------------
     def batches(self):
@@ -202,8 +228,10 @@ class Trainer:
         terms = loss_terms(pred, batch, self.model.scale, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        average_gradients(self.model, self.par.dp_group)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # a non-finite loss on any rank makes the averaged gradient, so this norm, non-finite
+        grad_norm = clip_grad_norm(self.model, max_norm, self.par.tp_group)
         if not (torch.isfinite(terms["total"]) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -214,18 +242,26 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg)))
-        from torch.utils.tensorboard import SummaryWriter
+        main = self.par.is_main
+        writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-        n_params = count_parameters(self.model)
-        print(
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg)))
+            writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self.log(
             f"model: {self.cfg.model.family} H={self.cfg.model.hidden} "
-            f"L={self.cfg.model.layers}, {n_params:,} parameters; "
+            f"L={self.cfg.model.layers}, {count_parameters(self.model):,} parameters per rank; "
+            f"tensor={self.par.tp_size} data={self.par.dp_size}; "
             f"train/val/test = {[len(v) for v in self.data.indices.values()]} structures"
         )
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            disable=not (cfg.progress and main),
+        )
         batches = self.batches()
         t0, atoms_seen, last = time.perf_counter(), 0, {}
         while self.step < cfg.max_steps:
@@ -233,12 +269,13 @@ class Trainer:
             metrics = self.train_step(batch)
             self.scheduler.step()
             self.step += 1
-            atoms_seen += int(batch[K.N_ATOMS].sum())
+            atoms_seen += int(batch[K.N_ATOMS].sum()) * self.par.dp_size  # about, all replicas
             if metrics is None:
                 self.bad_steps += 1
-                warnings.warn(
-                    f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=1
-                )
+                if main:
+                    warnings.warn(
+                        f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=1
+                    )
                 if self.bad_steps >= cfg.max_bad_steps:
                     raise FloatingPointError(
                         f"{self.bad_steps} consecutive non-finite steps; lower train.lr or "
@@ -249,23 +286,24 @@ class Trainer:
             last = metrics
             bar.update(self.step - bar.n)
             bar.set_postfix(loss=f"{metrics['loss/total']:.4g}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.perf_counter() - t0
+            if writer and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
-                metrics["throughput/atoms_per_s"] = atoms_seen / max(elapsed, 1e-9)
+                metrics["throughput/atoms_per_s"] = atoms_seen / (time.perf_counter() - t0)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, self.step)
                 t0, atoms_seen = time.perf_counter(), 0
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 if len(self.data.indices["val"]):
-                    val = self.validate()
-                    for k, v in val.items():
-                        writer.add_scalar(f"val/{k}", v, self.step)
-                    bar.write(f"step {self.step}: " + _format(val))
+                    val = self.validate()  # every rank takes part (tensor parallel needs it)
+                    if writer:
+                        for k, v in val.items():
+                            writer.add_scalar(f"val/{k}", v, self.step)
+                        bar.write(f"step {self.step}: " + _format(val))
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                 self.save()
         bar.close()
-        writer.close()
+        if writer:
+            writer.close()
         return last
 
     def validate(self) -> dict[str, float]:

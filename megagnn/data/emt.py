@@ -1,0 +1,108 @@
+"""The built-in default dataset: fcc metal alloys labelled by ASE's EMT calculator.
+
+Rattled and strained bulk cells (cubic and triclinic, some with a vacancy) and snapshots
+of short Langevin MD, with energies, forces and stresses. Runs offline in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms, units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import atomic_numbers, reference_states
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import thermalize_momenta
+from tqdm import tqdm
+
+ELEMENTS = ["Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au"]
+
+
+def _lattice_constant(symbols: list[str], fractions: np.ndarray) -> float:
+    """Vegard's law over the elements' fcc lattice constants."""
+    a = [reference_states[atomic_numbers[s]]["a"] for s in symbols]
+    return float(np.dot(fractions, a))
+
+
+def random_cell(rng: np.random.Generator) -> Atoms:
+    """A random fcc alloy supercell, strained and possibly with a vacancy (not yet rattled)."""
+    n_el = rng.choice([1, 2, 3], p=[0.2, 0.5, 0.3])
+    symbols = list(rng.choice(ELEMENTS, size=n_el, replace=False))
+    fractions = rng.dirichlet(np.ones(n_el))
+    a = _lattice_constant(symbols, fractions) * rng.uniform(0.97, 1.04)
+    if rng.random() < 0.5:
+        atoms = bulk("Cu", "fcc", a=a, cubic=True) * (2, 2, 2)  # 32 atoms, orthorhombic
+    else:
+        atoms = bulk("Cu", "fcc", a=a) * (3, 3, 3)  # 27 atoms, triclinic
+    atoms.symbols = list(rng.choice(symbols, size=len(atoms), p=fractions))
+    strain = rng.normal(0, 0.015, (3, 3))
+    atoms.set_cell(atoms.cell[:] @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
+    if rng.random() < 0.2:
+        del atoms[int(rng.integers(len(atoms)))]
+    return atoms
+
+
+def labelled(atoms: Atoms) -> Atoms:
+    """A copy carrying EMT energy, forces and stress as a single-point result."""
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    results = {
+        "energy": atoms.get_potential_energy(),
+        "forces": atoms.get_forces(),
+        "stress": atoms.get_stress(),
+    }
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
+
+
+def generate(n: int, seed: int = 0, md_fraction: float = 0.4, progress: bool = True):
+    """Yield ``n`` labelled structures; about ``md_fraction`` of them are MD snapshots."""
+    rng = np.random.default_rng(seed)
+    bar = tqdm(total=n, desc="EMT data", unit=" structures", disable=not progress)
+    made = 0
+    while made < n:
+        atoms = random_cell(rng)
+        if rng.random() < md_fraction:
+            atoms.calc = EMT()
+            temperature = rng.uniform(300, 1500)
+            thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
+            dyn = Langevin(
+                atoms, 2 * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng
+            )
+            for _ in range(min(5, n - made)):
+                dyn.run(10)
+                yield labelled(atoms)
+                made += 1
+                bar.update()
+        else:
+            atoms.rattle(stdev=rng.uniform(0.02, 0.2), seed=int(rng.integers(2**31)))
+            yield labelled(atoms)
+            made += 1
+            bar.update()
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Generate the default dataset: fcc alloys (Al Ni Cu Pd Ag Pt Au) "
+        "labelled with ASE's EMT calculator, written as extxyz with energy, forces, stress.",
+    )
+    p.add_argument("-o", "--out", required=True, help="output .extxyz file")
+    p.add_argument("-n", "--num", type=int, default=1500, help="number of structures")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        for atoms in generate(args.num, args.seed, progress=not args.no_progress):
+            ase.io.write(f, atoms, format="extxyz")
+    tmp.replace(out)  # a partial file never carries the final name
+    print(f"wrote {args.num} structures to {out}")
+    return 0

@@ -1,0 +1,68 @@
+"""Structures -> graphs (neighbour lists) -> batched graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from megagnn import keys as K
+from megagnn.data.neighbors import neighbor_list
+
+
+def structure_to_graph(s: dict[str, np.ndarray], cutoff: float) -> dict[str, torch.Tensor]:
+    """One structure record (as ShardedDataset returns it) -> graph tensors, with targets."""
+    edge_index, shifts = neighbor_list(s["positions"], s["cell"], s["pbc"], cutoff)
+    n = len(s["atomic_numbers"])
+    forces = s.get("forces")
+    stress = s.get("stress")
+    has_forces = forces is not None and bool(np.isfinite(forces).all())
+    has_stress = stress is not None and bool(np.isfinite(stress).all())
+    return {
+        K.ATOMIC_NUMBERS: torch.as_tensor(s["atomic_numbers"], dtype=torch.long),
+        K.POSITIONS: torch.as_tensor(s["positions"], dtype=torch.float64),
+        K.CELL: torch.as_tensor(s["cell"], dtype=torch.float64).reshape(1, 3, 3),
+        K.PBC: torch.as_tensor(s["pbc"], dtype=torch.bool).reshape(1, 3),
+        K.N_ATOMS: torch.tensor([n]),
+        K.EDGE_INDEX: torch.from_numpy(edge_index),
+        K.CELL_SHIFTS: torch.from_numpy(shifts).to(torch.float64),
+        K.HEAD: torch.tensor([int(s.get("head", 0))]),
+        K.ENERGY: torch.tensor([float(s.get("energy", np.nan))], dtype=torch.float64),
+        K.FORCES: torch.as_tensor(forces if has_forces else np.zeros((n, 3))),
+        K.STRESS: torch.as_tensor(stress if has_stress else np.zeros((3, 3))).reshape(1, 3, 3),
+        K.HAS_FORCES: torch.tensor([has_forces]),
+        K.HAS_STRESS: torch.tensor([has_stress]),
+    }
+
+
+def atoms_to_graph(atoms: Atoms, cutoff: float) -> dict[str, torch.Tensor]:
+    """An ASE Atoms object (no targets) -> a one-structure batch."""
+    record = {
+        "atomic_numbers": atoms.get_atomic_numbers(),
+        "positions": atoms.get_positions(),
+        "cell": atoms.get_cell()[:],
+        "pbc": atoms.get_pbc(),
+    }
+    return collate([structure_to_graph(record, cutoff)])
+
+
+def collate(graphs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate graphs into one disconnected graph; edge indices are offset per graph."""
+    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
+    offsets = torch.cumsum(n_atoms, 0) - n_atoms
+    out = {
+        key: torch.cat([g[key] for g in graphs]) for key in graphs[0] if key not in (K.EDGE_INDEX,)
+    }
+    out[K.EDGE_INDEX] = torch.cat(
+        [g[K.EDGE_INDEX] + off for g, off in zip(graphs, offsets.tolist(), strict=True)], dim=1
+    )
+    out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs)), n_atoms)
+    return out
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
+    """Move a batch; floating tensors take the model's geometry dtype."""
+    return {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in batch.items()
+    }
