@@ -126,7 +126,7 @@ class TrainConfig:
     loss: str = "mse"
     """'mse' or 'huber' (delta 0.01 on each normalised term)."""
     precision: str = "fp32"
-    """'fp32' or 'bf16' (autocast for the dense layers; geometry stays fp32)."""
+    """'fp32', 'bf16' (autocast for the dense layers; geometry stays fp32) or 'fp64'."""
     seed: int = 0
     """Seed of initialisation, data order and dropout-free randomness."""
     log_every: int = 10
@@ -147,8 +147,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("mse", "huber"):
             raise ConfigError(f"train.loss={self.loss!r}: use 'mse' or 'huber'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision={self.precision!r}: use 'fp32' or 'bf16'")
+        if self.precision not in ("fp32", "bf16", "fp64"):
+            raise ConfigError(f"train.precision={self.precision!r}: use 'fp32', 'bf16' or 'fp64'")
         if self.max_steps < 1 or self.lr <= 0:
             raise ConfigError("train.max_steps must be >= 1 and train.lr > 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -291,6 +292,8 @@ class Trainer:
                 metrics["throughput/atoms_per_s"] = atoms_seen / (time.perf_counter() - t0)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, self.step)
+                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, **metrics}) + "\n")
                 t0, atoms_seen = time.perf_counter(), 0
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 if len(self.data.indices["val"]):
