@@ -3,6 +3,8 @@ layout starts from the same weights as the single-device model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -86,34 +88,14 @@ class RowParallelLinear(nn.Module):
         return y
 
 
-class CopyToChannels(nn.Module):
-    """Mark a replicated tensor used by channel-split computation (backward: all-reduce)."""
+class ChannelMapping(nn.Module):
+    """A tensor-parallel boundary inside a block, as a module that ``parallelize`` puts in
+    place of an ``nn.Identity``: ``copy_to_region`` (replicated input of channel-split work),
+    ``gather_from_region`` (channel-split -> full) or ``split_to_region`` (full -> split)."""
 
-    def __init__(self, group: Group):
+    def __init__(self, mapping: Callable[[torch.Tensor, Group], torch.Tensor], group: Group):
         super().__init__()
-        self.group = group
+        self.mapping, self.group = mapping, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return copy_to_region(x, self.group)
-
-
-class GatherChannels(nn.Module):
-    """All-gather channel-split activations back to the full width (backward: split)."""
-
-    def __init__(self, group: Group):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_from_region(x, self.group)
-
-
-class SplitChannels(nn.Module):
-    """Keep this rank's channels of a replicated activation (backward: all-gather)."""
-
-    def __init__(self, group: Group):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return split_to_region(x, self.group)
+        return self.mapping(x, self.group)

@@ -15,13 +15,16 @@ from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
 from megagnn.parallel.layers import (
+    ChannelMapping,
     ColumnParallelLinear,
-    CopyToChannels,
-    GatherChannels,
     RowParallelLinear,
-    SplitChannels,
 )
-from megagnn.parallel.mappings import Group
+from megagnn.parallel.mappings import (
+    Group,
+    copy_to_region,
+    gather_from_region,
+    split_to_region,
+)
 
 
 def _schnet(backbone: SchNet, group: Group) -> None:
@@ -38,12 +41,12 @@ def _painn(backbone: PaiNN, group: Group) -> None:
         msg.phi[0] = ColumnParallelLinear(msg.phi[0], group)  # [N, H/tp]
         msg.phi[2] = RowParallelLinear(msg.phi[2], group, split_output_chunks=3)  # [N, 3H/tp]
         msg.filter[2] = ColumnParallelLinear(msg.filter[2], group, chunks=3)  # [E, 3H/tp]
-        msg.gather_ds = GatherChannels(group)  # Δs [N, H/tp] -> [N, H]
+        msg.gather_ds = ChannelMapping(gather_from_region, group)  # Δs [N, H/tp] -> [N, H]
         upd.U = RowParallelLinear(upd.U, group)  # v [N, 3, H/tp] -> [N, 3, H]
         upd.V = RowParallelLinear(upd.V, group)
         upd.mlp[0] = ColumnParallelLinear(upd.mlp[0], group)  # [N, H/tp]
         upd.mlp[2] = RowParallelLinear(upd.mlp[2], group)  # all-reduce -> [N, 3H]
-        upd.split_dv = SplitChannels(group)  # Δv [N, 3, H] -> [N, 3, H/tp]
+        upd.split_dv = ChannelMapping(split_to_region, group)  # Δv [N, 3, H] -> [N, 3, H/tp]
 
 
 def _direct_forces(head: DirectForceHead, group: Group) -> None:
@@ -63,7 +66,7 @@ def parallelize_tensor(model: Potential, group: Group) -> Potential:
         _painn(backbone, group)
     else:
         raise TypeError(f"no tensor-parallel plan for {type(backbone).__name__}")
-    model.geometry_to_channels = CopyToChannels(group)
+    model.geometry_to_channels = ChannelMapping(copy_to_region, group)
     if model.force_head is not None:
         _direct_forces(model.force_head, group)
     return model

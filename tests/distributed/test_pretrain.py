@@ -1,21 +1,14 @@
 """``torchrun -m megagnn.pretrain`` with tensor and data parallelism, on CPU with gloo."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from launch import torchrun
 
 
 def pretrain(nproc, out, dataset, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
+    return torchrun(
+        nproc,
         "-m",
         "megagnn.pretrain",
         "--set",
@@ -34,10 +27,7 @@ def pretrain(nproc, out, dataset, *overrides):
         "train.progress=false",
         "train.warmup_steps=2",
         *overrides,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
+    )
 
 
 def losses(out):
