@@ -32,8 +32,8 @@ class ModelConfig:
     num_rbf: int = 16
     """Number of radial basis functions."""
     radial_hidden: int = 64
-    """Hidden width of SchNet's filter network (kept small: its [E, R] activation is not split
-    by tensor parallelism)."""
+    """Hidden width of the radial filter MLP (kept small: its [E, R] activation is the one edge
+    tensor that tensor parallelism does not split)."""
     rbf: str = "bessel"
     """Radial basis: 'gaussian' or 'bessel'."""
     cutoff: float = 5.0

@@ -86,16 +86,13 @@ def to_structure(
         if not pbc.all():
             stress = None  # stress is defined only for fully periodic cells
 
-    if n > 1 and min_distance > 0:
+    if min_distance > 0:  # periodic images count: a small cell can overlap itself
         edges, shifts = neighbor_list(pos, cell, pbc, min_distance)
         if edges.shape[1]:
             i, j = edges[1, 0], edges[0, 0]
             d = np.linalg.norm(pos[j] - pos[i] + shifts[0] @ cell)
-            raise DataError(f"atoms {i} and {j} overlap ({d:.3f} Å < {min_distance} Å)")
-    elif n == 1 and pbc.any() and min_distance > 0:
-        edges, _ = neighbor_list(pos, cell, pbc, min_distance)
-        if edges.shape[1]:
-            raise DataError(f"atom overlaps its periodic image (< {min_distance} Å)")
+            what = f"atom {i} and its periodic image" if i == j else f"atoms {i} and {j}"
+            raise DataError(f"{what} overlap ({d:.3f} Å < {min_distance} Å)")
 
     return Structure(z.astype(np.int64), pos, cell, pbc, energy, forces, stress)
 

@@ -9,8 +9,6 @@ replicated.
 
 from __future__ import annotations
 
-from torch import nn
-
 from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
@@ -70,7 +68,3 @@ def parallelize_tensor(model: Potential, group: Group) -> Potential:
     if model.force_head is not None:
         _direct_forces(model.force_head, group)
     return model
-
-
-def is_tensor_parallel(param_owner: nn.Module) -> bool:
-    return isinstance(param_owner, ColumnParallelLinear | RowParallelLinear)

@@ -19,6 +19,7 @@ from megagnn.data.graph import to_device
 from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches, split_indices
 from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
+from megagnn.ops import segment_sum
 from megagnn.parallel.data import average_gradients, clip_grad_norm
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
@@ -88,8 +89,9 @@ def set_model_statistics(model: Potential, data: DataSplits) -> None:
     manifest = data.dataset.manifest
     scale = manifest.get("force_rms") or manifest.get("energy_per_atom_residual_rms") or 1.0
     energies = {int(z): e for z, e in manifest["atomic_energies"].items()}
+    avg_neighbors = data.avg_num_neighbors()
     for head in range(len(model.cfg.heads)):
-        model.set_statistics(head, energies, max(scale, 1e-6), data.avg_num_neighbors())
+        model.set_statistics(head, energies, max(scale, 1e-6), avg_neighbors)
 
 
 def evaluate(
@@ -108,11 +110,8 @@ def evaluate(
     for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
         batch = to_device(batch, device, dtype)
         pred = model(batch)
-        ref = torch.zeros_like(batch[K.ENERGY]).index_add(
-            0,
-            batch[K.BATCH],
-            model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]].to(dtype),
-        )
+        atom_ref = model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]]
+        ref = segment_sum(atom_ref.to(dtype), batch[K.BATCH], len(batch[K.ENERGY]))
         meter.update(pred, batch, ref)
     model.train(was_training)
     return meter.result()
