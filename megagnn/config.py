@@ -143,6 +143,10 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss or gradient."""
     progress: bool = True
     """Show a progress bar."""
+    microbatches: int = 1
+    """Batches per optimizer step (gradient accumulation; the pipeline's microbatches)."""
+    recompute_activations: bool = False
+    """Keep only each block's input in forward and recompute the block in backward."""
 
     def __post_init__(self) -> None:
         if self.loss not in ("mse", "huber"):
@@ -153,6 +157,8 @@ class TrainConfig:
             raise ConfigError("train.max_steps must be >= 1 and train.lr > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
+        if self.microbatches < 1:
+            raise ConfigError("train.microbatches must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -165,11 +171,6 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:
             raise ConfigError("parallel.tensor and parallel.pipeline must be >= 1")
-        if self.pipeline > 1:
-            raise ConfigError(
-                "parallel.pipeline > 1 is not available yet; use parallel.tensor and data "
-                "parallelism (more torchrun processes)"
-            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size: what is left of the world after tensor x pipeline."""
@@ -193,6 +194,21 @@ class Config:
     """Optimisation, logging and checkpointing."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor/pipeline layout; data parallelism takes the remaining processes."""
+
+    def __post_init__(self) -> None:
+        pipeline = self.parallel.pipeline
+        if pipeline > 1 and self.model.forces == "conservative":
+            raise ConfigError(
+                "parallel.pipeline > 1 cannot train conservative forces (F = -dE/dx needs the "
+                "position gradient through every stage inside the forward pass). Use "
+                "model.forces=direct model.stress=false (or model.forces=none), or "
+                "parallel.tensor instead of parallel.pipeline"
+            )
+        if pipeline > self.model.layers:
+            raise ConfigError(
+                f"parallel.pipeline={pipeline} stages need at least as many blocks; "
+                f"model.layers={self.model.layers}"
+            )
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -23,6 +23,8 @@ def test_yaml_include_and_overrides(tmp_path):
         ("data.split=[0.5, 0.5]", "three fractions"),
         ("model.forces=direct", "model.stress=false"),
         ("train.lr", "section.key=value"),
+        ("parallel.pipeline=2", "cannot train conservative forces"),
+        ("train.microbatches=0", "microbatches"),
     ],
 )
 def test_bad_config_is_an_error(override, message):
@@ -40,3 +42,19 @@ def test_shipped_configs_load():
 
     for path in Path("configs").rglob("*.yaml"):
         load_config(path)
+
+
+def test_pipeline_needs_a_block_per_stage():
+    with pytest.raises(ConfigError, match="at least as many blocks"):
+        load_config(None, ["parallel.pipeline=4", "model.layers=3", "model.forces=none"])
+    load_config(None, ["parallel.pipeline=3", "model.layers=3", "model.forces=none"])
+
+
+def test_stage_layers_cover_every_block_once():
+    from megagnn.parallel.pipeline import stage_layers
+
+    for layers in range(1, 9):
+        for stages in range(1, layers + 1):
+            parts = [stage_layers(layers, stages, s) for s in range(stages)]
+            assert [i for r in parts for i in r] == list(range(layers))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megagnn.models.edges import Edges
 from megagnn.ops import segment_sum
+
+State = tuple[torch.Tensor, torch.Tensor]  # s [N, H], v [N, 3, H/tp]
 
 
 class PaiNNMessage(nn.Module):
@@ -24,17 +27,15 @@ class PaiNNMessage(nn.Module):
         # tensor-parallel boundary: Δs is computed on this rank's channels, s is replicated
         self.gather_ds = nn.Identity()
 
-    def forward(self, s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors):
-        sender, receiver = edge_index
-        n = s.shape[0]
-        w = self.filter(rbf) * envelope.unsqueeze(-1)  # [E, 3H]
-        x = self.phi(s)[sender] * w  # [E, 3H]
+    def forward(self, s: torch.Tensor, v: torch.Tensor, edges: Edges) -> State:
+        sender, receiver, n = edges.sender, edges.receiver, edges.num_nodes
+        w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, 3H/tp]
+        x = self.phi(s)[sender] * w  # [E, 3H/tp]
         x_s, x_vv, x_vs = x.chunk(3, dim=-1)  # [E, H/tp] each
-        v_msg = v[sender] * x_vv.unsqueeze(1) + unit.to(x_vs.dtype).unsqueeze(-1) * x_vs.unsqueeze(
-            1
-        )
-        ds = segment_sum(x_s, receiver, n) * inv_avg_neighbors  # [N, H/tp]
-        dv = segment_sum(v_msg, receiver, n) * inv_avg_neighbors  # [N, 3, H/tp]
+        unit = edges.unit.to(x_vs.dtype).unsqueeze(-1)  # [E, 3, 1]
+        v_msg = v[sender] * x_vv.unsqueeze(1) + unit * x_vs.unsqueeze(1)  # [E, 3, H/tp]
+        ds = segment_sum(x_s, receiver, n) * edges.inv_avg_neighbors  # [N, H/tp]
+        dv = segment_sum(v_msg, receiver, n) * edges.inv_avg_neighbors  # [N, 3, H/tp]
         return s + self.gather_ds(ds), v + dv
 
 
@@ -52,7 +53,7 @@ class PaiNNUpdate(nn.Module):
             nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden)
         )
 
-    def forward(self, s, v):
+    def forward(self, s: torch.Tensor, v: torch.Tensor) -> State:
         uv, vv = self.U(v), self.V(v)  # [N, 3, H]
         # eps keeps the norm twice differentiable at v = 0 (the first block's input)
         vnorm = torch.sqrt((vv * vv).sum(dim=1) + 1e-8)  # [N, H]
@@ -69,13 +70,16 @@ class PaiNNBlock(nn.Module):
         self.message = PaiNNMessage(hidden, num_rbf, radial_hidden)
         self.update = PaiNNUpdate(hidden)
 
-    def forward(self, s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors):
-        s, v = self.message(s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors)
-        return self.update(s, v)
+    def forward(self, state: State, edges: Edges) -> State:
+        return self.update(*self.message(*state, edges))
 
 
 class PaiNN(nn.Module):
-    """Embedding -> L equivariant blocks -> per-atom scalar features [N, H]."""
+    """Embedding -> L equivariant blocks -> per-atom scalar features [N, H].
+
+    The node state between blocks is ``(s, v)``; ``pack``/``unpack`` turn it into one
+    [N, H + 3 H/tp] tensor for pipeline stages.
+    """
 
     def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
         super().__init__()
@@ -84,11 +88,22 @@ class PaiNN(nn.Module):
         self.blocks = nn.ModuleList(
             PaiNNBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
         )
+        # vector channels held by this rank: H, or H/tp once tensor parallelism splits them
+        self.vector_channels = hidden
 
-    def forward(self, atomic_numbers, edge_index, rbf, envelope, unit, inv_avg_neighbors):
+    def embed(self, atomic_numbers: torch.Tensor) -> State:
         s = self.embedding(atomic_numbers)  # [N, H]
-        # vector channels held by this rank: U's input width (H, or H/tp under tensor parallel)
-        v = s.new_zeros((s.shape[0], 3, self.blocks[0].update.U.weight.shape[1]))  # [N, 3, H/tp]
-        for block in self.blocks:
-            s, v = block(s, v, edge_index, rbf, envelope, unit, inv_avg_neighbors)
-        return s
+        return s, s.new_zeros((s.shape[0], 3, self.vector_channels))  # v = 0: [N, 3, H/tp]
+
+    @staticmethod
+    def scalars(state: State) -> torch.Tensor:
+        return state[0]
+
+    @staticmethod
+    def pack(state: State) -> torch.Tensor:  # -> [N, H + 3 H/tp]
+        s, v = state
+        return torch.cat([s, v.flatten(1)], dim=1)
+
+    def unpack(self, x: torch.Tensor) -> State:
+        s, v = x.split([self.hidden, 3 * self.vector_channels], dim=1)
+        return s, v.unflatten(1, (3, self.vector_channels))

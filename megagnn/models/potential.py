@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megagnn import keys as K
 from megagnn.config import ModelConfig
+from megagnn.models.edges import Edges
 from megagnn.models.painn import PaiNN
 from megagnn.models.radial import make_basis, polynomial_envelope
 from megagnn.models.schnet import SchNet
@@ -42,12 +46,12 @@ class DirectForceHead(nn.Module):
         self.radial = nn.Linear(num_rbf, hidden)
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 1))
 
-    def forward(self, h, edge_index, rbf, envelope, unit, inv_avg_neighbors):
-        sender, receiver = edge_index
-        x = self.node(h)  # [N, H]
-        w = self.out(x[sender] * x[receiver] * self.radial(rbf)).squeeze(-1) * envelope  # [E]
-        f = w.unsqueeze(-1).to(unit.dtype) * unit  # [E, 3]
-        return segment_sum(f, receiver, h.shape[0]) * inv_avg_neighbors
+    def forward(self, h: torch.Tensor, edges: Edges) -> torch.Tensor:  # -> [N, 3]
+        sender, receiver = edges.sender, edges.receiver
+        x = self.node(h)  # [N, H/tp]
+        w = self.out(x[sender] * x[receiver] * self.radial(edges.rbf)).squeeze(-1)  # [E]
+        f = (w * edges.envelope).unsqueeze(-1).to(edges.unit.dtype) * edges.unit  # [E, 3]
+        return segment_sum(f, receiver, edges.num_nodes) * edges.inv_avg_neighbors
 
 
 class Potential(nn.Module):
@@ -74,6 +78,7 @@ class Potential(nn.Module):
         self.register_buffer("scale", torch.ones(len(cfg.heads)))
         self.register_buffer("atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1))
         self.register_buffer("avg_num_neighbors", torch.ones(()))
+        self.recompute_activations = False
 
     @torch.no_grad()
     def set_statistics(
@@ -107,12 +112,9 @@ class Potential(nn.Module):
             return self._forward(batch, compute_forces, compute_stress, conservative)
 
     def _forward(self, batch, compute_forces, compute_stress, conservative):
-        cfg = self.cfg
         pos_leaf = batch[K.POSITIONS].detach().requires_grad_(conservative)  # [N, 3]
-        pos = pos_leaf
-        cell = batch[K.CELL]  # [B, 3, 3]
+        pos, cell = pos_leaf, batch[K.CELL]  # [N, 3], [B, 3, 3]
         graph_of_atom = batch[K.BATCH]  # [N]
-        n_graphs = cell.shape[0]
         strain = None
         if compute_stress:
             # homogeneous strain ε applied to positions and cell: dE/dε gives the virial
@@ -121,35 +123,14 @@ class Potential(nn.Module):
             pos = pos + torch.einsum("ni,nij->nj", pos, sym[graph_of_atom])
             cell = cell + torch.bmm(cell, sym)
 
-        sender, receiver = batch[K.EDGE_INDEX]
-        edge_graph = graph_of_atom[receiver]
-        with torch.autocast(pos.device.type, enabled=False):  # geometry stays full precision
-            shift = torch.einsum("ei,eij->ej", batch[K.CELL_SHIFTS], cell[edge_graph])  # [E, 3]
-            vec = pos[sender] - pos[receiver] + shift  # [E, 3]
-            r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
-            unit = vec / r.unsqueeze(-1)  # [E, 3]
-            rbf = self.basis(r)  # [E, K]
-            env = polynomial_envelope(r, cfg.cutoff, cfg.envelope_p)  # [E]
-        inv_n = 1.0 / self.avg_num_neighbors
-        h = self.backbone(
-            batch[K.ATOMIC_NUMBERS],
-            batch[K.EDGE_INDEX],
-            rbf,
-            self.geometry_to_channels(env),
-            self.geometry_to_channels(unit),
-            inv_n,
-        )
-
-        head = batch[K.HEAD][graph_of_atom]  # [N]
-        y = self.energy_head(h, head).to(pos.dtype)  # [N], out of bf16 before summing
-        atomic = y * self.scale[head] + self.atomic_energies[head, batch[K.ATOMIC_NUMBERS]]
-        energy = segment_sum(atomic.to(pos.dtype), graph_of_atom, n_graphs)  # [B]
-        out = {K.ENERGY: energy}
-
+        edges, raw = self.edges(batch, pos, cell)
+        state = self.backbone.embed(batch[K.ATOMIC_NUMBERS])
+        state = self.run_blocks(self.backbone.blocks, state, edges)
+        out = self.heads(self.backbone.scalars(state), batch, raw if compute_forces else None)
         if conservative:
             inputs = [pos_leaf] if strain is None else [pos_leaf, strain]
             grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=self.training, allow_unused=True
+                out[K.ENERGY].sum(), inputs, create_graph=self.training, allow_unused=True
             )
             out[K.FORCES] = -_zero_if_none(grads[0], inputs[0])
             if strain is not None:
@@ -158,8 +139,51 @@ class Potential(nn.Module):
                 virial = _zero_if_none(grads[1], strain)
                 stress = virial / torch.where(periodic, volume, 1.0)[:, None, None]
                 out[K.STRESS] = stress * periodic[:, None, None]
-        elif compute_forces:
-            out[K.FORCES] = self.force_head(h, batch[K.EDGE_INDEX], rbf, env, unit, inv_n)
+        return out
+
+    def edges(
+        self, batch: dict[str, torch.Tensor], pos: torch.Tensor, cell: torch.Tensor
+    ) -> tuple[Edges, Edges]:
+        """Edge geometry in full precision, as the blocks see it (behind the tensor-parallel
+        boundary) and raw (for the direct force head, which works on replicated values)."""
+        sender, receiver = batch[K.EDGE_INDEX]
+        edge_graph = batch[K.BATCH][receiver]
+        with torch.autocast(pos.device.type, enabled=False):
+            shift = torch.einsum("ei,eij->ej", batch[K.CELL_SHIFTS], cell[edge_graph])  # [E, 3]
+            vec = pos[sender] - pos[receiver] + shift  # [E, 3]
+            r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
+            unit = vec / r.unsqueeze(-1)  # [E, 3]
+            rbf = self.basis(r)  # [E, K]
+            env = polynomial_envelope(r, self.cfg.cutoff, self.cfg.envelope_p)  # [E]
+        raw = Edges(batch[K.EDGE_INDEX], rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0])
+        to_channels = self.geometry_to_channels
+        return replace(raw, envelope=to_channels(env), unit=to_channels(unit)), raw
+
+    def run_blocks(self, blocks: nn.ModuleList, state: tuple, edges: Edges) -> tuple:
+        """Apply ``blocks`` in order; with ``recompute_activations`` each block keeps only its
+        input and recomputes the rest in backward (works for force losses: second derivatives
+        pass through the non-reentrant checkpoint)."""
+        for block in blocks:
+            if self.recompute_activations and self.training and torch.is_grad_enabled():
+                state = checkpoint(block, state, edges, use_reentrant=False)
+            else:
+                state = block(state, edges)
+        return state
+
+    def heads(
+        self, h: torch.Tensor, batch: dict[str, torch.Tensor], raw_edges: Edges | None
+    ) -> dict[str, torch.Tensor]:
+        """Energy [B] from per-atom features h [N, H]; direct forces [N, 3] if ``raw_edges``
+        is given and the model has a force head."""
+        graph_of_atom = batch[K.BATCH]
+        head = batch[K.HEAD][graph_of_atom]  # [N]
+        y = self.energy_head(h, head)  # [N]
+        dtype = batch[K.POSITIONS].dtype  # out of bf16 before summing
+        reference = self.atomic_energies[head, batch[K.ATOMIC_NUMBERS]]  # [N]
+        atomic = (y.to(dtype) * self.scale[head] + reference).to(dtype)
+        out = {K.ENERGY: segment_sum(atomic, graph_of_atom, batch[K.CELL].shape[0])}
+        if raw_edges is not None and self.force_head is not None:
+            out[K.FORCES] = self.force_head(h, raw_edges)
         return out
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from megagnn.models.edges import Edges
 from megagnn.ops import segment_sum
 
 
@@ -35,34 +36,40 @@ class SchNetBlock(nn.Module):
             nn.Linear(hidden, hidden), ShiftedSoftplus(), nn.Linear(hidden, hidden)
         )
 
-    def forward(
-        self,
-        h: torch.Tensor,  # [N, H]
-        edge_index: torch.Tensor,  # [2, E]
-        rbf: torch.Tensor,  # [E, K]
-        envelope: torch.Tensor,  # [E]
-        inv_avg_neighbors: float,
-    ) -> torch.Tensor:
-        sender, receiver = edge_index
-        w = self.filter(rbf) * envelope.unsqueeze(-1)  # [E, H]
-        x = self.in2f(h)  # [N, H]
-        message = x[sender] * w  # [E, H]
-        agg = segment_sum(message, receiver, h.shape[0]) * inv_avg_neighbors  # [N, H]
-        return h + self.f2out(agg)
+    def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
+        (h,) = state  # [N, H]
+        w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
+        x = self.in2f(h)  # [N, H/tp]
+        message = x[edges.sender] * w  # [E, H/tp]
+        agg = segment_sum(message, edges.receiver, edges.num_nodes)  # [N, H/tp]
+        return (h + self.f2out(agg * edges.inv_avg_neighbors),)
 
 
 class SchNet(nn.Module):
-    """Embedding -> L continuous-filter blocks -> per-atom scalar features [N, H]."""
+    """Embedding -> L continuous-filter blocks -> per-atom scalar features [N, H].
+
+    The node state between blocks is ``(h,)``; ``pack``/``unpack`` turn it into one
+    [N, W] tensor for pipeline stages.
+    """
 
     def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
         super().__init__()
+        self.hidden = hidden
         self.embedding = nn.Embedding(max_z + 1, hidden)
         self.blocks = nn.ModuleList(
             SchNetBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
         )
 
-    def forward(self, atomic_numbers, edge_index, rbf, envelope, unit, inv_avg_neighbors):
-        h = self.embedding(atomic_numbers)  # [N, H]
-        for block in self.blocks:
-            h = block(h, edge_index, rbf, envelope, inv_avg_neighbors)
-        return h
+    def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.embedding(atomic_numbers),)  # [N, H]
+
+    @staticmethod
+    def scalars(state: tuple[torch.Tensor]) -> torch.Tensor:
+        return state[0]
+
+    @staticmethod
+    def pack(state: tuple[torch.Tensor]) -> torch.Tensor:
+        return state[0]
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x,)

@@ -33,9 +33,12 @@ def average_gradients(model: nn.Module, group: Group) -> None:
         offset += g.numel()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, tp_group: Group) -> torch.Tensor:
+def clip_grad_norm(
+    model: nn.Module, max_norm: float, tp_group: Group, pp_group: Group = None
+) -> torch.Tensor:
     """Clip by the norm of the *full* gradient: tensor-parallel shards add up over the TP
-    group, replicated parameters count once. Returns the norm before clipping."""
+    group, replicated parameters count once, pipeline stages (disjoint parameters) add up.
+    Returns the norm before clipping."""
     sharded, replicated = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -46,7 +49,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float, tp_group: Group) -> torch.
     sq_rep = sum((g.double().pow(2).sum() for g in replicated), zero)
     if tp_group is not None:
         dist.all_reduce(sq_shard, group=tp_group)
-    norm = (sq_shard + sq_rep).sqrt()
+    sq = sq_shard + sq_rep
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    norm = sq.sqrt()
     if math.isfinite(max_norm) and torch.isfinite(norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in sharded + replicated:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 
 from megagnn.config import ParallelConfig
 from megagnn.parallel.mappings import Group
+from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 
 
 @dataclass
@@ -26,10 +26,27 @@ class ParallelState:
     dp_group: Group = None
     dp_size: int = 1
     dp_rank: int = 0
+    pp_group: Group = None
+    pp_size: int = 1
+    pp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def last_stage_rank(self) -> int:
+        """Global rank of this pipeline's last stage (where losses and predictions live)."""
+        if self.pp_group is None:
+            return self.rank
+        return dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
 
 def _device() -> torch.device:
@@ -52,9 +69,9 @@ def init_parallel(cfg: ParallelConfig) -> ParallelState:
         return ParallelState(device=device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    with warnings.catch_warnings():  # megatron-core warns that TE and Apex are absent
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state as ps
+    ps = import_megatron().parallel_state
+    if cfg.pipeline > 1:
+        install_cpu_shim()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor, pipeline_model_parallel_size=cfg.pipeline
@@ -69,12 +86,13 @@ def init_parallel(cfg: ParallelConfig) -> ParallelState:
         dp_group=ps.get_data_parallel_group() if dp_size > 1 else None,
         dp_size=dp_size,
         dp_rank=ps.get_data_parallel_rank(),
+        pp_group=ps.get_pipeline_model_parallel_group() if cfg.pipeline > 1 else None,
+        pp_size=cfg.pipeline,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
     )
 
 
 def destroy_parallel() -> None:
     if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
-        ps.destroy_model_parallel()
+        import_megatron().parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -9,6 +9,8 @@ replicated.
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
@@ -34,6 +36,7 @@ def _schnet(backbone: SchNet, group: Group) -> None:
 
 
 def _painn(backbone: PaiNN, group: Group) -> None:
+    backbone.vector_channels = backbone.hidden // dist.get_world_size(group)
     for block in backbone.blocks:
         msg, upd = block.message, block.update
         msg.phi[0] = ColumnParallelLinear(msg.phi[0], group)  # [N, H/tp]

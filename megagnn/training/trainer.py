@@ -7,6 +7,8 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.ops import segment_sum
 from megagnn.parallel.data import average_gradients, clip_grad_norm
+from megagnn.parallel.pipeline import PipelineStage
+from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.checkpoint import (
@@ -101,15 +105,23 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = False,
+    predict: Callable[[dict], dict | None] | None = None,
 ) -> dict[str, float]:
-    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines."""
+    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines.
+
+    ``predict`` (default: ``model``) may return None on ranks that hold no predictions (the
+    pipeline's first stages); they return an empty dict.
+    """
     was_training = model.training
     model.eval()
+    predict = predict or model
     meter = ErrorMeter()
     batches = iterate_batches(graphs, sampler, epoch=0)
     for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
         batch = to_device(batch, device, dtype)
-        pred = model(batch)
+        pred = predict(batch)
+        if pred is None:
+            continue
         atom_ref = model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]]
         ref = segment_sum(atom_ref.to(dtype), batch[K.BATCH], len(batch[K.ENERGY]))
         meter.update(pred, batch, ref)
@@ -132,13 +144,31 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         # each tensor-parallel rank keeps its own checkpoint file; one process: no suffix
-        self.shard = f"-tp{self.par.tp_rank}of{self.par.tp_size}" if self.par.tp_size > 1 else ""
+        self.shard = "".join(
+            f"-{name}{rank}of{size}"
+            for name, rank, size in (
+                ("tp", self.par.tp_rank, self.par.tp_size),
+                ("pp", self.par.pp_rank, self.par.pp_size),
+            )
+            if size > 1
+        )
 
+        self.autocast = (
+            partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+            if cfg.train.precision == "bf16"
+            else contextlib.nullcontext
+        )
         torch.manual_seed(cfg.train.seed)  # the same full weights on every rank, then cut
+        # every pipeline stage of a replica reads the same batches (same data-parallel rank)
         self.data = DataSplits(cfg, rank=self.par.dp_rank, world_size=self.par.dp_size)
         model = build_model(cfg.model)
         set_model_statistics(model, self.data)
-        self.model = parallelize_tensor(model, self.par.tp_group).to(self.device, self.dtype)
+        model.recompute_activations = cfg.train.recompute_activations
+        self.potential = parallelize_tensor(model, self.par.tp_group)
+        self.pipeline = (
+            PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
+        )
+        self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
@@ -213,32 +243,76 @@ class Trainer:
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def train_step(self, batch: dict) -> dict[str, float] | None:
-        """One optimizer step; returns None (and changes nothing) if it was not finite."""
+    def forward_backward(self, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Loss and gradients of the mean loss over ``batches`` (microbatches), accumulated in
+        the parameters' grads. Returns each microbatch's loss terms where the loss lives."""
+        cfg = self.cfg.train
+
+        def loss_fn(batch, pred):
+            terms = loss_terms(pred, batch, self.potential.scale, cfg)
+            # copies: megatron's schedule divides the returned loss in place
+            return terms["total"], {k: v.detach().clone() for k, v in terms.items()}
+
+        if self.pipeline is not None:
+            return pipeline_forward_backward(
+                self.pipeline, batches, loss_fn, autocast=self.autocast
+            )
+        out = []
+        for batch in batches:
+            with self.autocast():
+                pred = self.model(batch)
+            loss, terms = loss_fn(batch, pred)
+            (loss / len(batches)).backward()
+            out.append(terms)
+        return out
+
+    def train_step(self, batches: list[dict]) -> dict[str, float] | None:
+        """One optimizer step over ``batches``; returns None (and changes nothing) if the loss
+        or the gradient was not finite on any rank."""
         cfg = self.cfg.train
         self.model.train()
-        batch = to_device(batch, self.device, self.dtype)
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if cfg.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            pred = self.model(batch)
-        terms = loss_terms(pred, batch, self.model.scale, cfg)
+        batches = [to_device(b, self.device, self.dtype) for b in batches]
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        terms = self.forward_backward(batches)
+        if not all(torch.isfinite(t["total"]) for t in terms):
+            # poison the gradient so that every rank sees a non-finite global norm below
+            next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(math.nan)
         average_gradients(self.model, self.par.dp_group)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        # a non-finite loss on any rank makes the averaged gradient, so this norm, non-finite
-        grad_norm = clip_grad_norm(self.model, max_norm, self.par.tp_group)
-        if not (torch.isfinite(terms["total"]) and torch.isfinite(grad_norm)):
+        # the norm is summed over tensor and pipeline ranks: all ranks decide alike
+        grad_norm = clip_grad_norm(self.model, max_norm, self.par.tp_group, self.par.pp_group)
+        if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
-        out = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-        out["grad_norm"] = float(grad_norm)
-        return out
+        out = None
+        if terms:  # this rank holds the loss (the last pipeline stage, or every rank)
+            out = {f"loss/{k}": float(sum(t[k] for t in terms)) / len(terms) for k in terms[0]}
+            out["grad_norm"] = float(grad_norm)
+        return self.from_last_stage(out)
+
+    def predict(self, batch: dict) -> dict | None:
+        """Predictions for one batch (on the last pipeline stage; None on the others)."""
+        if self.pipeline is None:
+            return self.model(batch)
+
+        def keep(batch, pred):
+            return pred[K.ENERGY].new_zeros(()), {k: v.detach() for k, v in pred.items()}
+
+        with torch.no_grad():
+            out = pipeline_forward_backward(self.pipeline, [batch], keep, forward_only=True)
+        return out[0] if out else None
+
+    def from_last_stage(self, obj):
+        """``obj`` as the pipeline's last stage has it, on every stage (logging happens on
+        rank 0, the first stage)."""
+        if self.par.pp_group is None:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(
+            box, src=self.par.last_stage_rank(), group=self.par.pp_group
+        )
+        return box[0]
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg.train
@@ -253,7 +327,7 @@ class Trainer:
         self.log(
             f"model: {self.cfg.model.family} H={self.cfg.model.hidden} "
             f"L={self.cfg.model.layers}, {count_parameters(self.model):,} parameters per rank; "
-            f"tensor={self.par.tp_size} data={self.par.dp_size}; "
+            f"tensor={self.par.tp_size} pipeline={self.par.pp_size} data={self.par.dp_size}; "
             f"train/val/test = {[len(v) for v in self.data.indices.values()]} structures"
         )
         bar = tqdm(
@@ -265,11 +339,12 @@ class Trainer:
         batches = self.batches()
         t0, atoms_seen, last = time.perf_counter(), 0, {}
         while self.step < cfg.max_steps:
-            batch = next(batches)
-            metrics = self.train_step(batch)
+            micro = [next(batches) for _ in range(cfg.microbatches)]
+            metrics = self.train_step(micro)
             self.scheduler.step()
             self.step += 1
-            atoms_seen += int(batch[K.N_ATOMS].sum()) * self.par.dp_size  # about, all replicas
+            # all replicas, about: each replica's batches have about as many atoms
+            atoms_seen += sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size
             if metrics is None:
                 self.bad_steps += 1
                 if main:
@@ -309,13 +384,15 @@ class Trainer:
         return last
 
     def validate(self) -> dict[str, float]:
-        return evaluate(
-            self.model,
+        metrics = evaluate(
+            self.potential,
             self.data.graphs,
             self.data.sampler("val", shuffle=False),
             self.device,
             self.dtype,
+            predict=self.predict,
         )
+        return self.from_last_stage(metrics)
 
 
 def _format(metrics: dict[str, float]) -> str:

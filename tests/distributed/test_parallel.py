@@ -1,8 +1,9 @@
-"""Tensor/data-parallel equivalence with the unsharded model, on CPU with gloo.
+"""Tensor/pipeline/data-parallel equivalence with the unsharded model, on CPU with gloo.
 
 Each layout runs tests/distributed/worker.py under torchrun; the worker asserts outputs,
-loss, every gradient (conservative-force loss included), the clipped norm and one AdamW
-step against the single-device model built from the same seed on each rank.
+loss, every gradient (conservative-force loss included; pipelines train direct forces and
+energies over two 1F1B microbatches), the clipped norm and one AdamW step against the
+single-device model built from the same seed on each rank.
 """
 
 from pathlib import Path
@@ -13,7 +14,11 @@ from launch import torchrun
 WORKER = Path(__file__).with_name("worker.py")
 
 
-@pytest.mark.parametrize("nproc, tensor", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
-def test_parallel_matches_single_process(nproc, tensor):
-    out = torchrun(nproc, str(WORKER), "--tensor", str(tensor))
+@pytest.mark.parametrize(
+    "nproc, tensor, pipeline",
+    [(2, 2, 1), (2, 1, 1), (4, 2, 1), (2, 1, 2), (4, 2, 2)],
+    ids=["tp2", "dp2", "tp2xdp2", "pp2", "tp2xpp2"],
+)
+def test_parallel_matches_single_process(nproc, tensor, pipeline):
+    out = torchrun(nproc, str(WORKER), "--tensor", str(tensor), "--pipeline", str(pipeline))
     assert "PARALLEL CHECKS PASSED" in out

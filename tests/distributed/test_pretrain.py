@@ -1,4 +1,4 @@
-"""``torchrun -m megagnn.pretrain`` with tensor and data parallelism, on CPU with gloo."""
+"""``torchrun -m megagnn.pretrain`` with tensor, pipeline and data parallelism, on CPU (gloo)."""
 
 import json
 
@@ -36,25 +36,42 @@ def losses(out):
     return [(r["step"], r["loss/total"]) for r in map(json.loads, lines)]
 
 
-@pytest.mark.parametrize("family", ["schnet", "painn"])
-def test_tensor_parallel_training_matches_one_process(emt_dataset, tmp_path, family):
+DIRECT = ("model.forces=direct", "model.stress=false")
+# name: (the split, the run's other settings)
+LAYOUTS = {
+    "schnet-tp2": ("tensor", ("model.family=schnet",)),
+    "painn-tp2": ("tensor", ("model.family=painn",)),
+    # two 1F1B microbatches per step, gradients accumulated over them
+    "painn-pp2": ("pipeline", ("model.family=painn", "train.microbatches=2", *DIRECT)),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_training_matches_one_process(emt_dataset, tmp_path, layout):
+    kind, model = LAYOUTS[layout]
+    split = f"parallel.{kind}=2"
     single = tmp_path / "single"
-    pretrain(1, single, emt_dataset, f"model.family={family}", "train.max_steps=4")
-    tp = tmp_path / "tp"
-    pretrain(2, tp, emt_dataset, f"model.family={family}", "train.max_steps=4", "parallel.tensor=2")
-    a, b = losses(single), losses(tp)
+    pretrain(1, single, emt_dataset, *model, "train.max_steps=4")
+    par = tmp_path / "parallel"
+    pretrain(2, par, emt_dataset, *model, split, "train.max_steps=4")
+    a, b = losses(single), losses(par)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (step, x), (_, y) in zip(a, b, strict=True):
         assert y == pytest.approx(x, rel=1e-9), step
-    assert sorted(p.name for p in (tp / "checkpoints").glob("*.pt"))[-2:] == [
-        "step-00000004-tp0of2.pt",
-        "step-00000004-tp1of2.pt",
+    short = {"tensor": "tp", "pipeline": "pp"}[kind]
+    assert sorted(p.name for p in (par / "checkpoints").glob("*.pt"))[-2:] == [
+        f"step-00000004-{short}0of2.pt",
+        f"step-00000004-{short}1of2.pt",
     ]
 
 
-@pytest.mark.parametrize("tensor", [1, 2], ids=["dp2", "tp2"])
-def test_resume_reproduces_the_run(emt_dataset, tmp_path, tensor):
-    args = ("train.max_steps=4", "train.save_every=2", f"parallel.tensor={tensor}")
+@pytest.mark.parametrize(
+    "layout",
+    [(), ("parallel.tensor=2",), ("parallel.pipeline=2", *DIRECT)],
+    ids=["dp2", "tp2", "pp2"],
+)
+def test_resume_reproduces_the_run(emt_dataset, tmp_path, layout):
+    args = ("train.max_steps=4", "train.save_every=2", *layout)
     pretrain(2, tmp_path, emt_dataset, *args)
     first = losses(tmp_path)
     # as if the job had died after the step-2 checkpoint

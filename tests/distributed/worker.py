@@ -1,4 +1,5 @@
-"""Run under torchrun: compare tensor- and data-parallel models with the unsharded model.
+"""Run under torchrun: compare tensor-, pipeline- and data-parallel models with the unsharded
+model.
 
 Every rank also builds the single-device reference from the same seed and data, so the
 comparison needs no second run: outputs, the loss, every parameter's gradient (force loss
@@ -7,6 +8,7 @@ AdamW step must agree to fp64 round-off.
 
     torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 2
     torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 1   # data parallel
+    torchrun --nproc_per_node=4 tests/distributed/worker.py --tensor 2 --pipeline 2
 """
 
 import argparse
@@ -22,6 +24,7 @@ from megagnn.data import collate, structure_to_graph, to_device
 from megagnn.models import build_model
 from megagnn.parallel.data import average_gradients, clip_grad_norm
 from megagnn.parallel.layers import _shard, is_sharded
+from megagnn.parallel.pipeline import PipelineStage, forward_backward
 from megagnn.parallel.state import destroy_parallel, init_parallel
 from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.loss import loss_terms
@@ -58,12 +61,42 @@ def batch_of(atoms_list, seed):
     return to_device(collate(graphs), "cpu", torch.float64)
 
 
-def run(model, batch, train_cfg):
-    out = model(batch)
-    loss = loss_terms(out, batch, model.scale, train_cfg)["total"]
+def run(model, batches, train_cfg):
+    """Mean loss over ``batches`` (microbatches) and its gradients, as the trainer takes them.
+    Returns the last microbatch's predictions and the mean loss (None off the last stage)."""
     model.zero_grad(set_to_none=True)
-    loss.backward()
-    return out, loss
+
+    def loss_fn(batch, pred):
+        loss = loss_terms(pred, batch, model_scale(model), train_cfg)["total"]
+        return loss, {"loss": loss.detach().clone(), **{k: v.detach() for k, v in pred.items()}}
+
+    if isinstance(model, PipelineStage):
+        results = forward_backward(model, batches, loss_fn)
+    else:
+        results = []
+        for batch in batches:
+            loss, out = loss_fn(batch, model(batch))
+            (loss / len(batches)).backward()
+            results.append(out)
+    if not results:
+        return None, None
+    return results[-1], sum(r["loss"] for r in results) / len(results)
+
+
+def model_scale(model):
+    return (model.model if isinstance(model, PipelineStage) else model).scale
+
+
+def reference_name(name, model):
+    """The unsharded model's name for a parameter or module of ``model``."""
+    if not isinstance(model, PipelineStage):
+        return name
+    name = name.removeprefix("model").removeprefix(".")
+    prefix = "backbone.blocks."
+    if name.startswith(prefix):
+        index, _, rest = name[len(prefix) :].partition(".")
+        name = prefix + str(int(index) + model.first_layer) + ("." + rest if rest else "")
+    return name
 
 
 def sharded_like(ref_tensor, module, name, group):
@@ -79,7 +112,7 @@ def compare_params(ref, par, group, what):
     checked = 0
     for mname, module in par.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            r = getattr(ref_modules[mname], pname)
+            r = getattr(ref_modules[reference_name(mname, par)], pname)
             r = r.grad if what == "grad" else r.detach()
             q = p.grad if what == "grad" else p.detach()
             expected = sharded_like(r, module, pname, group)
@@ -93,17 +126,23 @@ def compare_params(ref, par, group, what):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tensor", type=int, default=2)
+    ap.add_argument("--pipeline", type=int, default=1)
     args = ap.parse_args()
-    state = init_parallel(ParallelConfig(tensor=args.tensor))
+    layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
+    state = init_parallel(layout)
     train_cfg = TrainConfig(energy_weight=1.0, force_weight=1.0, stress_weight=1.0)
+    # conservative forces are refused under pipeline parallelism (config check)
+    force_modes = ("direct", "none") if args.pipeline > 1 else ("conservative", "direct")
+    # a pipeline runs two microbatches, so 1F1B overlaps them and gradients accumulate
+    n_micro = 2 if args.pipeline > 1 else 1
     report = []
     for family in ("schnet", "painn"):
-        for forces in ("conservative", "direct"):
+        for forces in force_modes:
             torch.manual_seed(0)
             cfg = ModelConfig(
                 family=family,
                 hidden=16,
-                layers=2,
+                layers=3,
                 num_rbf=8,
                 radial_hidden=8,
                 cutoff=4.0,
@@ -113,39 +152,45 @@ def main():
             ref = build_model(cfg).double().train()
             ref.set_statistics(0, {29: -3.0, 79: -2.5, 1: -13.0, 6: -1000.0, 8: -430.0}, 0.5, 10.0)
             par = parallelize_tensor(copy.deepcopy(ref), state.tp_group)
+            if state.pp_size > 1:
+                par = PipelineStage(par, state, torch.float64)
 
-            if state.dp_size > 1:  # each data-parallel rank gets its own batch
-                batches = [batch_of(structures()[:2], seed=10 + r) for r in range(state.dp_size)]
-                mine = batches[state.dp_rank]
+            def microbatches(rank):
+                atoms = structures()
+                return [batch_of(atoms[m : m + 2], seed=10 + 7 * rank + m) for m in range(n_micro)]
+
+            if state.dp_size > 1:  # each data-parallel rank gets its own batches
                 grads = []
-                for b in batches:
-                    run(ref, b, train_cfg)
+                for r in range(state.dp_size):
+                    run(ref, microbatches(r), train_cfg)
                     grads.append({n: p.grad.clone() for n, p in ref.named_parameters()})
                 for n, p in ref.named_parameters():
                     p.grad = sum(g[n] for g in grads) / len(grads)
-                out, loss = run(par, mine, train_cfg)
+                run(par, microbatches(state.dp_rank), train_cfg)
                 average_gradients(par, state.dp_group)
             else:
-                mine = batch_of(structures(), seed=10)
+                mine = microbatches(0)
                 ref_out, ref_loss = run(ref, mine, train_cfg)
                 out, loss = run(par, mine, train_cfg)
-                for key in (K.ENERGY, K.FORCES, K.STRESS):
-                    if key in ref_out:
-                        torch.testing.assert_close(out[key], ref_out[key], **TOL)
-                torch.testing.assert_close(loss, ref_loss, **TOL)
+                if state.is_last_stage:
+                    for key in (K.ENERGY, K.FORCES, K.STRESS):
+                        if key in ref_out:
+                            torch.testing.assert_close(out[key], ref_out[key], **TOL)
+                    torch.testing.assert_close(loss, ref_loss, **TOL)
             n_grads = compare_params(ref, par, state.tp_group, "grad")
 
             norm_ref = clip_grad_norm(ref, 0.05, None)
-            norm_par = clip_grad_norm(par, 0.05, state.tp_group)
+            norm_par = clip_grad_norm(par, 0.05, state.tp_group, state.pp_group)
             torch.testing.assert_close(norm_par, norm_ref, **TOL)
             for model in (ref, par):
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
                 opt.step()
             compare_params(ref, par, state.tp_group, "weight")
             report.append(f"{family}/{forces}: {n_grads} parameters agree")
+    lines = [f"[rank {state.rank} pipeline stage {state.pp_rank}] {x}" for x in report]
+    print("\n".join(lines))
+    torch.distributed.barrier()
     if state.is_main:
-        layout = f"tensor={state.tp_size} data={state.dp_size}"
-        print("\n".join(f"[{layout}] {line}" for line in report))
         print("PARALLEL CHECKS PASSED")
     destroy_parallel()
 
