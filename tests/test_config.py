@@ -46,8 +46,13 @@ def test_shipped_configs_load():
 
 def test_pipeline_needs_a_block_per_stage():
     with pytest.raises(ConfigError, match="at least as many blocks"):
-        load_config(None, ["parallel.pipeline=4", "model.layers=3", "model.forces=none"])
-    load_config(None, ["parallel.pipeline=3", "model.layers=3", "model.forces=none"])
+        load_config(
+            None,
+            ["parallel.pipeline=4", "model.layers=3", "model.forces=none", "model.stress=false"],
+        )
+    load_config(
+        None, ["parallel.pipeline=3", "model.layers=3", "model.forces=none", "model.stress=false"]
+    )
 
 
 def test_stage_layers_cover_every_block_once():
