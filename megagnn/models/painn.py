@@ -20,7 +20,9 @@ class PaiNNMessage(nn.Module):
         self.phi = nn.Sequential(
             nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden)
         )
-        # radial MLP (as in NequIP/MACE) rather than PaiNN's single linear layer
+        # radial MLP (as in NequIP/MACE) rather than PaiNN's single linear layer.
+        # The 3H outputs of phi and filter are channel-major (channel c, part k at 3c + k), so
+        # a contiguous split over tensor-parallel ranks keeps all three parts of each channel
         self.filter = nn.Sequential(
             nn.Linear(num_rbf, radial_hidden), nn.SiLU(), nn.Linear(radial_hidden, 3 * hidden)
         )
@@ -31,7 +33,7 @@ class PaiNNMessage(nn.Module):
         sender, receiver, n = edges.sender, edges.receiver, edges.num_nodes
         w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, 3H/tp]
         x = self.phi(s)[sender] * w  # [E, 3H/tp]
-        x_s, x_vv, x_vs = x.chunk(3, dim=-1)  # [E, H/tp] each
+        x_s, x_vv, x_vs = x.unflatten(-1, (-1, 3)).unbind(-1)  # [E, H/tp] each
         unit = edges.unit.to(x_vs.dtype).unsqueeze(-1)  # [E, 3, 1]
         v_msg = v[sender] * x_vv.unsqueeze(1) + unit * x_vs.unsqueeze(1)  # [E, 3, H/tp]
         ds = segment_sum(x_s, receiver, n) * edges.inv_avg_neighbors  # [N, H/tp]

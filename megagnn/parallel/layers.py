@@ -19,17 +19,15 @@ from megagnn.parallel.mappings import (
 )
 
 
-def _shard(t: torch.Tensor, dim: int, chunks: int, group: Group) -> torch.Tensor:
-    """This rank's piece of each of ``chunks`` equal parts of ``t`` along ``dim``."""
+def shard(t: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """This rank's contiguous piece of ``t`` along ``dim``."""
     world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    if t.shape[dim] % (chunks * world):
+    if t.shape[dim] % world:
         raise ValueError(
-            f"cannot split {t.shape[dim]} channels into {chunks} x {world} tensor-parallel "
-            "pieces; choose a hidden size divisible by the tensor-parallel size"
+            f"cannot split {t.shape[dim]} channels into {world} tensor-parallel pieces; "
+            "choose a hidden size divisible by the tensor-parallel size"
         )
-    parts = [p.chunk(world, dim=dim)[rank] for p in t.chunk(chunks, dim=dim)]
-    return torch.cat(parts, dim=dim).clone()
+    return t.chunk(world, dim=dim)[dist.get_rank(group)].clone()
 
 
 def is_sharded(module: nn.Module, name: str) -> bool:
@@ -41,41 +39,33 @@ def is_sharded(module: nn.Module, name: str) -> bool:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x Aᵀ + b with the rows of A (output channels) split: [..., in] -> [..., out/tp].
+    """y = x Aᵀ + b with the rows of A (output channels) split: [..., in] -> [..., out/tp]."""
 
-    ``chunks`` > 1 splits each of that many equal output blocks separately (e.g. PaiNN's
-    three message parts), so every rank holds the same channels of each block.
-    """
-
-    def __init__(
-        self, linear: nn.Linear, group: Group, chunks: int = 1, gather_output: bool = False
-    ):
+    def __init__(self, linear: nn.Linear, group: Group, gather_output: bool = False):
         super().__init__()
-        self.group, self.chunks, self.gather_output = group, chunks, gather_output
-        self.weight = nn.Parameter(_shard(linear.weight.detach(), 0, chunks, group))
+        self.group, self.gather_output = group, gather_output
+        self.weight = nn.Parameter(shard(linear.weight.detach(), 0, group))
         self.bias = (
-            nn.Parameter(_shard(linear.bias.detach(), 0, chunks, group))
-            if linear.bias is not None
-            else None
+            nn.Parameter(shard(linear.bias.detach(), 0, group)) if linear.bias is not None else None
         )
         self.partition_dim = 0  # of weight and bias, for checkpoint resharding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)
-        return gather_from_region(y, self.group, self.chunks) if self.gather_output else y
+        return gather_from_region(y, self.group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
     """y = x Aᵀ + b with the columns of A (input channels) split: [..., in/tp] -> [..., out].
 
     Partial products are summed by one all-reduce; the bias is added once, after it.
-    ``split_output_chunks`` keeps only this rank's channels of the result (per chunk).
+    ``split_output`` keeps only this rank's slice of the result.
     """
 
-    def __init__(self, linear: nn.Linear, group: Group, split_output_chunks: int | None = None):
+    def __init__(self, linear: nn.Linear, group: Group, split_output: bool = False):
         super().__init__()
-        self.group, self.split_output_chunks = group, split_output_chunks
-        self.weight = nn.Parameter(_shard(linear.weight.detach(), 1, 1, group))
+        self.group, self.split_output = group, split_output
+        self.weight = nn.Parameter(shard(linear.weight.detach(), 1, group))
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         self.partition_dim = 1
 
@@ -83,8 +73,8 @@ class RowParallelLinear(nn.Module):
         y = reduce_from_region(F.linear(x, self.weight), self.group)
         if self.bias is not None:
             y = y + self.bias
-        if self.split_output_chunks:
-            y = split_to_region(y, self.group, self.split_output_chunks)
+        if self.split_output:
+            y = split_to_region(y, self.group)
         return y
 
 

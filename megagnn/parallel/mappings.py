@@ -46,41 +46,32 @@ class _ReduceFromRegion(torch.autograd.Function):
         return _CopyToRegion.apply(grad, ctx.group), None
 
 
-def _local_chunk_index(x: torch.Tensor, chunks: int, group: Group) -> list[torch.Tensor]:
-    """Split the last dim into ``chunks`` equal parts, each into world-size pieces."""
-    world, rank = _world(group), dist.get_rank(group)
-    parts = x.chunk(chunks, dim=-1)
-    return [p.chunk(world, dim=-1)[rank] for p in parts]
-
-
 class _SplitToRegion(torch.autograd.Function):
-    """Keep this rank's channels of the last dim (per chunk); backward all-gathers."""
+    """Keep this rank's contiguous slice of the last dim; backward all-gathers."""
 
     @staticmethod
-    def forward(ctx, x, group, chunks):
-        ctx.group, ctx.chunks = group, chunks
-        return torch.cat(_local_chunk_index(x, chunks, group), dim=-1).contiguous()
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.chunk(_world(group), dim=-1)[dist.get_rank(group)].contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherFromRegion.apply(grad, ctx.group, ctx.chunks), None, None
+        return _GatherFromRegion.apply(grad, ctx.group), None
 
 
 class _GatherFromRegion(torch.autograd.Function):
-    """All-gather the channels of the last dim (per chunk); backward keeps this rank's part."""
+    """All-gather the slices of the last dim; backward keeps this rank's slice."""
 
     @staticmethod
-    def forward(ctx, x, group, chunks):
-        ctx.group, ctx.chunks = group, chunks
-        world = _world(group)
-        pieces = [torch.empty_like(x) for _ in range(world)]
+    def forward(ctx, x, group):
+        ctx.group = group
+        pieces = [torch.empty_like(x) for _ in range(_world(group))]
         dist.all_gather(pieces, x.contiguous(), group=group)
-        per_rank = [p.chunk(chunks, dim=-1) for p in pieces]  # [rank][chunk]
-        return torch.cat([per_rank[r][c] for c in range(chunks) for r in range(world)], dim=-1)
+        return torch.cat(pieces, dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _SplitToRegion.apply(grad, ctx.group, ctx.chunks), None, None
+        return _SplitToRegion.apply(grad, ctx.group), None
 
 
 def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -91,9 +82,9 @@ def reduce_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if _world(group) == 1 else _ReduceFromRegion.apply(x, group)
 
 
-def split_to_region(x: torch.Tensor, group: Group, chunks: int = 1) -> torch.Tensor:
-    return x if _world(group) == 1 else _SplitToRegion.apply(x, group, chunks)
+def split_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if _world(group) == 1 else _SplitToRegion.apply(x, group)
 
 
-def gather_from_region(x: torch.Tensor, group: Group, chunks: int = 1) -> torch.Tensor:
-    return x if _world(group) == 1 else _GatherFromRegion.apply(x, group, chunks)
+def gather_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if _world(group) == 1 else _GatherFromRegion.apply(x, group)

@@ -1,9 +1,9 @@
 """The one place that adapts megatron-core to this project: quiet import, and a CPU shim.
 
-megatron-core's pipeline schedules and point-to-point layer ask CUDA for the current device,
-synchronise it, and create one counter with ``device="cuda"``. On a machine without CUDA
-(tests, CI: gloo) those calls are redirected to the CPU, and only inside those two
-megatron modules; with CUDA present nothing is changed.
+megatron-core's pipeline schedules, point-to-point layer and checkpoint writer ask CUDA for
+the current device, synchronise it, and create a few small tensors with ``device="cuda"``.
+On a machine without CUDA (tests, CI: gloo) those calls are redirected to the CPU, only
+inside those megatron modules; with CUDA present nothing is changed.
 """
 
 from __future__ import annotations
@@ -47,14 +47,30 @@ class _TorchOnCpu(types.ModuleType):
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+        return torch.zeros(*args, device=_cpu(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_cpu(device), **kwargs)
+
+
+def _cpu(device):
+    return "cpu" if device == "cuda" or isinstance(device, int) else device
 
 
 def install_cpu_shim() -> None:
     """Let megatron-core's pipeline schedules run on CPU tensors; a no-op when CUDA exists."""
     if torch.cuda.is_available():
         return
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
+    import megatron.core.dist_checkpointing.strategies.state_dict_saver as saver
+
     core = import_megatron()
     shim = _TorchOnCpu("torch")
-    core.pipeline_parallel.p2p_communication.torch = shim
-    core.pipeline_parallel.schedules.torch = shim
+    for module in (
+        core.pipeline_parallel.p2p_communication,
+        core.pipeline_parallel.schedules,
+        fs_async,  # synchronises CUDA after copying tensors to host memory
+        saver,  # creates its agreement flags on the current CUDA device
+    ):
+        module.torch = shim

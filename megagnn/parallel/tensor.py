@@ -40,8 +40,8 @@ def _painn(backbone: PaiNN, group: Group) -> None:
     for block in backbone.blocks:
         msg, upd = block.message, block.update
         msg.phi[0] = ColumnParallelLinear(msg.phi[0], group)  # [N, H/tp]
-        msg.phi[2] = RowParallelLinear(msg.phi[2], group, split_output_chunks=3)  # [N, 3H/tp]
-        msg.filter[2] = ColumnParallelLinear(msg.filter[2], group, chunks=3)  # [E, 3H/tp]
+        msg.phi[2] = RowParallelLinear(msg.phi[2], group, split_output=True)  # [N, 3H/tp]
+        msg.filter[2] = ColumnParallelLinear(msg.filter[2], group)  # [E, 3H/tp]
         msg.gather_ds = ChannelMapping(gather_from_region, group)  # Δs [N, H/tp] -> [N, H]
         upd.U = RowParallelLinear(upd.U, group)  # v [N, 3, H/tp] -> [N, 3, H]
         upd.V = RowParallelLinear(upd.V, group)

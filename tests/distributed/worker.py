@@ -23,7 +23,7 @@ from megagnn.config import ModelConfig, ParallelConfig, TrainConfig
 from megagnn.data import collate, structure_to_graph, to_device
 from megagnn.models import build_model
 from megagnn.parallel.data import average_gradients, clip_grad_norm
-from megagnn.parallel.layers import _shard, is_sharded
+from megagnn.parallel.layers import is_sharded, shard
 from megagnn.parallel.pipeline import PipelineStage, forward_backward
 from megagnn.parallel.state import destroy_parallel, init_parallel
 from megagnn.parallel.tensor import parallelize_tensor
@@ -104,7 +104,7 @@ def sharded_like(ref_tensor, module, name, group):
     if not is_sharded(module, name):
         return ref_tensor
     dim = module.partition_dim if ref_tensor.dim() > 1 else 0
-    return _shard(ref_tensor, dim, getattr(module, "chunks", 1), group)
+    return shard(ref_tensor, dim, group)
 
 
 def compare_params(ref, par, group, what):
