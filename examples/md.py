@@ -20,9 +20,9 @@ def held_out_structure(run: str) -> Atoms:
     from megagnn.config import config_from_dict
     from megagnn.data.sampler import split_indices
     from megagnn.data.shards import ShardedDataset
-    from megagnn.training.checkpoint import load_checkpoint
+    from megagnn.training.checkpoint import read_common
 
-    cfg = config_from_dict(load_checkpoint(run)["config"])
+    cfg = config_from_dict(read_common(run)["config"])
     data = ShardedDataset(cfg.data.path)
     index = int(split_indices(len(data), cfg.data.split, cfg.data.split_seed)["test"][0])
     rec = data[index]

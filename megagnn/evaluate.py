@@ -13,8 +13,8 @@ import torch
 
 from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError
-from megagnn.models import build_model
-from megagnn.training.checkpoint import CheckpointError, load_checkpoint
+from megagnn.inference.calculator import load_model
+from megagnn.training.checkpoint import CheckpointError, read_common
 from megagnn.training.trainer import DTYPES, DataSplits, default_device, evaluate
 
 
@@ -24,20 +24,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Mean absolute errors of a checkpoint on a dataset split, next to trivial "
         "baselines (reference energies only; zero forces and stress).",
     )
-    p.add_argument("--run", required=True, help="run folder (its latest checkpoint) or a .pt file")
+    p.add_argument(
+        "--run", required=True, help="run folder (its latest checkpoint) or a checkpoint folder"
+    )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
     try:
-        state = load_checkpoint(args.run)
+        state = read_common(args.run)
         cfg = config_from_dict(state["config"])
         if args.data:
             cfg.data.path = args.data
         device, dtype = default_device(), DTYPES[cfg.train.precision]
-        model = build_model(cfg.model)
-        model.load_state_dict(state["model"])
-        model.to(device, dtype)
+        model = load_model(args.run, device, dtype)
         data = DataSplits(cfg)
         metrics = evaluate(
             model,

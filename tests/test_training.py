@@ -7,7 +7,7 @@ from megagnn import keys as K
 from megagnn.config import load_config
 from megagnn.evaluate import main as evaluate_main
 from megagnn.pretrain import main as pretrain_main
-from megagnn.training.checkpoint import CheckpointError, load_checkpoint
+from megagnn.training.checkpoint import CheckpointError, read_common
 from megagnn.training.trainer import Trainer
 
 
@@ -145,16 +145,24 @@ def test_cli_train_then_evaluate(emt_dataset, tmp_path, capsys):
 
 def test_resume_refuses_a_different_model(emt_dataset, tmp_path):
     Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1")).train()
-    with pytest.raises(ValueError, match="model/parallel config differs"):
+    with pytest.raises(ValueError, match="model config differs"):
         Trainer(tiny_config(emt_dataset, tmp_path, "model.hidden=8"))
 
 
-def test_corrupt_checkpoint_is_named(tmp_path):
-    (tmp_path / "step-00000001.pt").write_bytes(b"\x80\x02 truncated")
-    with pytest.raises(CheckpointError, match="step-00000001.pt is corrupt"):
-        load_checkpoint(tmp_path / "step-00000001.pt")
+def test_missing_or_broken_checkpoints_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_common(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        load_checkpoint(tmp_path)
+        read_common(tmp_path)
+    step = tmp_path / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000001")
+    with pytest.raises(CheckpointError, match="missing or incomplete"):
+        read_common(tmp_path)
+    (step / "metadata.json").write_text("{}")
+    (step / "common.pt").write_bytes(b"\x80\x02 truncated")
+    with pytest.raises(CheckpointError, match="step-00000001 is corrupt"):
+        read_common(tmp_path)
 
 
 @pytest.mark.parametrize("family", ["schnet", "painn"])

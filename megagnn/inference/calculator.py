@@ -14,16 +14,18 @@ from megagnn import keys as K
 from megagnn.config import config_from_dict
 from megagnn.data.graph import atoms_to_graph, to_device
 from megagnn.models import Potential, build_model
-from megagnn.training.checkpoint import load_checkpoint
+from megagnn.parallel.state import ParallelState
+from megagnn.training import checkpoint
 
 
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
 ) -> Potential:
-    """A model in eval mode from a run folder (its latest checkpoint) or a checkpoint file."""
-    state = load_checkpoint(path)
-    model = build_model(config_from_dict(state["config"]).model)
-    model.load_state_dict(state["model"])
+    """The whole model, in eval mode, from a run folder (its latest checkpoint) or a
+    checkpoint folder saved under any tensor/pipeline layout."""
+    cfg = config_from_dict(checkpoint.read_common(path)["config"])
+    model = build_model(cfg.model)
+    checkpoint.load(path, model, None, ParallelState(device=torch.device("cpu")))
     return model.to(device, dtype).eval()
 
 

@@ -17,8 +17,9 @@ import torch
 def import_megatron():
     """``megatron.core``, without its warnings about the optional Transformer Engine/Apex."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # also torch.jit deprecations inside megatron
         import megatron.core
+        import megatron.core.dist_checkpointing  # noqa: F401
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.pipeline_parallel.schedules  # noqa: F401
     return megatron.core
@@ -62,10 +63,10 @@ def install_cpu_shim() -> None:
     """Let megatron-core's pipeline schedules run on CPU tensors; a no-op when CUDA exists."""
     if torch.cuda.is_available():
         return
+    core = import_megatron()
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
     import megatron.core.dist_checkpointing.strategies.state_dict_saver as saver
 
-    core = import_megatron()
     shim = _TorchOnCpu("torch")
     for module in (
         core.pipeline_parallel.p2p_communication,

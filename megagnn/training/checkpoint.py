@@ -1,20 +1,44 @@
-"""Atomic checkpoints holding everything needed to resume exactly."""
+"""Sharded, atomic checkpoints with megatron-core ``dist_checkpointing``.
+
+Every weight (and its AdamW moments) is saved as a ShardedTensor: its *global* name and
+shape, and where this rank's piece sits in it (tensor-parallel slice, pipeline stage by the
+block's global index). A checkpoint written under one tensor x pipeline x data layout loads
+under any other, including a single process. The rest of the state (step, schedule, data
+position, RNG, config) is one small common dict written by rank 0.
+
+Layout on disk::
+
+    checkpoints/step-00000200/   metadata.json, common.pt, *.distcp
+    checkpoints/latest           "step-00000200", replaced atomically after a complete save
+
+A save goes to ``step-XXXXXXXX.tmp/`` and is renamed only when every rank has written, so a
+crash at any moment leaves ``latest`` naming a complete checkpoint (or nothing).
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from megagnn.parallel.layers import is_sharded
+from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
+from megagnn.parallel.state import ParallelState
 
 LATEST = "latest"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable; the message names the file."""
+    """A checkpoint is missing, incomplete or unreadable; the message names the path."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,64 +59,186 @@ def _tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def write_shard(ckpt_dir: str | Path, step: int, state: dict[str, Any], shard: str = "") -> Path:
-    """Write one process's part of a checkpoint (``shard`` names it, e.g. ``-tp1of2``)
-    under a temporary name, fsync, rename. Not visible to resume until ``commit``."""
+def _dist_checkpointing():
+    """megatron-core's dist_checkpointing, usable in a plain single process too (it needs a
+    process group: a one-rank gloo group over an in-memory store)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    install_cpu_shim()
+    return import_megatron().dist_checkpointing
+
+
+# -- what each rank holds -------------------------------------------------------------------
+def _global_name(name: str, first_layer: int) -> str:
+    """Name in the unsharded model: pipeline stages number their blocks from 0 locally."""
+    prefix = "backbone.blocks."
+    if first_layer and name.startswith(prefix):
+        index, _, rest = name[len(prefix) :].partition(".")
+        name = f"{prefix}{int(index) + first_layer}.{rest}"
+    return name
+
+
+def _entries(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module, str, bool]]:
+    """(global name, tensor, owning module, local name, is parameter) for every tensor."""
+    first_layer = getattr(model, "first_layer", 0)
+    root = getattr(model, "model", model)  # a pipeline stage wraps its part of the potential
+    for mname, module in root.named_modules():
+        tensors = [(n, t, True) for n, t in module.named_parameters(recurse=False)]
+        tensors += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
+        for name, tensor, is_param in tensors:
+            full = f"{mname}.{name}" if mname else name
+            yield _global_name(full, first_layer), tensor, module, name, is_param
+
+
+def sharded_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, par: ParallelState
+) -> dict[str, Any]:
+    """ShardedTensors for the model's weights and buffers and the AdamW moments.
+
+    Exactly one rank is the main replica of each piece: tensor-parallel slices are unique per
+    TP rank, replicated weights are written by TP rank 0, buffers (present on every pipeline
+    stage) by stage 0, all by data-parallel rank 0.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    out: dict[str, Any] = {}
+    for key, tensor, module, name, is_param in _entries(model):
+        if is_param and is_sharded(module, name):
+            dim = module.partition_dim if tensor.dim() > 1 else 0
+            offsets = [(dim, par.tp_rank, par.tp_size)]
+            replica = (0, 0, par.dp_rank)
+        else:
+            offsets = []
+            replica = (0 if is_param else par.pp_rank, par.tp_rank, par.dp_rank)
+
+        def sharded(k, t, offsets=offsets, replica=replica):
+            return ShardedTensor.from_rank_offsets(k, t, *offsets, replica_id=replica)
+
+        out[f"model.{key}"] = sharded(f"model.{key}", tensor)
+        if optimizer is not None and is_param:
+            state = optimizer.state.get(tensor, {})
+            for moment in ("exp_avg", "exp_avg_sq"):
+                value = state.get(moment)  # none before the first step: zero moments
+                target = f"optimizer.{key}.{moment}"
+                out[target] = sharded(target, torch.zeros_like(tensor) if value is None else value)
+    return out
+
+
+def _optimizer_common(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"param_groups": groups, "step": max(steps, default=0.0)}
+
+
+def _restore_optimizer_common(optimizer: torch.optim.Optimizer, common: dict[str, Any]) -> None:
+    for group, saved in zip(optimizer.param_groups, common["param_groups"], strict=True):
+        group.update(saved)
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        optimizer.state[p]["step"] = torch.tensor(common["step"], dtype=torch.float32)
+
+
+# -- save ------------------------------------------------------------------------------------
+def save(
+    ckpt_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    common: dict[str, Any],
+    par: ParallelState,
+    keep: int = 2,
+) -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+    dc = _dist_checkpointing()
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"{_tag(step)}{shard}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    final = ckpt_dir / _tag(step)
+    tmp = ckpt_dir / (_tag(step) + ".tmp")
+    if par.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = sharded_state_dict(model, optimizer, par)
+    if optimizer is not None:
+        common = {**common, "optimizer": _optimizer_common(optimizer)}
+    state["common"] = common
+    dc.save(state, str(tmp))
+    dist.barrier()
+    if par.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = ckpt_dir / (LATEST + ".tmp")
+        pointer.write_text(_tag(step))
+        os.replace(pointer, ckpt_dir / LATEST)
+        _prune(ckpt_dir, keep)
+    dist.barrier()
+    return final
 
 
-def commit(ckpt_dir: str | Path, step: int, keep: int = 2) -> None:
-    """Point ``latest`` at ``step`` (atomically) once all its shards are written; prune."""
-    ckpt_dir = Path(ckpt_dir)
-    latest_tmp = ckpt_dir / (LATEST + ".tmp")
-    latest_tmp.write_text(_tag(step))
-    os.replace(latest_tmp, ckpt_dir / LATEST)
-    tags = sorted({p.name[:13] for p in ckpt_dir.glob("step-*.pt")})
-    for tag in tags[:-keep] if keep > 0 else []:
-        for p in ckpt_dir.glob(f"{tag}*.pt"):
-            p.unlink(missing_ok=True)
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.suffix != ".tmp")
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Single-process save: a crash at any moment leaves ``latest`` naming a complete
-    checkpoint (or nothing)."""
-    path = write_shard(ckpt_dir, step, state)
-    commit(ckpt_dir, step, keep)
-    return path
-
-
-def latest_checkpoint(ckpt_dir: str | Path, shard: str = "") -> Path | None:
-    """This shard of the checkpoint ``latest`` points at, or None if none was completed."""
+# -- find and load ---------------------------------------------------------------------------
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` points at, or None if no save was ever completed."""
     pointer = Path(ckpt_dir) / LATEST
     if not pointer.is_file():
         return None
-    path = Path(ckpt_dir) / f"{pointer.read_text().strip()}{shard}.pt"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{pointer} names {path.name}, which does not exist (was the run saved with "
-            "another tensor-parallel layout?)"
-        )
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{pointer} names {path}, which is missing or incomplete")
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from itself, a run folder or a checkpoints folder."""
     path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no complete checkpoint under {path}")
-        path = found
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / "metadata.json").is_file():
+        return path
+    for candidate in (path / "checkpoints", path):
+        if (candidate / LATEST).is_file():
+            return latest_checkpoint(candidate)
+    if path.exists():
+        raise CheckpointError(f"no complete checkpoint under {path}")
+    raise CheckpointError(f"checkpoint {path} does not exist")
+
+
+def read_common(path: str | Path) -> dict[str, Any]:
+    """The common part (config, step, schedule, ...) of a checkpoint, without its weights."""
+    path = resolve(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _dist_checkpointing().load_common_state_dict(str(path))["common"]
     except Exception as e:  # truncated or foreign files raise many types
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {e}") from e
+
+
+def load(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    par: ParallelState,
+) -> dict[str, Any]:
+    """Fill ``model`` (and ``optimizer``) with this rank's pieces of a checkpoint saved under
+    any layout; returns the common dict. Collective under torchrun."""
+    dc = _dist_checkpointing()
+    path = resolve(path)
+    if optimizer is not None:  # moments to load into, as after a first step
+        for p in (p for g in optimizer.param_groups for p in g["params"]):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                optimizer.state[p].setdefault(moment, torch.zeros_like(p))
+    state = sharded_state_dict(model, optimizer, par)
+    try:
+        with warnings.catch_warnings():  # megatron-core calls a deprecated torch loader
+            warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
+            loaded = dc.load(state, str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path} into this model: {e}") from e
+    with torch.no_grad():
+        for key, sharded in state.items():
+            if key != "common":
+                sharded.data.copy_(loaded[key])
+    common = loaded["common"]
+    if optimizer is not None:
+        _restore_optimizer_common(optimizer, common["optimizer"])
+    return common

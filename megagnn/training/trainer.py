@@ -27,14 +27,8 @@ from megagnn.parallel.pipeline import PipelineStage
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
-from megagnn.training.checkpoint import (
-    commit,
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-    write_shard,
-)
+from megagnn.training import checkpoint
+from megagnn.training.checkpoint import rng_state
 from megagnn.training.loss import ErrorMeter, loss_terms
 from megagnn.training.schedule import warmup_cosine
 
@@ -143,15 +137,6 @@ class Trainer:
         self.dtype = DTYPES[cfg.train.precision]
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        # each tensor-parallel rank keeps its own checkpoint file; one process: no suffix
-        self.shard = "".join(
-            f"-{name}{rank}of{size}"
-            for name, rank, size in (
-                ("tp", self.par.tp_rank, self.par.tp_size),
-                ("pp", self.par.pp_rank, self.par.pp_size),
-            )
-            if size > 1
-        )
 
         self.autocast = (
             partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
@@ -177,56 +162,53 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.bad_steps = 0
 
-        resume = latest_checkpoint(self.ckpt_dir, self.shard) if cfg.train.resume else None
-        if resume is not None:
-            self.load_state_dict(load_checkpoint(resume))
-            self.log(f"resumed from {resume} at step {self.step}")
+        found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
+        if found is not None:
+            self.resume(found)
+            self.log(f"resumed from {found} at step {self.step}")
 
     def log(self, text: str) -> None:
         if self.par.is_main:
             print(text)
 
     # -- state ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def common_state(self) -> dict:
+        """Everything but the weights and moments: small, the same on every rank."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "data": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
-            "rng": rng_state(),
+            "rng": rng_state(),  # rank 0's; training draws no random numbers after init
             "config": config_to_dict(self.cfg),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        saved = config_from_dict(state["config"])
-        if (saved.model, saved.parallel) != (self.cfg.model, self.cfg.parallel):
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of the same model saved under any parallel layout
+        (a different data-parallel size resumes the data order approximately)."""
+        saved = config_from_dict(checkpoint.read_common(path)["config"])
+        if saved.model != self.cfg.model:
             raise ValueError(
-                f"checkpoint model/parallel config differs from this run's ({saved.model}, "
-                f"{saved.parallel} vs {self.cfg.model}, {self.cfg.parallel}); use another "
-                "train.out_dir or train.resume=false"
+                f"checkpoint model config differs from this run's ({saved.model} vs "
+                f"{self.cfg.model}); use another train.out_dir or train.resume=false"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.epoch = state["data"]["epoch"]
-        self.batch_in_epoch = state["data"]["batch_in_epoch"]
-        set_rng_state(state["rng"])
+        common = checkpoint.load(path, self.model, self.optimizer, self.par)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.step = common["step"]
+        self.epoch = common["data"]["epoch"]
+        self.batch_in_epoch = common["data"]["batch_in_epoch"]
+        checkpoint.set_rng_state(common["rng"])
 
     def save(self) -> None:
-        """Replica 0 writes one file per tensor-parallel rank; when all are on disk, rank 0
-        points ``latest`` at them, so a crash never leaves a half-saved step as latest."""
-        if self.par.dp_rank == 0:
-            write_shard(self.ckpt_dir, self.step, self.state_dict(), self.shard)
-        self._barrier()
-        if self.par.is_main:
-            commit(self.ckpt_dir, self.step, keep=self.cfg.train.keep_checkpoints)
-        self._barrier()
-
-    def _barrier(self) -> None:
-        if self.par.world_size > 1:
-            torch.distributed.barrier()
+        """Collective sharded save; ``latest`` moves only once every rank has written."""
+        checkpoint.save(
+            self.ckpt_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.common_state(),
+            self.par,
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     # -- loop ----------------------------------------------------------------------------
     def batches(self):
