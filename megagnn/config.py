@@ -145,6 +145,8 @@ class TrainConfig:
     """Show a progress bar."""
     microbatches: int = 1
     """Batches per optimizer step (gradient accumulation; the pipeline's microbatches)."""
+    shard_optimizer: bool = True
+    """With data parallelism, keep each AdamW moment on one data-parallel rank (ZeRO-1)."""
     recompute_activations: bool = False
     """Keep only each block's input in forward and recompute the block in backward."""
 

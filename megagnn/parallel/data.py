@@ -1,13 +1,18 @@
-"""Data parallelism on any device: gradient averaging and the global gradient norm.
+"""Data parallelism on any device: gradient averaging, the global gradient norm and an
+optimizer whose state is sharded over data-parallel ranks.
 
-On GPUs megatron-core's DDP and DistributedOptimizer are the fast path; their CPU support is
-missing (they require CUDA tensors), so this plain path carries the same semantics everywhere:
-each data-parallel rank computes its batch's mean loss, gradients are averaged.
+Semantics follow megatron-core's DDP + DistributedOptimizer: each data-parallel rank computes
+its batches' mean loss, gradients are averaged, and every rank keeps the AdamW moments of only
+its share of the parameters (ZeRO stage 1), updates those and hands the new values to the
+others. megatron-core's own classes require CUDA tensors, so this module builds the same
+thing from torch (one flat all-reduce; ``ZeroRedundancyOptimizer``), which runs unchanged on
+gloo and nccl.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -58,3 +63,33 @@ def clip_grad_norm(
         for g in sharded + replicated:
             g.mul_(coef.to(g.dtype))
     return norm
+
+
+def build_optimizer(
+    params, lr: float, weight_decay: float, dp_group: Group, shard: bool = True
+) -> torch.optim.Optimizer:
+    """AdamW; with data parallelism and ``shard``, its state is split over ``dp_group``."""
+    params = list(params)
+    if dp_group is None or not shard:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    with warnings.catch_warnings():  # torch.distributed.optim scripts its functional optimizers
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    return ZeroRedundancyOptimizer(
+        params,
+        optimizer_class=torch.optim.AdamW,
+        process_group=dp_group,
+        lr=lr,
+        weight_decay=weight_decay,
+    )
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state (its shard, under ZeRO)."""
+    return getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer.optim
+
+
+def owned_parameters(optimizer: torch.optim.Optimizer) -> set[torch.Tensor]:
+    """Parameters whose optimizer state lives on this rank."""
+    local = local_optimizer(optimizer)
+    return {p for group in local.param_groups for p in group["params"]}

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megagnn.parallel.data import local_optimizer, owned_parameters
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 from megagnn.parallel.state import ParallelState
@@ -97,10 +98,15 @@ def sharded_state_dict(
 
     Exactly one rank is the main replica of each piece: tensor-parallel slices are unique per
     TP rank, replicated weights are written by TP rank 0, buffers (present on every pipeline
-    stage) by stage 0, all by data-parallel rank 0.
+    stage) by stage 0, all by data-parallel rank 0; a moment sharded over data-parallel
+    ranks (ZeRO) by the rank that owns it.
     """
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    owned = owned_parameters(optimizer) if optimizer is not None else set()
+    moments = local_optimizer(optimizer).state if optimizer is not None else {}
+    # with the optimizer state sharded over data-parallel ranks, each moment has one owner
+    sharded_moments = optimizer is not None and local_optimizer(optimizer) is not optimizer
     out: dict[str, Any] = {}
     for key, tensor, module, name, is_param in _entries(model):
         if is_param and is_sharded(module, name):
@@ -115,26 +121,34 @@ def sharded_state_dict(
             return ShardedTensor.from_rank_offsets(k, t, *offsets, replica_id=replica)
 
         out[f"model.{key}"] = sharded(f"model.{key}", tensor)
-        if optimizer is not None and is_param:
-            state = optimizer.state.get(tensor, {})
+        if tensor in owned:
+            owner = (*replica[:2], 0) if sharded_moments else replica
+            state = moments.get(tensor, {})
             for moment in ("exp_avg", "exp_avg_sq"):
                 value = state.get(moment)  # none before the first step: zero moments
                 target = f"optimizer.{key}.{moment}"
-                out[target] = sharded(target, torch.zeros_like(tensor) if value is None else value)
+                out[target] = sharded(
+                    target, torch.zeros_like(tensor) if value is None else value, replica=owner
+                )
     return out
 
 
 def _optimizer_common(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    """Hyperparameters and AdamW's step count (the same for every parameter; a rank may own
+    no state yet, so the count is the maximum over ranks)."""
+    state = local_optimizer(optimizer).state
+    step = torch.tensor(max((float(s["step"]) for s in state.values() if "step" in s), default=0))
+    dist.all_reduce(step, op=dist.ReduceOp.MAX)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"param_groups": groups, "step": max(steps, default=0.0)}
+    return {"param_groups": groups, "step": float(step)}
 
 
 def _restore_optimizer_common(optimizer: torch.optim.Optimizer, common: dict[str, Any]) -> None:
     for group, saved in zip(optimizer.param_groups, common["param_groups"], strict=True):
         group.update(saved)
-    for p in (p for g in optimizer.param_groups for p in g["params"]):
-        optimizer.state[p]["step"] = torch.tensor(common["step"], dtype=torch.float32)
+    state = local_optimizer(optimizer).state
+    for p in owned_parameters(optimizer):
+        state[p]["step"] = torch.tensor(common["step"], dtype=torch.float32)
 
 
 # -- save ------------------------------------------------------------------------------------
@@ -224,9 +238,10 @@ def load(
     dc = _dist_checkpointing()
     path = resolve(path)
     if optimizer is not None:  # moments to load into, as after a first step
-        for p in (p for g in optimizer.param_groups for p in g["params"]):
+        state = local_optimizer(optimizer).state
+        for p in owned_parameters(optimizer):
             for moment in ("exp_avg", "exp_avg_sq"):
-                optimizer.state[p].setdefault(moment, torch.zeros_like(p))
+                state[p].setdefault(moment, torch.zeros_like(p))
     state = sharded_state_dict(model, optimizer, par)
     try:
         with warnings.catch_warnings():  # megatron-core calls a deprecated torch loader

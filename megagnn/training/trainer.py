@@ -22,7 +22,7 @@ from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batch
 from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.ops import segment_sum
-from megagnn.parallel.data import average_gradients, clip_grad_norm
+from megagnn.parallel.data import average_gradients, build_optimizer, clip_grad_norm
 from megagnn.parallel.pipeline import PipelineStage
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
@@ -154,8 +154,12 @@ class Trainer:
             PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
         )
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        self.optimizer = build_optimizer(
+            self.model.parameters(),
+            cfg.train.lr,
+            cfg.train.weight_decay,
+            self.par.dp_group,
+            shard=cfg.train.shard_optimizer,
         )
         self.scheduler = warmup_cosine(self.optimizer, cfg.train)
         self.train_sampler = self.data.sampler("train", shuffle=True)
