@@ -1,0 +1,150 @@
+"""Measure one training step: time, FLOPs, activation and parameter memory, communication.
+
+Used by ``tools/profile_throughput.py``. Everything is measured on the production path (the
+Trainer's own ``train_step``) on a fixed batch, so the numbers describe what training does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+
+import ase.io
+import numpy as np
+import torch
+import torch.distributed as dist
+from ase.build import bulk
+
+from megagnn import keys as K
+from megagnn.config import Config
+from megagnn.data import atoms_to_graph, collate
+from megagnn.data.emt import generate
+from megagnn.data.preprocess import preprocess
+from megagnn.parallel.state import ParallelState
+from megagnn.training.trainer import Trainer
+
+# collectives whose first argument is the tensor moved (bytes counted as sent by this rank)
+_COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "isend", "send", "reduce_scatter")
+
+
+def fixed_batch(n_atoms: int, cutoff: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One periodic fcc CuAu structure of about ``n_atoms`` atoms, rattled, random labels."""
+    reps = max(1, round((n_atoms / 4) ** (1 / 3)))
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True) * (reps, reps, reps)
+    rng = np.random.default_rng(seed)
+    atoms.numbers[rng.random(len(atoms)) < 0.3] = 79
+    atoms.rattle(0.05, seed=seed)
+    graph = atoms_to_graph(atoms, cutoff)
+    graph[K.ENERGY] = torch.tensor([-3.5 * len(atoms)])
+    graph[K.FORCES] = torch.from_numpy(rng.normal(0, 0.3, (len(atoms), 3)))
+    graph[K.STRESS] = torch.zeros(1, 3, 3)
+    graph[K.HAS_FORCES] = torch.ones(1, dtype=torch.bool)
+    graph[K.HAS_STRESS] = torch.ones(1, dtype=torch.bool)
+    return collate([graph])
+
+
+def statistics_dataset(directory: str) -> str:
+    """A tiny EMT dataset: the Trainer takes its reference energies and scale from it."""
+    raw = f"{directory}/emt.extxyz"
+    ase.io.write(raw, list(generate(12, seed=0, progress=False)))
+    preprocess([raw], f"{directory}/emt", progress=False)
+    return f"{directory}/emt"
+
+
+@contextlib.contextmanager
+def count_communication() -> Iterator[dict[str, int]]:
+    """Bytes this rank hands to torch.distributed collectives and sends, by call name."""
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+
+    def counting(name, fn):
+        def wrapper(tensor, *args, **kwargs):
+            if isinstance(tensor, torch.Tensor):
+                counts[name] = counts.get(name, 0) + tensor.numel() * tensor.element_size()
+            elif name == "all_gather":  # all_gather(list_out, tensor): count the input
+                t = args[0]
+                counts[name] = counts.get(name, 0) + t.numel() * t.element_size()
+            return fn(tensor, *args, **kwargs)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, counting(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+@contextlib.contextmanager
+def count_saved_activations(model: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Bytes of the tensors autograd keeps for backward (activations; weights excluded),
+    each storage counted once: the activation memory of a step, on any device."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    out = {"bytes": 0}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in weights and ptr not in seen and t.device.type != "meta":
+            seen.add(ptr)
+            out["bytes"] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int) -> dict:
+    """Time ``steps`` training steps (after one warm-up) on a fixed batch; measure the rest
+    on one extra step. Returns this rank's numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.data.path = statistics_dataset(tmp)
+        cfg.train.out_dir = f"{tmp}/run"
+        cfg.train.resume = False
+        trainer = Trainer(cfg, par)
+    batch = fixed_batch(n_atoms, cfg.model.cutoff)
+    micro = [batch] * cfg.train.microbatches
+    device = trainer.device
+    trainer.train_step(micro)  # warm-up: allocations, lazy inits
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        trainer.train_step(micro)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    flops = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with count_communication() as comm, count_saved_activations(trainer.model) as act, flops:
+        trainer.train_step(micro)
+    params = list(trainer.model.parameters())
+    step_time = statistics.median(times)
+    n_edges = int(batch[K.EDGE_INDEX].shape[1])
+    result = {
+        "rank": par.rank,
+        "layout": {"tensor": par.tp_size, "pipeline": par.pp_size, "data": par.dp_size},
+        "atoms": int(batch[K.N_ATOMS].sum()) * len(micro),
+        "edges": n_edges * len(micro),
+        "step_time_s": step_time,
+        "step_times_s": times,
+        "parameters": sum(p.numel() for p in params),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        "activation_bytes": act["bytes"],
+        "communication_bytes": comm,
+        "matmul_flops": flops.get_total_flops(),
+    }
+    if device.type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
