@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="Megatron-style training of large graph neural network interatomic potentials",
     python_requires=">=3.10",
-    packages=find_packages(include=["megagnn", "megagnn.*"]),
+    # the Triton kernels live in the top-level kernels/ folder, installed as megagnn.kernels
+    packages=[*find_packages(include=["megagnn", "megagnn.*"]), "megagnn.kernels"],
+    package_dir={"megagnn.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -20,8 +22,10 @@ setup(
         "psutil",  # megatron-core needs it for dist_checkpointing but does not declare it
     ],
     extras_require={
-        "test": ["pytest", "scipy"],
-        "dev": ["pytest", "scipy", "ruff"],
+        # triton runs the kernels' tests on CPU through its interpreter
+        "test": ["pytest", "scipy", "triton>=3.6"],
+        "gpu": ["triton>=3.6"],
+        "dev": ["pytest", "scipy", "triton>=3.6", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -9,7 +9,7 @@ CELL = "cell"  # [B, 3, 3] float Å, rows are lattice vectors (zeros if non-peri
 PBC = "pbc"  # [B, 3] bool
 BATCH = "batch"  # [N] int64, structure index of each atom
 N_ATOMS = "n_atoms"  # [B] int64
-EDGE_INDEX = "edge_index"  # [2, E] int64, (sender j, receiver i)
+EDGE_INDEX = "edge_index"  # [2, E] int64, (sender j, receiver i), sorted by receiver
 CELL_SHIFTS = "cell_shifts"  # [E, 3] float, integer lattice shifts: r_ij = x_j - x_i + S_ij @ cell
 HEAD = "head"  # [B] int64, index of the energy head (dataset family) of each structure
 ENERGY = "energy"  # [B] float eV

@@ -1,21 +1,78 @@
-"""The one switch between fused kernels and PyTorch references.
+"""The one switch between fused Triton kernels and their PyTorch references.
 
-The references here are the specification: every fast path must match them. They are
-twice differentiable, which conservative-force training needs (the force loss
-differentiates a gradient).
+``auto`` (default): Triton kernels for CUDA tensors when triton is installed, the references
+otherwise. ``triton`` forces the kernels (on CPU they need ``TRITON_INTERPRET=1`` set before
+import: tests), ``torch`` forces the references. The references are the specification every
+kernel must match; all paths are twice differentiable (force losses differentiate a
+gradient).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+
 import torch
+from torch import nn
+
+from megagnn.models.radial import polynomial_envelope
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = "auto"
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}: use one of {BACKENDS}")
+    if name == "triton" and not _HAVE_TRITON:
+        raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton(t: torch.Tensor) -> bool:
+    if _backend == "auto":
+        return t.is_cuda and _HAVE_TRITON
+    return _backend == "triton"
+
+
+def segment_sum(
+    src: torch.Tensor, index: torch.Tensor, num_segments: int, is_sorted: bool | None = None
+) -> torch.Tensor:
     """out[k] = sum of src[e] over edges e with index[e] == k; empty segments give 0.
 
     ``src [E, ...]``, ``index [E]`` (any order, repeats allowed) -> ``[num_segments, ...]``.
-    Low-precision inputs are accumulated in fp32 and cast back.
+    Low-precision inputs are accumulated in fp32 and cast back. ``is_sorted`` (index
+    non-decreasing) lets the kernel take its deterministic path without checking.
     """
+    if _triton(src):
+        from megagnn.kernels.segment_sum import segment_sum as kernel
+
+        return kernel(src, index, num_segments, is_sorted)
     acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
     out = src.new_zeros((num_segments, *src.shape[1:]), dtype=acc_dtype)
     return out.index_add(0, index, src.to(acc_dtype)).to(src.dtype)
+
+
+def radial_basis(
+    vec: torch.Tensor, r: torch.Tensor, basis: nn.Module, cutoff: float, p: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radial basis [E, K] and cutoff envelope [E] of edges ``vec [E, 3]`` (lengths ``r``)."""
+    if _triton(vec):
+        from megagnn.kernels.radial import radial_basis as kernel
+
+        kind, params, coeff = basis.kernel_args()
+        return kernel(vec, params, kind, cutoff, p, coeff)
+    return basis(r), polynomial_envelope(r, cutoff, p)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ase.build import bulk
+from torch.utils.flop_counter import FlopCounterMode
 
 from megagnn import keys as K
 from megagnn.config import Config
@@ -71,33 +72,72 @@ def count_communication() -> Iterator[dict[str, int]]:
 
         return wrapper
 
+    # P2POp checks its op against distributed_c10d's own names: patch both bindings
+    modules = (dist, dist.distributed_c10d)
     for name, fn in originals.items():
-        setattr(dist, name, counting(name, fn))
+        wrapped = counting(name, fn)
+        for module in modules:
+            setattr(module, name, wrapped)
     try:
         yield counts
     finally:
         for name, fn in originals.items():
-            setattr(dist, name, fn)
+            for module in modules:
+                setattr(module, name, fn)
+
+
+class _Saved:
+    """Handle autograd keeps instead of a saved tensor; releases its bytes when dropped."""
+
+    def __init__(self, tensor: torch.Tensor, tracker: _LiveBytes):
+        self.tensor, self.tracker = tensor, tracker
+        self.key = tracker.add(tensor)
+
+    def __del__(self):
+        self.tracker.release(self.key)
+
+
+class _LiveBytes:
+    """Bytes of distinct storages saved for backward that are still alive, and their peak."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.refs, self.live, self.peak = exclude, {}, 0, 0
+
+    def add(self, t: torch.Tensor) -> int | None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.exclude or t.device.type == "meta":
+            return None
+        count, nbytes = self.refs.get(key, (0, storage.nbytes()))
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key] = (count + 1, nbytes)
+        return key
+
+    def release(self, key: int | None) -> None:
+        if key is None or key not in self.refs:
+            return
+        count, nbytes = self.refs[key]
+        if count == 1:
+            del self.refs[key]
+            self.live -= nbytes
+        else:
+            self.refs[key] = (count - 1, nbytes)
 
 
 @contextlib.contextmanager
 def count_saved_activations(model: torch.nn.Module) -> Iterator[dict[str, int]]:
-    """Bytes of the tensors autograd keeps for backward (activations; weights excluded),
-    each storage counted once: the activation memory of a step, on any device."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
+    """Peak bytes of the tensors autograd keeps for backward (activations; weights excluded;
+    each storage once): the activation memory of a step on any device, microbatches in
+    flight included."""
+    tracker = _LiveBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
     out = {"bytes": 0}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in weights and ptr not in seen and t.device.type != "meta":
-            seen.add(ptr)
-            out["bytes"] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: _Saved(t, tracker), lambda saved: saved.tensor
+    ):
         yield out
+    out["bytes"] = tracker.peak
 
 
 def _sync(device: torch.device) -> None:
@@ -126,7 +166,7 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int) -> d
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    flops = torch.utils.flop_counter.FlopCounterMode(display=False)
+    flops = FlopCounterMode(display=False)
     with count_communication() as comm, count_saved_activations(trainer.model) as act, flops:
         trainer.train_step(micro)
     params = list(trainer.model.parameters())

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megagnn.ops import segment_sum
+
 
 @dataclass
 class Edges:
@@ -18,6 +20,7 @@ class Edges:
     unit: torch.Tensor  # [E, 3] r_ij / |r_ij|
     inv_avg_neighbors: torch.Tensor  # [] 1 / mean neighbour count (message normalisation)
     num_nodes: int  # N
+    receivers_sorted: bool = False  # index[1] non-decreasing (the kernels' CSR path)
 
     @property
     def sender(self) -> torch.Tensor:  # [E]
@@ -26,3 +29,7 @@ class Edges:
     @property
     def receiver(self) -> torch.Tensor:  # [E]
         return self.index[1]
+
+    def aggregate(self, messages: torch.Tensor) -> torch.Tensor:
+        """Σ over each node's incoming edges: [E, ...] -> [N, ...]."""
+        return segment_sum(messages, self.receiver, self.num_nodes, self.receivers_sorted)

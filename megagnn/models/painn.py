@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from megagnn.models.edges import Edges
-from megagnn.ops import segment_sum
 
 State = tuple[torch.Tensor, torch.Tensor]  # s [N, H], v [N, 3, H/tp]
 
@@ -30,14 +29,14 @@ class PaiNNMessage(nn.Module):
         self.gather_ds = nn.Identity()
 
     def forward(self, s: torch.Tensor, v: torch.Tensor, edges: Edges) -> State:
-        sender, receiver, n = edges.sender, edges.receiver, edges.num_nodes
+        sender = edges.sender
         w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, 3H/tp]
         x = self.phi(s)[sender] * w  # [E, 3H/tp]
         x_s, x_vv, x_vs = x.unflatten(-1, (-1, 3)).unbind(-1)  # [E, H/tp] each
         unit = edges.unit.to(x_vs.dtype).unsqueeze(-1)  # [E, 3, 1]
         v_msg = v[sender] * x_vv.unsqueeze(1) + unit * x_vs.unsqueeze(1)  # [E, 3, H/tp]
-        ds = segment_sum(x_s, receiver, n) * edges.inv_avg_neighbors  # [N, H/tp]
-        dv = segment_sum(v_msg, receiver, n) * edges.inv_avg_neighbors  # [N, 3, H/tp]
+        ds = edges.aggregate(x_s) * edges.inv_avg_neighbors  # [N, H/tp]
+        dv = edges.aggregate(v_msg) * edges.inv_avg_neighbors  # [N, 3, H/tp]
         return s + self.gather_ds(ds), v + dv
 
 

@@ -12,9 +12,9 @@ from megagnn import keys as K
 from megagnn.config import ModelConfig
 from megagnn.models.edges import Edges
 from megagnn.models.painn import PaiNN
-from megagnn.models.radial import make_basis, polynomial_envelope
+from megagnn.models.radial import make_basis
 from megagnn.models.schnet import SchNet
-from megagnn.ops import segment_sum
+from megagnn.ops import radial_basis, segment_sum
 
 BACKBONES = {"schnet": SchNet, "painn": PaiNN}
 
@@ -51,7 +51,7 @@ class DirectForceHead(nn.Module):
         x = self.node(h)  # [N, H/tp]
         w = self.out(x[sender] * x[receiver] * self.radial(edges.rbf)).squeeze(-1)  # [E]
         f = (w * edges.envelope).unsqueeze(-1).to(edges.unit.dtype) * edges.unit  # [E, 3]
-        return segment_sum(f, receiver, edges.num_nodes) * edges.inv_avg_neighbors
+        return edges.aggregate(f) * edges.inv_avg_neighbors
 
 
 class Potential(nn.Module):
@@ -153,8 +153,8 @@ class Potential(nn.Module):
             vec = pos[sender] - pos[receiver] + shift  # [E, 3]
             r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
             unit = vec / r.unsqueeze(-1)  # [E, 3]
-            rbf = self.basis(r)  # [E, K]
-            env = polynomial_envelope(r, self.cfg.cutoff, self.cfg.envelope_p)  # [E]
+            # [E, K], [E]: one fused pass over the edges on GPUs
+            rbf, env = radial_basis(vec, r, self.basis, self.cfg.cutoff, self.cfg.envelope_p)
         raw = Edges(batch[K.EDGE_INDEX], rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0])
         to_channels = self.geometry_to_channels
         return replace(raw, envelope=to_channels(env), unit=to_channels(unit)), raw

@@ -20,6 +20,9 @@ class BesselBasis(nn.Module):
         r = r.unsqueeze(-1)
         return math.sqrt(2.0 / self.cutoff) * torch.sin(self.freqs.to(r.dtype) * r) / r
 
+    def kernel_args(self) -> tuple[int, torch.Tensor, float]:
+        return 0, self.freqs, 0.0  # the fused kernel's (kind, params, coeff)
+
 
 class GaussianBasis(nn.Module):
     """exp(-(r - μ_k)^2 / (2 σ^2)) with centres μ_k evenly spaced on [0, c] (SchNet eq. 4)."""
@@ -31,6 +34,9 @@ class GaussianBasis(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # [E] -> [E, K]
         return torch.exp(self.coeff * (r.unsqueeze(-1) - self.centers.to(r.dtype)) ** 2)
+
+    def kernel_args(self) -> tuple[int, torch.Tensor, float]:
+        return 1, self.centers, self.coeff  # the fused kernel's (kind, params, coeff)
 
 
 def polynomial_envelope(r: torch.Tensor, cutoff: float, p: int = 6) -> torch.Tensor:

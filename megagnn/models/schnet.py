@@ -9,7 +9,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from megagnn.models.edges import Edges
-from megagnn.ops import segment_sum
 
 
 class ShiftedSoftplus(nn.Module):
@@ -41,7 +40,7 @@ class SchNetBlock(nn.Module):
         w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
         x = self.in2f(h)  # [N, H/tp]
         message = x[edges.sender] * w  # [E, H/tp]
-        agg = segment_sum(message, edges.receiver, edges.num_nodes)  # [N, H/tp]
+        agg = edges.aggregate(message)  # [N, H/tp]
         return (h + self.f2out(agg * edges.inv_avg_neighbors),)
 
 
