@@ -65,17 +65,29 @@ def _envelope(r, cutoff, P: tl.constexpr):
 
 
 @triton.jit
-def _radial_fwd_kernel(
-    vec_ptr, prm_ptr, rbf_ptr, env_ptr, E, K, cutoff, pref, coeff,
+def _edge_block(
+    vec_ptr, prm_ptr, E, K, cutoff, pref, coeff,
     KIND: tl.constexpr, P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """This program's edges: indices, vector, length, basis, envelope and r-derivatives."""
     rows = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     x, y, z, r = _edge_lengths(vec_ptr, rows, E)
     prm = tl.load(prm_ptr + ks, mask=ks < K, other=1.0)
-    b, _ = _basis(r[:, None], prm[None, :], KIND, pref, coeff)
-    u, _ = _envelope(r, cutoff, P)
+    b, db = _basis(r[:, None], prm[None, :], KIND, pref, coeff)
+    u, du = _envelope(r, cutoff, P)
     ok = (rows < E)[:, None] & (ks < K)[None, :]
+    return rows, ks, ok, x, y, z, r, b, db, u, du
+
+
+@triton.jit
+def _radial_fwd_kernel(
+    vec_ptr, prm_ptr, rbf_ptr, env_ptr, E, K, cutoff, pref, coeff,
+    KIND: tl.constexpr, P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows, ks, ok, x, y, z, r, b, db, u, du = _edge_block(
+        vec_ptr, prm_ptr, E, K, cutoff, pref, coeff, KIND, P, BLOCK_E, BLOCK_K
+    )
     tl.store(rbf_ptr + rows[:, None] * K + ks[None, :], b, mask=ok)
     tl.store(env_ptr + rows, u, mask=rows < E)
 
@@ -85,13 +97,9 @@ def _radial_bwd_kernel(
     vec_ptr, prm_ptr, g_rbf_ptr, g_env_ptr, g_vec_ptr, E, K, cutoff, pref, coeff,
     KIND: tl.constexpr, P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rows = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    x, y, z, r = _edge_lengths(vec_ptr, rows, E)
-    prm = tl.load(prm_ptr + ks, mask=ks < K, other=1.0)
-    _, db = _basis(r[:, None], prm[None, :], KIND, pref, coeff)
-    _, du = _envelope(r, cutoff, P)
-    ok = (rows < E)[:, None] & (ks < K)[None, :]
+    rows, ks, ok, x, y, z, r, b, db, u, du = _edge_block(
+        vec_ptr, prm_ptr, E, K, cutoff, pref, coeff, KIND, P, BLOCK_E, BLOCK_K
+    )
     g = tl.load(g_rbf_ptr + rows[:, None] * K + ks[None, :], mask=ok, other=0.0)
     g_env = tl.load(g_env_ptr + rows, mask=rows < E, other=0.0)
     s = (tl.sum(g * db, axis=1) + g_env * du) / r  # dL/dr / r
