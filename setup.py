@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "safetensors",
         # process groups and (on GPU) DDP/optimizer; 0.17+ needs Python 3.12
         "megatron-core==0.16.1",
         "psutil",  # megatron-core needs it for dist_checkpointing but does not declare it

@@ -5,6 +5,7 @@ import torch
 
 from megagnn import keys as K
 from megagnn.config import load_config
+from megagnn.data.shards import ShardedDataset
 from megagnn.evaluate import main as evaluate_main
 from megagnn.pretrain import main as pretrain_main
 from megagnn.training.checkpoint import CheckpointError, read_common
@@ -205,3 +206,29 @@ def test_activation_recompute_gives_the_same_gradients(family):
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-14, msg=name)
     assert saved[1] < saved[0]
+
+
+def test_consolidated_checkpoint_predicts_like_the_run(emt_dataset, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from megagnn.data import collate, to_device
+    from megagnn.data.sampler import GraphDataset
+    from megagnn.inference.calculator import load_model
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from convert_checkpoint import main as convert
+
+    Trainer(tiny_config(emt_dataset, tmp_path / "run", "train.max_steps=2")).train()
+    assert convert(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert convert(["consolidate", str(tmp_path / "run"), str(tmp_path / "one")]) == 0
+    with safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as f:
+        assert "backbone.blocks.1.update.U.weight" in f.keys()
+    graphs = GraphDataset(ShardedDataset(emt_dataset), 4.0)
+    batch = to_device(collate([graphs[0], graphs[1]]), "cpu", torch.float64)
+    a = load_model(tmp_path / "run")(batch)
+    b = load_model(tmp_path / "one")(batch)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0)

@@ -12,6 +12,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from megagnn import keys as K
 from megagnn.config import config_from_dict
+from megagnn.convert import is_consolidated, load_consolidated
 from megagnn.data.graph import atoms_to_graph, to_device
 from megagnn.models import Potential, build_model
 from megagnn.parallel.state import ParallelState
@@ -21,11 +22,17 @@ from megagnn.training import checkpoint
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
 ) -> Potential:
-    """The whole model, in eval mode, from a run folder (its latest checkpoint) or a
-    checkpoint folder saved under any tensor/pipeline layout."""
-    cfg = config_from_dict(checkpoint.read_common(path)["config"])
-    model = build_model(cfg.model)
-    checkpoint.load(path, model, None, ParallelState(device=torch.device("cpu")))
+    """The whole model, in eval mode, from a run folder (its latest checkpoint), a
+    checkpoint folder saved under any tensor/pipeline layout, or a consolidated folder
+    (``tools/convert_checkpoint.py consolidate``)."""
+    if is_consolidated(path):
+        config, weights = load_consolidated(path)
+        model = build_model(config_from_dict(config).model)
+        model.load_state_dict(weights)
+    else:
+        cfg = config_from_dict(checkpoint.read_common(path)["config"])
+        model = build_model(cfg.model)
+        checkpoint.load(path, model, None, ParallelState(device=torch.device("cpu")))
     return model.to(device, dtype).eval()
 
 

@@ -60,7 +60,7 @@ def _tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _dist_checkpointing():
+def dist_checkpointing():
     """megatron-core's dist_checkpointing, usable in a plain single process too (it needs a
     process group: a one-rank gloo group over an in-memory store)."""
     if not dist.is_initialized():
@@ -162,7 +162,7 @@ def save(
     keep: int = 2,
 ) -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint folder."""
-    dc = _dist_checkpointing()
+    dc = dist_checkpointing()
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / _tag(step)
     tmp = ckpt_dir / (_tag(step) + ".tmp")
@@ -222,7 +222,7 @@ def read_common(path: str | Path) -> dict[str, Any]:
     """The common part (config, step, schedule, ...) of a checkpoint, without its weights."""
     path = resolve(path)
     try:
-        return _dist_checkpointing().load_common_state_dict(str(path))["common"]
+        return dist_checkpointing().load_common_state_dict(str(path))["common"]
     except Exception as e:  # truncated or foreign files raise many types
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {e}") from e
 
@@ -235,7 +235,7 @@ def load(
 ) -> dict[str, Any]:
     """Fill ``model`` (and ``optimizer``) with this rank's pieces of a checkpoint saved under
     any layout; returns the common dict. Collective under torchrun."""
-    dc = _dist_checkpointing()
+    dc = dist_checkpointing()
     path = resolve(path)
     if optimizer is not None:  # moments to load into, as after a first step
         state = local_optimizer(optimizer).state
@@ -243,12 +243,7 @@ def load(
             for moment in ("exp_avg", "exp_avg_sq"):
                 state[p].setdefault(moment, torch.zeros_like(p))
     state = sharded_state_dict(model, optimizer, par)
-    try:
-        with warnings.catch_warnings():  # megatron-core calls a deprecated torch loader
-            warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
-            loaded = dc.load(state, str(path))
-    except Exception as e:
-        raise CheckpointError(f"cannot load {path} into this model: {e}") from e
+    loaded = load_raw(dc, state, path)
     with torch.no_grad():
         for key, sharded in state.items():
             if key != "common":
@@ -257,3 +252,13 @@ def load(
     if optimizer is not None:
         _restore_optimizer_common(optimizer, common["optimizer"])
     return common
+
+
+def load_raw(dc, sharded: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``dist_checkpointing.load`` with a readable error."""
+    try:
+        with warnings.catch_warnings():  # megatron-core calls a deprecated torch loader
+            warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
+            return dc.load(sharded, str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path} into this model: {e}") from e

@@ -1,6 +1,8 @@
 """``torchrun -m megagnn.pretrain`` with tensor, pipeline and data parallelism, on CPU (gloo)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from launch import torchrun
 
 from megagnn.data import atoms_to_graph, collate, to_device
 from megagnn.inference.calculator import load_model
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402
 
 DT = torch.float64
 
@@ -44,32 +49,38 @@ def losses(out):
 
 
 DIRECT = ("model.forces=direct", "model.stress=false")
-# name: (the split, the run's other settings)
+# name: (processes, the layout, the run's other settings)
 LAYOUTS = {
-    "schnet-tp2": ("tensor", ("model.family=schnet",)),
-    "painn-tp2": ("tensor", ("model.family=painn",)),
+    "schnet-tp2": (2, ("parallel.tensor=2",), ("model.family=schnet",)),
+    "painn-tp2": (2, ("parallel.tensor=2",), ("model.family=painn",)),
     # two 1F1B microbatches per step, gradients accumulated over them
-    "painn-pp2": ("pipeline", ("model.family=painn", "train.microbatches=2", *DIRECT)),
+    "painn-tp2pp2": (
+        4,
+        ("parallel.tensor=2", "parallel.pipeline=2"),
+        ("model.family=painn", "train.microbatches=2", *DIRECT),
+    ),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_training_matches_one_process(emt_dataset, tmp_path, layout):
-    kind, model = LAYOUTS[layout]
-    split = f"parallel.{kind}=2"
+    nproc, split, model = LAYOUTS[layout]
     single = tmp_path / "single"
     pretrain(1, single, emt_dataset, *model, "train.max_steps=4")
     par = tmp_path / "parallel"
-    pretrain(2, par, emt_dataset, *model, split, "train.max_steps=4")
+    pretrain(nproc, par, emt_dataset, *model, *split, "train.max_steps=4")
     a, b = losses(single), losses(par)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (step, x), (_, y) in zip(a, b, strict=True):
         assert y == pytest.approx(x, rel=1e-9), step
-    # the sharded checkpoint loads into one process: the same model as the one-process run
+    # the sharded checkpoint loads into one process, directly or consolidated into one
+    # safetensors file: the same model as the one-process run
     batch = to_device(collate([atoms_to_graph(bulk("Cu", "fcc", a=3.6) * 2, 4.0)]), "cpu", DT)
-    one, split_run = load_model(single), load_model(par)
-    for key, value in one(batch).items():
-        torch.testing.assert_close(split_run(batch)[key], value, rtol=1e-7, atol=1e-10)
+    assert convert_main(["consolidate", str(par), str(tmp_path / "one"), "--no-progress"]) == 0
+    expected = load_model(single)(batch)
+    for model in (load_model(par), load_model(tmp_path / "one")):
+        for key, value in model(batch).items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-7, atol=1e-10)
 
 
 def test_resume_reproduces_the_data_parallel_run(emt_dataset, tmp_path):

@@ -1,0 +1,95 @@
+"""Checkpoint conversion through an unsharded intermediate.
+
+``consolidate``: a sharded training checkpoint of any tensor x pipeline layout -> one
+``model.safetensors`` (global parameter names and shapes) + ``config.json``. The file is
+streamed tensor by tensor (each read from the shards, written at its offset), so memory
+stays at about the largest single weight, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megagnn.training import checkpoint
+from megagnn.training.checkpoint import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+}
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def _read_tensor(dc, path: Path, key: str, meta) -> torch.Tensor:
+    """One whole global tensor, assembled from the shards that hold it."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    target = torch.empty(meta.global_shape, dtype=meta.dtype)
+    wanted = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=0)}
+    return checkpoint.load_raw(dc, wanted, path)[key]
+
+
+def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` from a checkpoint
+    (a checkpoint folder, a run folder or its ``checkpoints`` folder)."""
+    path = checkpoint.resolve(source)
+    common = checkpoint.read_common(path)
+    dc = checkpoint.dist_checkpointing()
+    meta = dc.load_tensors_metadata(str(path))
+    keys = sorted(k for k in meta if k.startswith("model."))
+    if not keys:
+        raise CheckpointError(f"{path} holds no model weights")
+    header: dict = {}
+    offset = 0
+    for key in keys:
+        m = meta[key]
+        nbytes = math.prod(m.global_shape) * m.dtype.itemsize
+        header[key.removeprefix("model.")] = {
+            "dtype": SAFETENSORS_DTYPES[m.dtype],
+            "shape": list(m.global_shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt", "step": str(common["step"])}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (WEIGHTS + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key in tqdm(keys, desc="consolidate", unit=" tensors", disable=not progress):
+            tensor = _read_tensor(dc, path, key, meta[key]).contiguous()
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / WEIGHTS)
+    config = {"config": common["config"], "step": common["step"], "source": str(path)}
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
+    return out_dir / WEIGHTS
+
+
+def is_consolidated(path: str | Path) -> bool:
+    return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
+
+
+def load_consolidated(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) of a consolidated checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = json.loads((path / CONFIG).read_text())
+    return info["config"], load_file(str(path / WEIGHTS))
