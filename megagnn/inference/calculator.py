@@ -65,7 +65,7 @@ class MegaGNNCalculator(Calculator):
         batch[K.HEAD][:] = self.head
         periodic = bool(self.atoms.pbc.all())
         out = self.model(batch, compute_stress=periodic and self.model.cfg.stress)
-        energy = float(out[K.ENERGY][0])
+        energy = float(out[K.ENERGY][0].detach())
         self.results = {"energy": energy, "free_energy": energy}
         if K.FORCES in out:
             self.results["forces"] = out[K.FORCES].detach().cpu().numpy().astype(np.float64)

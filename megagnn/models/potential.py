@@ -78,7 +78,15 @@ class Potential(nn.Module):
         self.register_buffer("scale", torch.ones(len(cfg.heads)))
         self.register_buffer("atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1))
         self.register_buffer("avg_num_neighbors", torch.ones(()))
+        self.reset_buffers()
         self.recompute_activations = False
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Statistics before ``set_statistics``: unit scale, no reference energies."""
+        self.scale.fill_(1.0)
+        self.atomic_energies.zero_()
+        self.avg_num_neighbors.fill_(1.0)
 
     @torch.no_grad()
     def set_statistics(

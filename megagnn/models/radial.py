@@ -14,7 +14,12 @@ class BesselBasis(nn.Module):
     def __init__(self, cutoff: float, num: int):
         super().__init__()
         self.cutoff = cutoff
-        self.register_buffer("freqs", torch.arange(1, num + 1) * math.pi / cutoff)
+        self.register_buffer("freqs", torch.empty(num))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        n = self.freqs.numel()
+        self.freqs.copy_(torch.arange(1, n + 1) * math.pi / self.cutoff)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # [E] -> [E, K]
         r = r.unsqueeze(-1)
@@ -29,8 +34,13 @@ class GaussianBasis(nn.Module):
 
     def __init__(self, cutoff: float, num: int):
         super().__init__()
-        self.register_buffer("centers", torch.linspace(0.0, cutoff, num))
+        self.cutoff = cutoff
+        self.register_buffer("centers", torch.empty(num))
         self.coeff = -0.5 / (cutoff / max(num - 1, 1)) ** 2
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.centers.copy_(torch.linspace(0.0, self.cutoff, self.centers.numel()))
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # [E] -> [E, K]
         return torch.exp(self.coeff * (r.unsqueeze(-1) - self.centers.to(r.dtype)) ** 2)

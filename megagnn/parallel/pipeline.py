@@ -38,6 +38,15 @@ def stage_layers(layers: int, stages: int, stage: int) -> range:
     return range(start, start + base + (stage < extra))
 
 
+def global_name(name: str, first_layer: int) -> str:
+    """A stage's parameter name in the unsharded model (stages number blocks from 0)."""
+    prefix = "backbone.blocks."
+    if first_layer and name.startswith(prefix):
+        index, dot, rest = name[len(prefix) :].partition(".")
+        name = f"{prefix}{int(index) + first_layer}{dot}{rest}"
+    return name
+
+
 def schedule_config(par: ParallelState, dtype: torch.dtype):
     """The megatron-core config its schedules read (a TransformerConfig, but only the
     model-parallel fields matter here, so the transformer checks are skipped)."""

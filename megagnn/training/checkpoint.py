@@ -33,6 +33,7 @@ from torch import nn
 from megagnn.parallel.data import local_optimizer, owned_parameters
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
+from megagnn.parallel.pipeline import global_name
 from megagnn.parallel.state import ParallelState
 
 LATEST = "latest"
@@ -70,15 +71,6 @@ def dist_checkpointing():
 
 
 # -- what each rank holds -------------------------------------------------------------------
-def _global_name(name: str, first_layer: int) -> str:
-    """Name in the unsharded model: pipeline stages number their blocks from 0 locally."""
-    prefix = "backbone.blocks."
-    if first_layer and name.startswith(prefix):
-        index, _, rest = name[len(prefix) :].partition(".")
-        name = f"{prefix}{int(index) + first_layer}.{rest}"
-    return name
-
-
 def _entries(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module, str, bool]]:
     """(global name, tensor, owning module, local name, is parameter) for every tensor."""
     first_layer = getattr(model, "first_layer", 0)
@@ -88,7 +80,7 @@ def _entries(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module, s
         tensors += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
         for name, tensor, is_param in tensors:
             full = f"{mname}.{name}" if mname else name
-            yield _global_name(full, first_layer), tensor, module, name, is_param
+            yield global_name(full, first_layer), tensor, module, name, is_param
 
 
 def sharded_state_dict(

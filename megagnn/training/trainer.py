@@ -23,6 +23,7 @@ from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.ops import segment_sum
 from megagnn.parallel.data import average_gradients, build_optimizer, clip_grad_norm
+from megagnn.parallel.materialize import materialize
 from megagnn.parallel.pipeline import PipelineStage
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
@@ -143,16 +144,18 @@ class Trainer:
             if cfg.train.precision == "bf16"
             else contextlib.nullcontext
         )
-        torch.manual_seed(cfg.train.seed)  # the same full weights on every rank, then cut
+        torch.manual_seed(cfg.train.seed)
         # every pipeline stage of a replica reads the same batches (same data-parallel rank)
         self.data = DataSplits(cfg, rank=self.par.dp_rank, world_size=self.par.dp_size)
-        model = build_model(cfg.model)
-        set_model_statistics(model, self.data)
+        # built on the meta device, cut for this rank, then only this rank's part allocated
+        model = build_model(cfg.model, device="meta")
         model.recompute_activations = cfg.train.recompute_activations
         self.potential = parallelize_tensor(model, self.par.tp_group)
         self.pipeline = (
             PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
         )
+        materialize(self.pipeline or self.potential, cfg.train.seed)
+        set_model_statistics(self.potential, self.data)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         self.optimizer = build_optimizer(
             self.model.parameters(),

@@ -29,7 +29,8 @@ from megagnn.parallel.data import (
     owned_parameters,
 )
 from megagnn.parallel.layers import is_sharded, shard
-from megagnn.parallel.pipeline import PipelineStage, forward_backward
+from megagnn.parallel.materialize import materialize
+from megagnn.parallel.pipeline import PipelineStage, forward_backward, global_name
 from megagnn.parallel.state import destroy_parallel, init_parallel
 from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.loss import loss_terms
@@ -96,12 +97,7 @@ def reference_name(name, model):
     """The unsharded model's name for a parameter or module of ``model``."""
     if not isinstance(model, PipelineStage):
         return name
-    name = name.removeprefix("model").removeprefix(".")
-    prefix = "backbone.blocks."
-    if name.startswith(prefix):
-        index, _, rest = name[len(prefix) :].partition(".")
-        name = prefix + str(int(index) + model.first_layer) + ("." + rest if rest else "")
-    return name
+    return global_name(name.removeprefix("model").removeprefix("."), model.first_layer)
 
 
 def sharded_like(ref_tensor, module, name, group):
@@ -154,6 +150,14 @@ def main():
                 forces=forces,
                 stress=forces == "conservative",
             )
+            # built on the meta device and materialised for this rank only, a model starts
+            # from this rank's slice of the unsharded model's initial weights
+            full = materialize(build_model(cfg, device="meta"), seed=7)
+            mine = parallelize_tensor(build_model(cfg, device="meta"), state.tp_group)
+            if state.pp_size > 1:
+                mine = PipelineStage(mine, state, torch.float32)
+            compare_params(full, materialize(mine, seed=7), state.tp_group, "weight")
+
             ref = build_model(cfg).double().train()
             ref.set_statistics(0, {29: -3.0, 79: -2.5, 1: -13.0, 6: -1000.0, 8: -430.0}, 0.5, 10.0)
             par = parallelize_tensor(copy.deepcopy(ref), state.tp_group)
