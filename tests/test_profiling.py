@@ -1,0 +1,25 @@
+import torch
+
+from megagnn.config import load_config
+from megagnn.parallel.state import ParallelState
+from megagnn.profiling import count_saved_activations, profile_step
+
+
+def test_profile_step_reports_a_training_step():
+    cfg = load_config(None, ["model.hidden=8", "model.layers=1", "model.cutoff=3.0"])
+    out = profile_step(cfg, ParallelState(device=torch.device("cpu")), n_atoms=32, steps=1)
+    assert out["atoms"] == 32 and out["edges"] > 0
+    assert out["parameter_bytes"] == 4 * out["parameters"] > 0
+    assert out["activation_bytes"] > 0 and out["matmul_flops"] > 0
+    assert out["communication_bytes"] == {}  # one process talks to nobody
+
+
+def test_activation_counter_tracks_the_peak_not_the_sum():
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(256, 64)
+    with count_saved_activations(torch.nn.Linear(1, 1)) as one:
+        (torch.tanh(x @ w)).sum().backward()
+    with count_saved_activations(torch.nn.Linear(1, 1)) as two:
+        for _ in range(2):  # the first graph is freed before the second is built
+            (torch.tanh(x @ w)).sum().backward()
+    assert one["bytes"] > 0 and two["bytes"] == one["bytes"]
