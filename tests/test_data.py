@@ -249,3 +249,15 @@ def test_sampler_is_deterministic_and_splits_ranks():
     ]
     assert len(ranks[0]) == len(ranks[1])
     assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
+
+
+def test_collate_refuses_edges_not_sorted_by_receiver():
+    from megagnn import keys as K
+    from megagnn.data import collate
+    from megagnn.data.graph import atoms_to_graph
+
+    g = atoms_to_graph(bulk("Cu", "fcc", a=3.6, cubic=True), 3.0)
+    assert collate([g, g])[K.EDGE_INDEX].shape[1] == 2 * g[K.EDGE_INDEX].shape[1]
+    g[K.EDGE_INDEX] = g[K.EDGE_INDEX].flip(1)
+    with pytest.raises(ValueError, match="sorted by receiver"):
+        collate([g])

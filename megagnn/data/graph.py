@@ -56,6 +56,10 @@ def collate(graphs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     out[K.EDGE_INDEX] = torch.cat(
         [g[K.EDGE_INDEX] + off for g, off in zip(graphs, offsets.tolist(), strict=True)], dim=1
     )
+    receivers = out[K.EDGE_INDEX][1]
+    if receivers.numel() > 1 and bool((receivers[1:] < receivers[:-1]).any()):
+        # the aggregation kernels' deterministic path relies on it (Edges.receivers_sorted)
+        raise ValueError("edges must be sorted by receiver within each graph")
     out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs)), n_atoms)
     return out
 
