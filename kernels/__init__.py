@@ -6,7 +6,15 @@ through ``megagnn.ops``, which uses them for CUDA tensors. On CPU they run only 
 ``TRITON_INTERPRET=1`` (tests), which must be set before this package is imported.
 """
 
+from megagnn.kernels.cfconv import cfconv, cfconv_reference
 from megagnn.kernels.radial import radial_basis, radial_basis_reference
 from megagnn.kernels.segment_sum import segment_sum, segment_sum_reference
 
-__all__ = ["radial_basis", "radial_basis_reference", "segment_sum", "segment_sum_reference"]
+__all__ = [
+    "cfconv",
+    "cfconv_reference",
+    "radial_basis",
+    "radial_basis_reference",
+    "segment_sum",
+    "segment_sum_reference",
+]

@@ -76,3 +76,27 @@ def radial_basis(
         kind, params, coeff = basis.kernel_args()
         return kernel(vec, params, kind, cutoff, p, coeff)
     return basis(r), polynomial_envelope(r, cutoff, p)
+
+
+def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
+    """Continuous-filter convolution Σ_{j->i} filter(rbf_ij) u_ij ⊙ x_j -> [N, H/tp].
+
+    ``filter_mlp`` is Linear(K, R) -> activation -> Linear(R, H) (the last one possibly
+    column-parallel). The Triton path never stores the [E, H] filter or messages.
+    """
+    if not (_triton(x) and edges.receivers_sorted):
+        w = filter_mlp(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
+        return edges.aggregate(x[edges.sender] * w)
+    from megagnn.kernels.cfconv import SILU, SSP
+    from megagnn.kernels.cfconv import cfconv as kernel
+    from megagnn.parallel.mappings import copy_to_region
+
+    first, act, last = filter_mlp
+    # under tensor parallelism the replicated first layer and rbf feed channel-split work:
+    # their gradients must be summed over the ranks, as ColumnParallelLinear's input is
+    group = getattr(last, "group", None)
+    w1, b1, rbf = (copy_to_region(t, group) for t in (first.weight, first.bias, edges.rbf))
+    kind = SILU if isinstance(act, nn.SiLU) else SSP
+    return kernel(
+        x, rbf, edges.envelope, edges.index, edges.num_nodes, w1, b1, last.weight, last.bias, kind
+    )

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from megagnn.models.edges import Edges
+from megagnn.ops import cfconv
 
 
 class ShiftedSoftplus(nn.Module):
@@ -37,10 +38,9 @@ class SchNetBlock(nn.Module):
 
     def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
         (h,) = state  # [N, H]
-        w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
         x = self.in2f(h)  # [N, H/tp]
-        message = x[edges.sender] * w  # [E, H/tp]
-        agg = edges.aggregate(message)  # [N, H/tp]
+        # Σ_j x_j ⊙ W(rbf_ij) u_ij: gather -> message -> segment sum, fused on GPUs
+        agg = cfconv(x, edges, self.filter)  # [N, H/tp]
         return (h + self.f2out(agg * edges.inv_avg_neighbors),)
 
 
