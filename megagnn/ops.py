@@ -16,8 +16,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from megagnn.models.radial import polynomial_envelope
-
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -75,6 +73,8 @@ def radial_basis(
 
         kind, params, coeff = basis.kernel_args()
         return kernel(vec, params, kind, cutoff, p, coeff)
+    from megagnn.models.radial import polynomial_envelope  # (models import this module)
+
     return basis(r), polynomial_envelope(r, cutoff, p)
 
 

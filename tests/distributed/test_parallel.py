@@ -22,3 +22,11 @@ WORKER = Path(__file__).with_name("worker.py")
 def test_parallel_matches_single_process(nproc, tensor, pipeline):
     out = torchrun(nproc, str(WORKER), "--tensor", str(tensor), "--pipeline", str(pipeline))
     assert "PARALLEL CHECKS PASSED" in out
+
+
+def test_tensor_parallel_with_kernels_matches_single_process():
+    """The Triton kernels (interpreted on CPU) on each rank's channel slice, conservative
+    force loss included, against the single-device PyTorch model."""
+    pytest.importorskip("triton")
+    out = torchrun(2, str(WORKER), "--tensor", "2", "--backend", "triton")
+    assert "PARALLEL CHECKS PASSED" in out

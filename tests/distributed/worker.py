@@ -19,6 +19,7 @@ import torch
 from ase.build import bulk, molecule
 
 from megagnn import keys as K
+from megagnn import ops
 from megagnn.config import ModelConfig, ParallelConfig, TrainConfig
 from megagnn.data import collate, structure_to_graph, to_device
 from megagnn.models import build_model
@@ -128,6 +129,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tensor", type=int, default=2)
     ap.add_argument("--pipeline", type=int, default=1)
+    ap.add_argument("--backend", default="torch", help="megagnn.ops backend of the parallel model")
     args = ap.parse_args()
     layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
     state = init_parallel(layout)
@@ -180,7 +182,8 @@ def main():
             else:
                 mine = microbatches(0)
                 ref_out, ref_loss = run(ref, mine, train_cfg)
-                out, loss = run(par, mine, train_cfg)
+                with ops.use_backend(args.backend):
+                    out, loss = run(par, mine, train_cfg)
                 if state.is_last_stage:
                     for key in (K.ENERGY, K.FORCES, K.STRESS):
                         if key in ref_out:
