@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -137,6 +138,8 @@ def test_cli_train_then_evaluate(emt_dataset, tmp_path, capsys):
     assert pretrain_main(["--set", *args]) == 0
     assert (out / "checkpoints" / "latest").is_file()
     assert list((out / "tensorboard").iterdir())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/forces_mae" in r for r in records) and any("loss/total" in r for r in records)
     assert evaluate_main(["--run", str(out), "--json", str(tmp_path / "m.json")]) == 0
     text = capsys.readouterr().out
     assert "forces_mae" in text and "zero-force" in text

@@ -355,8 +355,7 @@ class Trainer:
                 metrics["throughput/atoms_per_s"] = atoms_seen / (time.perf_counter() - t0)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, self.step)
-                with open(self.out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                self._append_metrics(metrics)
                 t0, atoms_seen = time.perf_counter(), 0
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 if len(self.data.indices["val"]):
@@ -364,6 +363,7 @@ class Trainer:
                     if writer:
                         for k, v in val.items():
                             writer.add_scalar(f"val/{k}", v, self.step)
+                        self._append_metrics({f"val/{k}": v for k, v in val.items()})
                         bar.write(f"step {self.step}: " + _format(val))
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                 self.save()
@@ -371,6 +371,11 @@ class Trainer:
         if writer:
             writer.close()
         return last
+
+    def _append_metrics(self, metrics: dict[str, float]) -> None:
+        """One JSON line per log event in out_dir/metrics.jsonl (train and val/ keys)."""
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def validate(self) -> dict[str, float]:
         metrics = evaluate(

@@ -45,7 +45,7 @@ def pretrain(nproc, out, dataset, *overrides):
 def losses(out):
     """(step, loss) in the order logged; a resumed run appends its steps again."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss/total"]) for r in map(json.loads, lines)]
+    return [(r["step"], r["loss/total"]) for r in map(json.loads, lines) if "loss/total" in r]
 
 
 DIRECT = ("model.forces=direct", "model.stress=false")
