@@ -18,15 +18,16 @@ setup(
         "tqdm",
         "tensorboard",
         "safetensors",
+        "scipy",  # scaling-law fits
         # process groups and (on GPU) DDP/optimizer; 0.17+ needs Python 3.12
         "megatron-core==0.16.1",
         "psutil",  # megatron-core needs it for dist_checkpointing but does not declare it
     ],
     extras_require={
         # triton runs the kernels' tests on CPU through its interpreter
-        "test": ["pytest", "scipy", "triton>=3.6"],
+        "test": ["pytest", "triton>=3.6"],
         "gpu": ["triton>=3.6"],
-        "dev": ["pytest", "scipy", "triton>=3.6", "ruff"],
+        "dev": ["pytest", "triton>=3.6", "ruff"],
     },
     entry_points={
         "console_scripts": [

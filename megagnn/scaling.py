@@ -1,0 +1,89 @@
+"""Scaling-law fits with bootstrap confidence intervals.
+
+    L(N)    = E + A N^-alpha                 (loss vs parameters at fixed data)
+    L(D)    = E + B D^-beta                  (loss vs data at fixed model size)
+    L(N, D) = E + A N^-alpha + B D^-beta     (joint; the form of Hoffmann et al. 2022)
+
+Fits are least squares in log-loss (relative errors weigh small and large losses alike),
+with E, A, B and the exponents kept positive by fitting their logarithms. Intervals are
+bootstrap percentiles: refits on points resampled with replacement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+
+def _unpack(theta: np.ndarray, joint: bool) -> dict[str, float]:
+    # E = exp(e) >= 0; A, B = exp(.) > 0; exponents = exp(.) > 0
+    out = {"E": np.exp(theta[0]), "A": np.exp(theta[1]), "alpha": np.exp(theta[2])}
+    if joint:
+        out.update(B=np.exp(theta[3]), beta=np.exp(theta[4]))
+    return out
+
+
+def _predict(p: dict[str, float], n: np.ndarray, d: np.ndarray | None) -> np.ndarray:
+    loss = p["E"] + p["A"] * n ** -p["alpha"]
+    if d is not None:
+        loss = loss + p["B"] * d ** -p["beta"]
+    return loss
+
+
+def _fit_once(n: np.ndarray, loss: np.ndarray, d: np.ndarray | None) -> dict[str, float]:
+    joint = d is not None
+    # scale-free starting point: E below the smallest loss, exponents 0.3
+    start = [np.log(0.5 * loss.min()), np.log(loss.max()) + 0.3 * np.log(n.min()), np.log(0.3)]
+    if joint:
+        start += [np.log(loss.max()) + 0.3 * np.log(d.min()), np.log(0.3)]
+
+    def residual(theta):
+        return np.log(_predict(_unpack(theta, joint), n, d)) - np.log(loss)
+
+    result = least_squares(residual, np.array(start), method="trf", max_nfev=5000)
+    return _unpack(result.x, joint)
+
+
+@dataclass
+class PowerLawFit:
+    """Best-fit parameters, bootstrap percentile intervals and the fit's log-RMS error."""
+
+    params: dict[str, float]
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    log_rmse: float = 0.0
+    points: int = 0
+
+    def predict(self, n, d=None) -> np.ndarray:
+        return _predict(self.params, np.asarray(n, float), None if d is None else np.asarray(d))
+
+
+def fit_power_law(
+    x: np.ndarray,
+    loss: np.ndarray,
+    d: np.ndarray | None = None,
+    bootstrap: int = 200,
+    level: float = 0.9,
+    seed: int = 0,
+) -> PowerLawFit:
+    """Fit L(x) = E + A x^-alpha, or the joint law in (x, d) = (N, D) when ``d`` is given."""
+    x, loss = np.asarray(x, float), np.asarray(loss, float)
+    d = None if d is None else np.asarray(d, float)
+    if len(x) < (5 if d is not None else 3) or np.any(loss <= 0) or np.any(x <= 0):
+        raise ValueError("need positive sizes and losses, and more points than parameters")
+    best = _fit_once(x, loss, d)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) < 3:  # a resample without three sizes cannot fit a curve
+            continue
+        samples.append(_fit_once(x[idx], loss[idx], None if d is None else d[idx]))
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    intervals = {}
+    for k in best if samples else ():
+        values = [s[k] for s in samples]
+        intervals[k] = (float(np.percentile(values, lo)), float(np.percentile(values, hi)))
+    rmse = float(np.sqrt(np.mean((np.log(_predict(best, x, d)) - np.log(loss)) ** 2)))
+    return PowerLawFit({k: float(v) for k, v in best.items()}, intervals, rmse, len(x))
