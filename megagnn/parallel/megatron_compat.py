@@ -20,6 +20,7 @@ def import_megatron():
         warnings.simplefilter("ignore")  # also torch.jit deprecations inside megatron
         import megatron.core
         import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron.core.models.backends  # noqa: F401  (imported lazily when saving)
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.pipeline_parallel.schedules  # noqa: F401
     return megatron.core

@@ -165,7 +165,10 @@ def save(
     state = sharded_state_dict(model, optimizer, par)
     if optimizer is not None:
         common = {**common, "optimizer": _optimizer_common(optimizer)}
-    state["common"] = common
+    # rank 0 writes the common part; every rank passes rank 0's copy (RNG states may differ)
+    box = [common]
+    dist.broadcast_object_list(box, src=0)
+    state["common"] = box[0]
     dc.save(state, str(tmp))
     dist.barrier()
     if par.rank == 0:
