@@ -6,8 +6,9 @@ computes the filter inside, so neither the [E, H] filter nor the [E, H] message 
 stored: the flash-attention idea applied to message passing. W2/b2 may be a tensor-parallel
 slice (H/tp output channels); x then holds the same channels.
 
-Backward recomputes through the PyTorch reference (the [E, H] tensors exist only
-transiently inside backward), which also makes the op twice differentiable.
+Backward recomputes through the PyTorch reference with ``torch.func.vjp`` (the [E, H]
+tensors exist only transiently inside backward), which also makes the op twice
+differentiable.
 """
 
 from __future__ import annotations
@@ -110,23 +111,18 @@ class CFConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, rbf, env, edge_index, w1, b1, w2, b2 = ctx.saved_tensors
-        inputs = [x, rbf, env, w1, b1, w2, b2]
-        needs = ctx.needs_input_grad
-        wanted = [needs[i] for i in (0, 1, 2, 5, 6, 7, 8)]
-        with torch.enable_grad():
-            leaves = [
-                t if t.requires_grad else t.detach().requires_grad_(w)
-                for t, w in zip(inputs, wanted, strict=True)
-            ]
-            out = cfconv_reference(
-                leaves[0], leaves[1], leaves[2], edge_index, ctx.num_nodes, *leaves[3:], ctx.act
-            )
-            picked = [t for t, w in zip(leaves, wanted, strict=True) if w]
-            grads = iter(
-                torch.autograd.grad(out, picked, grad, create_graph=torch.is_grad_enabled())
-            )
-        g = [next(grads) if w else None for w in wanted]
-        return g[0], g[1], g[2], None, None, g[3], g[4], g[5], g[6], None
+        n, act = ctx.num_nodes, ctx.act
+
+        def op(x, rbf, env, w1, b1, w2, b2):
+            return cfconv_reference(x, rbf, env, edge_index, n, w1, b1, w2, b2, act)
+
+        # torch.func.vjp differentiates the recomputed op alone: autograd.grad on the saved
+        # tensors would also follow their own history (a previous layer's output shares rbf
+        # and env with this one) and count those paths twice. Its result is still
+        # differentiable, which the force loss needs.
+        _, vjp = torch.func.vjp(op, x, rbf, env, w1, b1, w2, b2)
+        gx, grbf, genv, gw1, gb1, gw2, gb2 = vjp(grad)
+        return gx, grbf, genv, None, None, gw1, gb1, gw2, gb2, None
 
 
 def cfconv(x, rbf, env, edge_index, num_nodes, w1, b1, w2, b2, act=SSP):

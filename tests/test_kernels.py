@@ -178,6 +178,26 @@ def test_cfconv_first_and_second_derivatives():
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+def test_cfconv_layers_sharing_their_geometry():
+    """Two layers fed by the same basis and envelope, as in a model: the derivative of the
+    output with respect to the edge lengths, and its own derivative, equal the reference's
+    (backward must differentiate each layer alone, not again through its inputs' history)."""
+    from megagnn.kernels import cfconv, cfconv_reference
+
+    x, rbf, env, index, *weights = _cfconv_inputs(5, 30, 6, 4, 8, torch.float64)
+    lengths = (rbf[:, 0].abs() + 0.5).requires_grad_()
+    results = []
+    for fn in (cfconv_reference, cfconv):
+        basis = torch.stack([torch.sin(k * lengths) for k in range(1, 5)], dim=-1)
+        envelope = torch.exp(-lengths)
+        h = fn(fn(x, basis, envelope, index, 5, *weights), basis, envelope, index, 5, *weights)
+        (g,) = torch.autograd.grad(h.square().sum(), [lengths], create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), [lengths])
+        results.append((g.detach(), gg))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
+
+
 def test_cfconv_keeps_no_edge_by_channel_tensor():
     """What forward leaves for backward: the unfused op keeps several [E, H] tensors, the
     fused one only its inputs (>= 4x less is the goal; backward recomputes one layer's

@@ -163,7 +163,10 @@ class Potential(nn.Module):
             unit = vec / r.unsqueeze(-1)  # [E, 3]
             # [E, K], [E]: one fused pass over the edges on GPUs
             rbf, env = radial_basis(vec, r, self.basis, self.cfg.cutoff, self.cfg.envelope_p)
-        raw = Edges(batch[K.EDGE_INDEX], rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0])
+        # edge_index is sorted by receiver (keys.EDGE_INDEX; collate refuses anything else)
+        raw = Edges(
+            batch[K.EDGE_INDEX], rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0], True
+        )
         to_channels = self.geometry_to_channels
         return replace(raw, envelope=to_channels(env), unit=to_channels(unit)), raw
 
