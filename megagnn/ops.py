@@ -59,6 +59,13 @@ def segment_sum(
         from megagnn.kernels.segment_sum import segment_sum as kernel
 
         return kernel(src, index, num_segments, is_sorted)
+    return segment_sum_reference(src, index, num_segments)
+
+
+def segment_sum_reference(
+    src: torch.Tensor, index: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """The specification: index_add, accumulated in fp32 for 16-bit inputs."""
     acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
     out = src.new_zeros((num_segments, *src.shape[1:]), dtype=acc_dtype)
     return out.index_add(0, index, src.to(acc_dtype)).to(src.dtype)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megagnn.parallel.layers import ColumnParallelLinear, RowParallelLinear, shard
-from megagnn.parallel.pipeline import global_name
+from megagnn.parallel.pipeline import global_named_tensors
 
 
 def _full_shape(module: nn.Module, name: str, local: torch.Size) -> tuple[tuple[int, ...], int]:
@@ -56,19 +56,16 @@ def _draw(module: nn.Module, name: str, shape: tuple[int, ...], g: torch.Generat
 def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> nn.Module:
     """Replace every meta parameter of ``model`` (a Potential or a PipelineStage) with its
     initial values on ``device``; buffers are recomputed by ``reset_buffers``."""
-    first_layer = getattr(model, "first_layer", 0)
+    for full_name, module, name, param, is_param in global_named_tensors(model):
+        if not (is_param and param.is_meta):
+            continue
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full_name.encode()))
+        shape, dim = _full_shape(module, name, param.shape)
+        value = _draw(module, name, shape, g)
+        if dim >= 0:
+            value = shard(value, dim, module.group)
+        setattr(module, name, nn.Parameter(value.to(device, param.dtype)))
     root = getattr(model, "model", model)
-    for mname, module in root.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if not param.is_meta:
-                continue
-            full_name = global_name(f"{mname}.{name}" if mname else name, first_layer)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full_name.encode()))
-            shape, dim = _full_shape(module, name, param.shape)
-            value = _draw(module, name, shape, g)
-            if dim >= 0:
-                value = shard(value, dim, module.group)
-            setattr(module, name, nn.Parameter(value.to(device, param.dtype)))
     for module in root.modules():
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:

@@ -47,6 +47,23 @@ def global_name(name: str, first_layer: int) -> str:
     return name
 
 
+def global_named_tensors(
+    model: nn.Module,
+) -> list[tuple[str, nn.Module, str, torch.Tensor, bool]]:
+    """(name in the unsharded model, owning module, local name, tensor, is parameter) for
+    every parameter and buffer of a Potential or of a stage's part of one."""
+    first_layer = getattr(model, "first_layer", 0)
+    root = getattr(model, "model", model)  # a pipeline stage wraps its part of the potential
+    out = []
+    for mname, module in root.named_modules():
+        tensors = [(n, t, True) for n, t in module.named_parameters(recurse=False)]
+        tensors += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
+        for name, tensor, is_param in tensors:
+            full = global_name(f"{mname}.{name}" if mname else name, first_layer)
+            out.append((full, module, name, tensor, is_param))
+    return out
+
+
 def schedule_config(par: ParallelState, dtype: torch.dtype):
     """The megatron-core config its schedules read (a TransformerConfig, but only the
     model-parallel fields matter here, so the transformer checks are skipped)."""

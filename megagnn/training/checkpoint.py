@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch import nn
 from megagnn.parallel.data import local_optimizer, owned_parameters
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
-from megagnn.parallel.pipeline import global_name
+from megagnn.parallel.pipeline import global_named_tensors
 from megagnn.parallel.state import ParallelState
 
 LATEST = "latest"
@@ -71,18 +70,6 @@ def dist_checkpointing():
 
 
 # -- what each rank holds -------------------------------------------------------------------
-def _entries(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module, str, bool]]:
-    """(global name, tensor, owning module, local name, is parameter) for every tensor."""
-    first_layer = getattr(model, "first_layer", 0)
-    root = getattr(model, "model", model)  # a pipeline stage wraps its part of the potential
-    for mname, module in root.named_modules():
-        tensors = [(n, t, True) for n, t in module.named_parameters(recurse=False)]
-        tensors += [(n, t, False) for n, t in module.named_buffers(recurse=False)]
-        for name, tensor, is_param in tensors:
-            full = f"{mname}.{name}" if mname else name
-            yield global_name(full, first_layer), tensor, module, name, is_param
-
-
 def sharded_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, par: ParallelState
 ) -> dict[str, Any]:
@@ -100,7 +87,7 @@ def sharded_state_dict(
     # with the optimizer state sharded over data-parallel ranks, each moment has one owner
     sharded_moments = optimizer is not None and local_optimizer(optimizer) is not optimizer
     out: dict[str, Any] = {}
-    for key, tensor, module, name, is_param in _entries(model):
+    for key, module, name, tensor, is_param in global_named_tensors(model):
         if is_param and is_sharded(module, name):
             dim = module.partition_dim if tensor.dim() > 1 else 0
             offsets = [(dim, par.tp_rank, par.tp_size)]
