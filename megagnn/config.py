@@ -169,6 +169,9 @@ class ParallelConfig:
     """Tensor-parallel size: the channels of every block are split over this many ranks."""
     pipeline: int = 1
     """Pipeline-parallel size: consecutive blocks form this many stages."""
+    node_parallel: bool = False
+    """Node-parallel regions: with tensor > 1, the atoms between blocks and in per-node MLPs
+    are split over the tensor-parallel ranks too (Megatron's sequence parallelism)."""
 
     def __post_init__(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:

@@ -28,7 +28,29 @@ from megagnn.parallel.state import ParallelState
 from megagnn.training.trainer import Trainer
 
 # collectives whose first argument is the tensor moved (bytes counted as sent by this rank)
-_COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "isend", "send", "reduce_scatter")
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "broadcast",
+    "isend",
+    "send",
+)
+
+
+def _payload(name: str, first, args: tuple) -> int:
+    """Bytes this rank contributes to a collective call: the tensor(s) it sends."""
+    if name in ("all_reduce", "broadcast", "isend", "send"):
+        sent = first
+    else:  # (output, input) or (output list, input [list]) signatures
+        sent = args[0] if args else None
+    sent = sent if isinstance(sent, (list, tuple)) else [sent]
+    return sum(t.numel() * t.element_size() for t in sent if isinstance(t, torch.Tensor))
 
 
 def fixed_batch(n_atoms: int, cutoff: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,16 +81,12 @@ def statistics_dataset(directory: str) -> str:
 def count_communication() -> Iterator[dict[str, int]]:
     """Bytes this rank hands to torch.distributed collectives and sends, by call name."""
     counts: dict[str, int] = {}
-    originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
 
     def counting(name, fn):
-        def wrapper(tensor, *args, **kwargs):
-            if isinstance(tensor, torch.Tensor):
-                counts[name] = counts.get(name, 0) + tensor.numel() * tensor.element_size()
-            elif name == "all_gather":  # all_gather(list_out, tensor): count the input
-                t = args[0]
-                counts[name] = counts.get(name, 0) + t.numel() * t.element_size()
-            return fn(tensor, *args, **kwargs)
+        def wrapper(first, *args, **kwargs):
+            counts[name] = counts.get(name, 0) + _payload(name, first, args)
+            return fn(first, *args, **kwargs)
 
         return wrapper
 

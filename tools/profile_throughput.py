@@ -11,8 +11,9 @@ torchrun; the table compares every layout with the first one.
         --layouts 1x1 2x1 1x2 --set model.forces=direct model.stress=false \\
         --out benchmarks/results/parallel-cpu.json
 
-A layout is TENSORxPIPELINE (2x1: two tensor-parallel ranks). Pipeline stages need
-model.forces=direct or none.
+A layout is TENSORxPIPELINE (2x1: two tensor-parallel ranks), with a trailing n for
+node-parallel regions (2x1n: the atoms are split over the tensor-parallel ranks between
+blocks too). Pipeline stages need model.forces=direct or none.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--atoms", type=int, default=500, help="atoms in the fixed batch (about)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
-    p.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"], help="TENSORxPIPELINE")
+    p.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"], help="TENSORxPIPELINE[n]")
     p.add_argument("--out", help="write all results to this JSON file (and a .md table)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one layout, write JSON
     return p.parse_args(argv)
@@ -69,10 +70,20 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def run_layout(args: argparse.Namespace, layout: str) -> list[dict]:
-    tensor, pipeline = (int(x) for x in layout.lower().split("x"))
+    spec = layout.lower()
+    nodes = spec.endswith("n")
+    try:
+        tensor, pipeline = (int(x) for x in spec.removesuffix("n").split("x"))
+    except ValueError:
+        sys.exit(f"layout {layout!r} is not TENSORxPIPELINE[n], e.g. 2x1 or 2x1n")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        overrides = [*args.set, f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
+        overrides = [
+            *args.set,
+            f"parallel.tensor={tensor}",
+            f"parallel.pipeline={pipeline}",
+            f"parallel.node_parallel={str(nodes).lower()}",
+        ]
         cmd = [
             sys.executable,
             "-m",

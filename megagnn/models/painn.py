@@ -7,7 +7,8 @@ from torch import nn
 
 from megagnn.models.edges import Edges
 
-State = tuple[torch.Tensor, torch.Tensor]  # s [N, H], v [N, 3, H/tp]
+# s [N, H] ([N/tp, H] in node-parallel regions), v [N, 3, H/tp]
+State = tuple[torch.Tensor, torch.Tensor]
 
 
 class PaiNNMessage(nn.Module):
@@ -79,7 +80,9 @@ class PaiNN(nn.Module):
     """Embedding -> L equivariant blocks -> per-atom scalar features [N, H].
 
     The node state between blocks is ``(s, v)``; ``pack``/``unpack`` turn it into one
-    [N, H + 3 H/tp] tensor for pipeline stages.
+    [N, H + 3 H/tp] tensor for pipeline stages. ``split_nodes``/``gather_nodes`` are where
+    tensor parallelism may enter and leave a node-parallel region (for s; v stays split by
+    channels).
     """
 
     def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
@@ -91,20 +94,22 @@ class PaiNN(nn.Module):
         )
         # vector channels held by this rank: H, or H/tp once tensor parallelism splits them
         self.vector_channels = hidden
+        self.split_nodes = nn.Identity()
+        self.gather_nodes = nn.Identity()
 
     def embed(self, atomic_numbers: torch.Tensor) -> State:
         s = self.embedding(atomic_numbers)  # [N, H]
-        return s, s.new_zeros((s.shape[0], 3, self.vector_channels))  # v = 0: [N, 3, H/tp]
+        v = s.new_zeros((s.shape[0], 3, self.vector_channels))  # v = 0: [N, 3, H/tp]
+        return self.split_nodes(s), v
+
+    def scalars(self, state: State) -> torch.Tensor:
+        return self.gather_nodes(state[0])  # [N, H]
 
     @staticmethod
-    def scalars(state: State) -> torch.Tensor:
-        return state[0]
-
-    @staticmethod
-    def pack(state: State) -> torch.Tensor:  # -> [N, H + 3 H/tp]
+    def pack(state: State) -> torch.Tensor:  # -> [n, H + 3 H/tp · N/n], n = rows of s
         s, v = state
-        return torch.cat([s, v.flatten(1)], dim=1)
+        return torch.cat([s, v.reshape(s.shape[0], -1)], dim=1)
 
     def unpack(self, x: torch.Tensor) -> State:
-        s, v = x.split([self.hidden, 3 * self.vector_channels], dim=1)
-        return s, v.unflatten(1, (3, self.vector_channels))
+        s, v = x.split([self.hidden, x.shape[1] - self.hidden], dim=1)
+        return s, v.reshape(-1, 3, self.vector_channels)

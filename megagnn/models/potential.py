@@ -80,6 +80,9 @@ class Potential(nn.Module):
         self.register_buffer("avg_num_neighbors", torch.ones(()))
         self.reset_buffers()
         self.recompute_activations = False
+        # node-parallel regions split the atoms evenly over the tensor-parallel ranks: the
+        # blocks see N padded to a multiple of this (padding atoms have no edges)
+        self.node_multiple = 1
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -132,7 +135,7 @@ class Potential(nn.Module):
             cell = cell + torch.bmm(cell, sym)
 
         edges, raw = self.edges(batch, pos, cell)
-        state = self.backbone.embed(batch[K.ATOMIC_NUMBERS])
+        state = self.embed(batch[K.ATOMIC_NUMBERS])
         state = self.run_blocks(self.backbone.blocks, state, edges)
         out = self.heads(self.backbone.scalars(state), batch, raw if compute_forces else None)
         if conservative:
@@ -168,7 +171,24 @@ class Potential(nn.Module):
             batch[K.EDGE_INDEX], rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0], True
         )
         to_channels = self.geometry_to_channels
-        return replace(raw, envelope=to_channels(env), unit=to_channels(unit)), raw
+        blocks = replace(
+            raw,
+            envelope=to_channels(env),
+            unit=to_channels(unit),
+            num_nodes=self.padded(pos.shape[0]),
+        )
+        return blocks, raw
+
+    def padded(self, num_atoms: int) -> int:
+        """Number of nodes the blocks hold: atoms padded to ``node_multiple``."""
+        return -(-num_atoms // self.node_multiple) * self.node_multiple
+
+    def embed(self, atomic_numbers: torch.Tensor) -> tuple:
+        """Initial node state of the atoms (padded with Z = 0 nodes that have no edges)."""
+        pad = self.padded(atomic_numbers.shape[0]) - atomic_numbers.shape[0]
+        if pad:
+            atomic_numbers = torch.nn.functional.pad(atomic_numbers, (0, pad))
+        return self.backbone.embed(atomic_numbers)
 
     def run_blocks(self, blocks: nn.ModuleList, state: tuple, edges: Edges) -> tuple:
         """Apply ``blocks`` in order; with ``recompute_activations`` each block keeps only its
@@ -188,6 +208,7 @@ class Potential(nn.Module):
         is given and the model has a force head."""
         graph_of_atom = batch[K.BATCH]
         head = batch[K.HEAD][graph_of_atom]  # [N]
+        h = h[: graph_of_atom.shape[0]]  # without padding nodes
         y = self.energy_head(h, head)  # [N]
         dtype = batch[K.POSITIONS].dtype  # out of bf16 before summing
         reference = self.atomic_energies[head, batch[K.ATOMIC_NUMBERS]]  # [N]

@@ -37,7 +37,7 @@ class SchNetBlock(nn.Module):
         )
 
     def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
-        (h,) = state  # [N, H]
+        (h,) = state  # [N, H] ([N/tp, H] in node-parallel regions)
         x = self.in2f(h)  # [N, H/tp]
         # Σ_j x_j ⊙ W(rbf_ij) u_ij: gather -> message -> segment sum, fused on GPUs
         agg = cfconv(x, edges, self.filter)  # [N, H/tp]
@@ -48,7 +48,8 @@ class SchNet(nn.Module):
     """Embedding -> L continuous-filter blocks -> per-atom scalar features [N, H].
 
     The node state between blocks is ``(h,)``; ``pack``/``unpack`` turn it into one
-    [N, W] tensor for pipeline stages.
+    [N, W] tensor for pipeline stages. ``split_nodes``/``gather_nodes`` are where
+    tensor parallelism may enter and leave a node-parallel region.
     """
 
     def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
@@ -58,13 +59,14 @@ class SchNet(nn.Module):
         self.blocks = nn.ModuleList(
             SchNetBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
         )
+        self.split_nodes = nn.Identity()
+        self.gather_nodes = nn.Identity()
 
     def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.embedding(atomic_numbers),)  # [N, H]
+        return (self.split_nodes(self.embedding(atomic_numbers)),)  # [N, H]
 
-    @staticmethod
-    def scalars(state: tuple[torch.Tensor]) -> torch.Tensor:
-        return state[0]
+    def scalars(self, state: tuple[torch.Tensor]) -> torch.Tensor:
+        return self.gather_nodes(state[0])  # [N, H]
 
     @staticmethod
     def pack(state: tuple[torch.Tensor]) -> torch.Tensor:

@@ -119,7 +119,7 @@ class PipelineStage(nn.Module):
         model, backbone = self.model, self.model.backbone
         edges, raw = model.edges(batch, batch[K.POSITIONS], batch[K.CELL])
         if self.first:
-            state = backbone.embed(batch[K.ATOMIC_NUMBERS])
+            state = model.embed(batch[K.ATOMIC_NUMBERS])
         else:
             state = backbone.unpack(self.input_tensor.squeeze(1))
         state = model.run_blocks(backbone.blocks, state, edges)

@@ -5,6 +5,12 @@ parallel ones and their boundary identities for gathers/splits. Per block (DESIG
 column-parallel in, channel-local message and neighbour aggregation (no communication),
 row-parallel out. Embedding, the small first radial layer and the energy readout stay
 replicated.
+
+``node_parallel`` adds node-parallel regions (Megatron's sequence parallelism with atoms as
+the sequence): the node state between blocks and the per-node work between a row-parallel
+and the next column-parallel linear hold only this rank's N/tp atoms, so the replicated
+[N, H] activations are divided by tp too. Messages and aggregation still see every atom on
+the rank's channels; all-to-alls move Δs and Δv between the node and channel splits.
 """
 
 from __future__ import annotations
@@ -14,40 +20,51 @@ import torch.distributed as dist
 from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
-from megagnn.parallel.layers import (
-    ChannelMapping,
-    ColumnParallelLinear,
-    RowParallelLinear,
-)
+from megagnn.parallel.layers import Boundary, ColumnParallelLinear, RowParallelLinear
 from megagnn.parallel.mappings import (
     Group,
+    channels_to_nodes,
     copy_to_region,
+    gather_from_nodes,
     gather_from_region,
+    nodes_to_channels,
+    scatter_to_nodes,
     split_to_region,
 )
 
+# Shapes below: [N, H] replicated, [N/tp, H] node-split (node_parallel), [N, H/tp] channel-split
 
-def _schnet(backbone: SchNet, group: Group) -> None:
+
+def _schnet(backbone: SchNet, group: Group, nodes: bool) -> None:
     for block in backbone.blocks:
-        block.in2f = ColumnParallelLinear(block.in2f, group)  # [N, H/tp]
+        # h [N, H] or [N/tp, H] -> [N, H/tp]
+        block.in2f = ColumnParallelLinear(block.in2f, group, node_parallel=nodes)
         block.filter[2] = ColumnParallelLinear(block.filter[2], group)  # [E, H/tp]
-        block.f2out[0] = RowParallelLinear(block.f2out[0], group)  # all-reduce -> [N, H]
-        block.f2out[2] = ColumnParallelLinear(block.f2out[2], group, gather_output=True)
+        # all-reduce -> [N, H], or reduce-scatter -> [N/tp, H]
+        block.f2out[0] = RowParallelLinear(block.f2out[0], group, node_parallel=nodes)
+        # -> [N, H] (all-gather), or [N/tp, H] (all-gather nodes, all-to-all)
+        block.f2out[2] = ColumnParallelLinear(
+            block.f2out[2], group, gather_output=True, node_parallel=nodes
+        )
 
 
-def _painn(backbone: PaiNN, group: Group) -> None:
+def _painn(backbone: PaiNN, group: Group, nodes: bool) -> None:
     backbone.vector_channels = backbone.hidden // dist.get_world_size(group)
     for block in backbone.blocks:
         msg, upd = block.message, block.update
-        msg.phi[0] = ColumnParallelLinear(msg.phi[0], group)  # [N, H/tp]
+        # s [N, H] or [N/tp, H] -> [N, H/tp]
+        msg.phi[0] = ColumnParallelLinear(msg.phi[0], group, node_parallel=nodes)
         msg.phi[2] = RowParallelLinear(msg.phi[2], group, split_output=True)  # [N, 3H/tp]
         msg.filter[2] = ColumnParallelLinear(msg.filter[2], group)  # [E, 3H/tp]
-        msg.gather_ds = ChannelMapping(gather_from_region, group)  # Δs [N, H/tp] -> [N, H]
-        upd.U = RowParallelLinear(upd.U, group)  # v [N, 3, H/tp] -> [N, 3, H]
-        upd.V = RowParallelLinear(upd.V, group)
-        upd.mlp[0] = ColumnParallelLinear(upd.mlp[0], group)  # [N, H/tp]
-        upd.mlp[2] = RowParallelLinear(upd.mlp[2], group)  # all-reduce -> [N, 3H]
-        upd.split_dv = ChannelMapping(split_to_region, group)  # Δv [N, 3, H] -> [N, 3, H/tp]
+        # Δs [N, H/tp] -> [N, H] (all-gather) or [N/tp, H] (all-to-all)
+        msg.gather_ds = Boundary(channels_to_nodes if nodes else gather_from_region, group)
+        # v [N, 3, H/tp] -> [N, 3, H] (all-reduce) or [N/tp, 3, H] (reduce-scatter)
+        upd.U = RowParallelLinear(upd.U, group, node_parallel=nodes)
+        upd.V = RowParallelLinear(upd.V, group, node_parallel=nodes)
+        upd.mlp[0] = ColumnParallelLinear(upd.mlp[0], group, node_parallel=nodes)  # [N, H/tp]
+        upd.mlp[2] = RowParallelLinear(upd.mlp[2], group, node_parallel=nodes)  # [N(/tp), 3H]
+        # Δv [N, 3, H] -> [N, 3, H/tp] (keep own channels) or [N/tp, 3, H] -> (all-to-all)
+        upd.split_dv = Boundary(nodes_to_channels if nodes else split_to_region, group)
 
 
 def _direct_forces(head: DirectForceHead, group: Group) -> None:
@@ -56,18 +73,24 @@ def _direct_forces(head: DirectForceHead, group: Group) -> None:
     head.out[1] = RowParallelLinear(head.out[1], group)  # all-reduce -> [E, 1]
 
 
-def parallelize_tensor(model: Potential, group: Group) -> Potential:
-    """Split ``model`` in place over ``group``; weights are cut from its current values."""
+def parallelize_tensor(model: Potential, group: Group, node_parallel: bool = False) -> Potential:
+    """Split ``model`` in place over ``group``; weights are cut from its current values.
+    ``node_parallel`` also splits the atoms between blocks (node-parallel regions)."""
     if group is None:
         return model
     backbone = model.backbone
     if isinstance(backbone, SchNet):
-        _schnet(backbone, group)
+        _schnet(backbone, group, node_parallel)
     elif isinstance(backbone, PaiNN):
-        _painn(backbone, group)
+        _painn(backbone, group, node_parallel)
     else:
         raise TypeError(f"no tensor-parallel plan for {type(backbone).__name__}")
-    model.geometry_to_channels = ChannelMapping(copy_to_region, group)
+    if node_parallel:
+        # atoms padded to a multiple of tp; embedding output split, readout input gathered
+        model.node_multiple = dist.get_world_size(group)
+        backbone.split_nodes = Boundary(scatter_to_nodes, group)
+        backbone.gather_nodes = Boundary(gather_from_nodes, group)
+    model.geometry_to_channels = Boundary(copy_to_region, group)
     if model.force_head is not None:
         _direct_forces(model.force_head, group)
     return model

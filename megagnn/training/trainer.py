@@ -150,7 +150,7 @@ class Trainer:
         # built on the meta device, cut for this rank, then only this rank's part allocated
         model = build_model(cfg.model, device="meta")
         model.recompute_activations = cfg.train.recompute_activations
-        self.potential = parallelize_tensor(model, self.par.tp_group)
+        self.potential = parallelize_tensor(model, self.par.tp_group, cfg.parallel.node_parallel)
         self.pipeline = (
             PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
         )

@@ -15,12 +15,23 @@ WORKER = Path(__file__).with_name("worker.py")
 
 
 @pytest.mark.parametrize(
-    "nproc, tensor, pipeline",
-    [(2, 2, 1), (2, 1, 1), (4, 2, 1), (2, 1, 2), (4, 2, 2)],
-    ids=["tp2", "dp2", "tp2xdp2", "pp2", "tp2xpp2"],
+    "nproc, tensor, pipeline, nodes",
+    [
+        (2, 2, 1, 0),
+        (2, 1, 1, 0),
+        (4, 2, 1, 0),
+        (2, 1, 2, 0),
+        (4, 2, 2, 0),
+        (2, 2, 1, 1),
+        (4, 2, 2, 1),
+    ],
+    ids=["tp2", "dp2", "tp2xdp2", "pp2", "tp2xpp2", "tp2-nodes", "tp2xpp2-nodes"],
 )
-def test_parallel_matches_single_process(nproc, tensor, pipeline):
-    out = torchrun(nproc, str(WORKER), "--tensor", str(tensor), "--pipeline", str(pipeline))
+def test_parallel_matches_single_process(nproc, tensor, pipeline, nodes):
+    """``-nodes``: with node-parallel regions (atoms split over the TP ranks between blocks;
+    the batches have odd atom counts, so padding is exercised)."""
+    extra = ["--node-parallel"] if nodes else []
+    out = torchrun(nproc, str(WORKER), "--tensor", str(tensor), "--pipeline", str(pipeline), *extra)
     assert "PARALLEL CHECKS PASSED" in out
 
 

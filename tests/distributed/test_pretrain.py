@@ -52,7 +52,12 @@ DIRECT = ("model.forces=direct", "model.stress=false")
 # name: (processes, the layout, the run's other settings)
 LAYOUTS = {
     "schnet-tp2": (2, ("parallel.tensor=2",), ("model.family=schnet",)),
-    "painn-tp2": (2, ("parallel.tensor=2",), ("model.family=painn",)),
+    # with node-parallel regions (atoms split over the two ranks between blocks)
+    "painn-tp2-nodes": (
+        2,
+        ("parallel.tensor=2", "parallel.node_parallel=true"),
+        ("model.family=painn",),
+    ),
     # two 1F1B microbatches per step, gradients accumulated over them
     "painn-tp2pp2": (
         4,

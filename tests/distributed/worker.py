@@ -9,6 +9,7 @@ AdamW step must agree to fp64 round-off.
     torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 2
     torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 1   # data parallel
     torchrun --nproc_per_node=4 tests/distributed/worker.py --tensor 2 --pipeline 2
+    torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 2 --node-parallel
 """
 
 import argparse
@@ -130,6 +131,7 @@ def main():
     ap.add_argument("--tensor", type=int, default=2)
     ap.add_argument("--pipeline", type=int, default=1)
     ap.add_argument("--backend", default="torch", help="megagnn.ops backend of the parallel model")
+    ap.add_argument("--node-parallel", action="store_true", help="node-parallel regions too")
     args = ap.parse_args()
     layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
     state = init_parallel(layout)
@@ -155,20 +157,26 @@ def main():
             # built on the meta device and materialised for this rank only, a model starts
             # from this rank's slice of the unsharded model's initial weights
             full = materialize(build_model(cfg, device="meta"), seed=7)
-            mine = parallelize_tensor(build_model(cfg, device="meta"), state.tp_group)
+            mine = parallelize_tensor(
+                build_model(cfg, device="meta"), state.tp_group, args.node_parallel
+            )
             if state.pp_size > 1:
                 mine = PipelineStage(mine, state, torch.float32)
             compare_params(full, materialize(mine, seed=7), state.tp_group, "weight")
 
             ref = build_model(cfg).double().train()
             ref.set_statistics(0, {29: -3.0, 79: -2.5, 1: -13.0, 6: -1000.0, 8: -430.0}, 0.5, 10.0)
-            par = parallelize_tensor(copy.deepcopy(ref), state.tp_group)
+            par = parallelize_tensor(copy.deepcopy(ref), state.tp_group, args.node_parallel)
             if state.pp_size > 1:
                 par = PipelineStage(par, state, torch.float64)
 
             def microbatches(rank):
-                atoms = structures()
-                return [batch_of(atoms[m : m + 2], seed=10 + 7 * rank + m) for m in range(n_micro)]
+                # 13 atoms, then 8: node-parallel regions pad odd atom counts
+                atoms, first = structures(), [1, 0]
+                return [
+                    batch_of(atoms[first[m] : first[m] + 2], seed=10 + 7 * rank + m)
+                    for m in range(n_micro)
+                ]
 
             if state.dp_size > 1:  # each data-parallel rank gets its own batches
                 grads = []
