@@ -2,7 +2,8 @@
 """NVE molecular dynamics with a trained model through its ASE calculator.
 
 Starts from a held-out structure of the run's dataset (or any ASE-readable file), prints
-the total energy along the trajectory and its drift in meV/atom/ps.
+the total energy along the trajectory and its drift in meV/atom/ps. The model is the run's
+latest checkpoint, or ``--model``: a consolidated folder or an inference package (.pt2).
 """
 
 import argparse
@@ -34,6 +35,7 @@ def held_out_structure(run: str) -> Atoms:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run", required=True, help="run folder or checkpoint file")
+    p.add_argument("--model", help="checkpoint, consolidated folder or .pt2 (default: --run)")
     p.add_argument("--structure", help="ASE-readable file (default: a held-out structure)")
     p.add_argument("--steps", type=int, default=200, help="MD steps")
     p.add_argument("--dt", type=float, default=1.0, help="time step in fs")
@@ -41,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
 
     atoms = ase.io.read(args.structure) if args.structure else held_out_structure(args.run)
-    atoms.calc = MegaGNNCalculator(args.run)
+    atoms.calc = MegaGNNCalculator(args.model or args.run)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, args.dt * units.fs)
     energies = []

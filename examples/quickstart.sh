@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, generate the default EMT data, preprocess it to HDF5 shards,
-# pretrain a small PaiNN, evaluate it on the held-out split, then run NVE MD with it.
+# pretrain a small PaiNN, evaluate it on the held-out split, compile it into an inference
+# package, run NVE MD with the package through ASE and one structure through the C++ runner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup.sh
@@ -15,4 +16,6 @@ fi
 .venv/bin/torchrun --nproc_per_node=1 -m megagnn.pretrain --config configs/quickstart.yaml \
   --set "train.out_dir=$RUN" "$@"
 $PY -m megagnn.evaluate --run "$RUN" --split test --json "$RUN/test_metrics.json"
-$PY examples/md.py --run "$RUN" --steps 200 --dt 1.0
+$PY tools/convert_checkpoint.py package "$RUN" "$RUN/model.pt2"
+$PY examples/md.py --run "$RUN" --model "$RUN/model.pt2" --steps 200 --dt 1.0
+bash examples/cpp/run.sh "$RUN"

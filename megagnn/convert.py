@@ -4,6 +4,12 @@
 ``model.safetensors`` (global parameter names and shapes) + ``config.json``. The file is
 streamed tensor by tensor (each read from the shards, written at its offset), so memory
 stays at about the largest single weight, whatever the model size.
+
+``reshard``: a sharded training checkpoint -> a new run folder whose checkpoint is written by
+the ranks of another tensor x pipeline x data layout, with the optimizer moments, schedule,
+data position and RNG state carried over, so training resumes there as from the original.
+(Any layout can also resume the original directly; resharding lays the files out for the
+new layout, so each rank reads its own, and records the layout in the saved config.)
 """
 
 from __future__ import annotations
@@ -80,6 +86,50 @@ def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) 
     config = {"config": common["config"], "step": common["step"], "source": str(path)}
     (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
     return out_dir / WEIGHTS
+
+
+def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
+    """Collective: every rank of the target layout (``par``) calls it. Loads this rank's part
+    of the model and optimizer from ``source`` (saved under any layout) and saves them as
+    ``out_dir/checkpoints/step-N``. Returns that folder."""
+    from megagnn.config import config_from_dict, config_to_dict
+    from megagnn.models import build_model
+    from megagnn.parallel.data import build_optimizer
+    from megagnn.parallel.materialize import materialize
+    from megagnn.parallel.pipeline import PipelineStage
+    from megagnn.parallel.tensor import parallelize_tensor
+    from megagnn.training.trainer import DTYPES
+
+    path = checkpoint.resolve(source)
+    common = checkpoint.read_common(path)
+    cfg = config_from_dict(common["config"])
+    cfg.parallel.tensor, cfg.parallel.pipeline = par.tp_size, par.pp_size
+    cfg.train.out_dir = str(out_dir)
+    if par.pp_size > 1 and cfg.model.forces == "conservative":
+        raise ValueError(
+            f"{path} trains conservative forces, which pipeline stages cannot; "
+            "reshard to pipeline=1"
+        )
+    dtype = DTYPES[cfg.train.precision]
+    # as the Trainer builds it: meta, cut for this rank, then only this rank's part allocated
+    potential = parallelize_tensor(
+        build_model(cfg.model, device="meta"), par.tp_group, cfg.parallel.node_parallel
+    )
+    stage = PipelineStage(potential, par, dtype) if par.pp_size > 1 else None
+    materialize(stage or potential, cfg.train.seed)
+    model = (stage or potential).to(par.device, dtype)
+    optimizer = build_optimizer(
+        model.parameters(),
+        cfg.train.lr,
+        cfg.train.weight_decay,
+        par.dp_group,
+        shard=cfg.train.shard_optimizer,
+    )
+    loaded = checkpoint.load(path, model, optimizer, par)
+    loaded["config"] = config_to_dict(cfg)
+    return checkpoint.save(
+        Path(out_dir) / "checkpoints", loaded["step"], model, optimizer, loaded, par
+    )
 
 
 def is_consolidated(path: str | Path) -> bool:

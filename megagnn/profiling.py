@@ -7,6 +7,7 @@ Trainer's own ``train_step``) on a fixed batch, so the numbers describe what tra
 from __future__ import annotations
 
 import contextlib
+import resource
 import statistics
 import tempfile
 import time
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ase.build import bulk
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from megagnn import keys as K
-from megagnn.config import Config
+from megagnn.config import Config, ModelConfig
 from megagnn.data import atoms_to_graph, collate
 from megagnn.data.emt import generate
 from megagnn.data.preprocess import preprocess
@@ -163,9 +165,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int) -> dict:
+def peak_host_memory() -> int:
+    """Peak resident memory of this process in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def top_operators(step, device: torch.device, top: int) -> list[dict]:
+    """The ``top`` operators by self time in one call of ``step`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    cuda = device.type == "cuda"
+    events = sorted(
+        prof.key_averages(),
+        key=lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total,
+        reverse=True,
+    )
+    return [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_ms": (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3,
+        }
+        for e in events[:top]
+    ]
+
+
+def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top: int = 0) -> dict:
     """Time ``steps`` training steps (after one warm-up) on a fixed batch; measure the rest
-    on one extra step. Returns this rank's numbers."""
+    on one extra step (and the ``top`` operators by self time on another). Returns this
+    rank's numbers."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg.data.path = statistics_dataset(tmp)
         cfg.train.out_dir = f"{tmp}/run"
@@ -202,7 +236,75 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int) -> d
         "activation_bytes": act["bytes"],
         "communication_bytes": comm,
         "matmul_flops": flops.get_total_flops(),
+        "peak_host_memory_bytes": peak_host_memory(),
     }
     if device.type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    if top:
+        result["top_operators"] = top_operators(lambda: trainer.train_step(micro), device, top)
     return result
+
+
+def pyg_schnet_step(cfg: ModelConfig, n_atoms: int, steps: int) -> dict:
+    """The baseline of ``profile_throughput.py --compare pyg``: SchNet of the same width, depth
+    and radial basis size built from PyTorch Geometric's interaction blocks (message passing
+    with its ``propagate``), trained on the same batch with the same loss (energy + forces
+    through autograd) and AdamW. Needs ``pip install torch_geometric`` (not a dependency)."""
+    try:
+        from torch_geometric.nn.models.schnet import (
+            GaussianSmearing,
+            InteractionBlock,
+            ShiftedSoftplus,
+        )
+    except ImportError as err:
+        msg = "--compare pyg needs torch_geometric: pip install torch_geometric"
+        raise RuntimeError(msg) from err
+    batch = fixed_batch(n_atoms, cfg.cutoff)
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    hidden = cfg.hidden
+    model = nn.ModuleDict(
+        {
+            "embedding": nn.Embedding(cfg.max_z + 1, hidden),
+            "smearing": GaussianSmearing(0.0, cfg.cutoff, cfg.num_rbf),
+            "blocks": nn.ModuleList(
+                InteractionBlock(hidden, cfg.num_rbf, hidden, cfg.cutoff) for _ in range(cfg.layers)
+            ),
+            "head": nn.Sequential(
+                nn.Linear(hidden, hidden // 2), ShiftedSoftplus(), nn.Linear(hidden // 2, 1)
+            ),
+        }
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sender, receiver = batch[K.EDGE_INDEX]
+    shift = torch.einsum("ei,ij->ej", batch[K.CELL_SHIFTS], batch[K.CELL][0])
+
+    def step() -> None:
+        pos = batch[K.POSITIONS].clone().requires_grad_(True)
+        d = (pos[sender] - pos[receiver] + shift).norm(dim=-1)
+        x = model["embedding"](batch[K.ATOMIC_NUMBERS])
+        attr = model["smearing"](d)
+        for block in model["blocks"]:
+            x = x + block(x, batch[K.EDGE_INDEX], d, attr)
+        energy = model["head"](x).sum()
+        forces = -torch.autograd.grad(energy, pos, create_graph=True)[0]
+        loss = (energy - batch[K.ENERGY].sum()) ** 2 / n_atoms**2 + (
+            (forces - batch[K.FORCES]) ** 2
+        ).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    params = list(model.parameters())
+    return {
+        "atoms": int(batch[K.N_ATOMS].sum()),
+        "edges": int(sender.shape[0]),
+        "step_time_s": statistics.median(times),
+        "step_times_s": times,
+        "parameters": sum(p.numel() for p in params),
+    }

@@ -2,18 +2,36 @@
 """Convert megagnn checkpoints.
 
     python tools/convert_checkpoint.py consolidate runs/x runs/x/consolidated
+    python tools/convert_checkpoint.py package runs/x runs/x/model.pt2
+    python tools/convert_checkpoint.py reshard runs/x runs/x-tp2pp2 --tensor 2 --pipeline 2
 
 consolidate: a sharded training checkpoint saved under any tensor x pipeline x data layout
 (a run folder, its checkpoints/ folder or one step-N folder) -> model.safetensors with the
 unsharded weights under their global names + config.json. Memory stays at about the largest
 single weight. The result loads with megagnn.inference.load_model and the ASE calculator.
 A checkpoint whose save did not complete is never used (the run's `latest` names only
-complete ones). Resharding needs no conversion: a sharded checkpoint resumes under any
-layout directly.
+complete ones).
+
+reshard: a sharded training checkpoint -> a new run folder holding the same training state
+(weights, optimizer moments, schedule, data position) saved by the ranks of another
+tensor x pipeline x data layout; `torchrun ... -m megagnn.pretrain --set train.out_dir=OUT
+parallel.tensor=T parallel.pipeline=P` resumes from it. Launches its own torchrun with
+T x P x D processes (or run it under torchrun yourself). A sharded checkpoint also resumes
+under any layout without resharding; resharding writes one file set per new rank.
+
+package: a checkpoint (sharded or consolidated) -> an inference package, the model with its
+force and stress computation compiled ahead of time by AOTInductor (.pt2), for the ASE
+calculator (MegaGNNCalculator("model.pt2")) and the C++ runner (megagnn_infer, built by
+CMakeLists.txt). Needs a C++ compiler; takes about half a minute for small models.
 """
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+import torch
 
 from megagnn.convert import consolidate
 from megagnn.training.checkpoint import CheckpointError
@@ -30,13 +48,71 @@ def main(argv=None) -> int:
     c.add_argument("source", help="run folder, checkpoints folder or step-N folder")
     c.add_argument("out", help="output folder")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k = sub.add_parser("package", help="checkpoint -> AOTInductor inference package (.pt2)")
+    k.add_argument("source", help="run, checkpoint, step-N or consolidated folder")
+    k.add_argument("out", help="output file, ending in .pt2")
+    k.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of the compiled model (float64 keeps MD energy conserved)",
+    )
+    r = sub.add_parser("reshard", help="sharded checkpoint -> sharded for another layout")
+    r.add_argument("source", help="run folder, checkpoints folder or step-N folder")
+    r.add_argument("out", help="output run folder (its checkpoints/ is written)")
+    r.add_argument("--tensor", type=int, default=1, help="tensor-parallel size of the output")
+    r.add_argument("--pipeline", type=int, default=1, help="pipeline stages of the output")
+    r.add_argument("--data", type=int, default=1, help="data-parallel size (sharded optimizer)")
     args = p.parse_args(argv)
+    if args.command == "reshard":
+        return reshard(args, argv if argv is not None else sys.argv[1:])
     try:
-        path = consolidate(args.source, args.out, progress=not args.no_progress)
-    except CheckpointError as e:
+        if args.command == "consolidate":
+            path = consolidate(args.source, args.out, progress=not args.no_progress)
+        else:
+            from megagnn.inference import export_package, load_model
+
+            if not args.out.endswith(".pt2"):
+                raise ValueError(f"the package file must end in .pt2, not {args.out!r}")
+            dtype = getattr(torch, args.dtype)
+            print(f"compiling {args.source} ({args.dtype}) ...", file=sys.stderr)
+            path = export_package(load_model(args.source, dtype=dtype), args.out, dtype)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    return 0
+
+
+def reshard(args: argparse.Namespace, argv: list[str]) -> int:
+    """Under torchrun (or for a one-process layout): do it here. Otherwise: relaunch this
+    command under torchrun with the output layout's number of processes."""
+    world = args.tensor * args.pipeline * args.data
+    if min(args.tensor, args.pipeline, args.data) < 1:
+        print("error: --tensor, --pipeline and --data must be >= 1", file=sys.stderr)
+        return 2
+    if "LOCAL_RANK" not in os.environ and world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={world}", str(Path(__file__).resolve()), *argv]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        return subprocess.run(cmd, env=env).returncode
+    from megagnn.config import ParallelConfig
+    from megagnn.convert import reshard as reshard_checkpoint
+    from megagnn.parallel.state import destroy_parallel, init_parallel
+
+    if int(os.environ.get("WORLD_SIZE", "1")) != world:
+        print(f"error: the layout needs {world} processes", file=sys.stderr)
+        return 2
+    par = init_parallel(ParallelConfig(tensor=args.tensor, pipeline=args.pipeline))
+    try:
+        path = reshard_checkpoint(args.source, args.out, par)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel()
+    if par.is_main:
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,19 +1,30 @@
 #!/usr/bin/env python
-"""Training-step throughput and memory of megagnn models, per parallel layout.
+"""Training-step throughput and memory of megagnn models, per model size and parallel layout.
 
-For a model config and a fixed periodic batch, runs the Trainer's own training step and
-reports per rank: step time (median), atoms/s and edges/s, matmul FLOP/s, parameter memory,
+For each model config (a path or a size name from configs/model/) and a fixed periodic batch,
+runs the Trainer's own training step and reports per rank: step time (median), atoms/s and
+edges/s, achieved matmul FLOP/s (FLOPs of the linears, counted by torch), parameter memory,
 activation memory (bytes autograd keeps for backward, weights excluded), bytes handed to
-collectives and point-to-point sends, and peak CUDA memory on GPUs. Each layout runs under
-torchrun; the table compares every layout with the first one.
+collectives and point-to-point sends, peak host memory and, on GPUs, peak CUDA memory. Each
+layout runs under torchrun with one thread per rank; the table compares every row of a model
+with its first layout.
 
+    python tools/profile_throughput.py --model mgnn-100k mgnn-1m --atoms 500 --layouts 1x1 2x1n
     python tools/profile_throughput.py --model configs/model/mgnn-1m.yaml --atoms 864 \\
         --layouts 1x1 2x1 1x2 --set model.forces=direct model.stress=false \\
         --out benchmarks/results/parallel-cpu.json
+    python tools/profile_throughput.py --model schnet-1m --layouts 1x1 --compare pyg \\
+        --set model.rbf=gaussian model.stress=false
 
 A layout is TENSORxPIPELINE (2x1: two tensor-parallel ranks), with a trailing n for
 node-parallel regions (2x1n: the atoms are split over the tensor-parallel ranks between
 blocks too). Pipeline stages need model.forces=direct or none.
+
+--compare pyg adds a baseline row per model: SchNet of the same width, depth and radial
+basis built from PyTorch Geometric's interaction blocks, trained on the same batch with
+energy + conservative-force loss in one thread (needs `pip install torch_geometric`; it is
+not a megagnn dependency). Its speed column is megagnn's first layout's atoms/s over the
+baseline's. --top N prints the N operators with the most self time on rank 0 (every rank profiles).
 """
 
 from __future__ import annotations
@@ -37,14 +48,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="configs/model/mgnn-1m.yaml", help="model config YAML")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["configs/model/mgnn-1m.yaml"],
+        help="model config YAMLs or size names from configs/model/ (e.g. mgnn-1m schnet-10m)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--atoms", type=int, default=500, help="atoms in the fixed batch (about)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     p.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"], help="TENSORxPIPELINE[n]")
+    p.add_argument(
+        "--compare",
+        choices=["pyg"],
+        help="also run a baseline of the same architecture (SchNet from PyG) in this run",
+    )
+    p.add_argument("--top", type=int, default=0, help="report the N slowest operators (rank 0)")
     p.add_argument("--out", help="write all results to this JSON file (and a .md table)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one layout, write JSON
     return p.parse_args(argv)
+
+
+def resolve_model(name: str) -> str:
+    """A config path as given, or a size name looked up in configs/model/."""
+    if Path(name).suffix in (".yaml", ".yml") or Path(name).exists():
+        if not Path(name).exists():
+            sys.exit(f"--model {name}: no such file")
+        return name
+    path = ROOT / "configs" / "model" / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+        sys.exit(f"--model {name}: not a config file or a size name ({', '.join(names)})")
+    return str(path)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -56,10 +91,11 @@ def run_worker(args: argparse.Namespace) -> None:
     from megagnn.parallel.state import destroy_parallel, init_parallel
     from megagnn.profiling import profile_step
 
-    cfg = load_config(args.model, [*args.set, "train.progress=false"])
+    cfg = load_config(args.model[0], [*args.set, "train.progress=false"])
     par = init_parallel(cfg.parallel)
     torch.set_num_threads(1)  # one core per rank: layouts compare at equal compute
-    result = profile_step(cfg, par, args.atoms, args.steps)
+    # every rank runs the profiled step (it has collectives); rank 0's table is reported
+    result = profile_step(cfg, par, args.atoms, args.steps, top=args.top)
     results = [result]
     if dist.is_initialized():
         results = [None] * dist.get_world_size()
@@ -69,7 +105,7 @@ def run_worker(args: argparse.Namespace) -> None:
     destroy_parallel()
 
 
-def run_layout(args: argparse.Namespace, layout: str) -> list[dict]:
+def run_layout(args: argparse.Namespace, model: str, layout: str) -> list[dict]:
     spec = layout.lower()
     nodes = spec.endswith("n")
     try:
@@ -92,11 +128,13 @@ def run_layout(args: argparse.Namespace, layout: str) -> list[dict]:
             f"--nproc_per_node={tensor * pipeline}",
             __file__,
             "--model",
-            args.model,
+            model,
             "--atoms",
             str(args.atoms),
             "--steps",
             str(args.steps),
+            "--top",
+            str(args.top),
             "--worker",
             str(out),
             "--set",
@@ -109,13 +147,38 @@ def run_layout(args: argparse.Namespace, layout: str) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def summarize(layout: str, ranks: list[dict]) -> dict:
+def run_baseline(args: argparse.Namespace, model: str) -> dict:
+    """The --compare baseline, in this process with one thread (as each megagnn rank)."""
+    import torch
+
+    from megagnn.config import load_config
+    from megagnn.profiling import pyg_schnet_step
+
+    cfg = load_config(model, [*args.set, "train.progress=false"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pyg_schnet_step(cfg.model, args.atoms, args.steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def load_model_family(model: str, overrides: list[str]) -> str:
+    from megagnn.config import load_config
+
+    return load_config(model, overrides).model.family
+
+
+def summarize(model: str, layout: str, ranks: list[dict]) -> dict:
     """Per-layout figures: the slowest rank's time, the largest rank's memory."""
     step = max(r["step_time_s"] for r in ranks)
     first = ranks[0]
     return {
+        "model": model,
         "layout": layout,
         "ranks": len(ranks),
+        # the whole model's count is known only unsplit; per-rank counts are in "ranks"
+        "parameters": first["parameters"] if len(ranks) == 1 else None,
         "step_time_s": step,
         "atoms_per_s": first["atoms"] / step,
         "edges_per_s": first["edges"] / step,
@@ -125,25 +188,59 @@ def summarize(layout: str, ranks: list[dict]) -> dict:
         "max_communication_bytes_per_rank": max(
             sum(r["communication_bytes"].values()) for r in ranks
         ),
+        "max_peak_host_memory_bytes_per_rank": max(r["peak_host_memory_bytes"] for r in ranks),
+        **(
+            {"max_peak_cuda_memory_bytes_per_rank": max(r["peak_memory_bytes"] for r in ranks)}
+            if "peak_memory_bytes" in first
+            else {}
+        ),
     }
 
 
 def table(rows: list[dict]) -> str:
-    base = rows[0]
     lines = [
-        "| layout (TPxPP) | ranks | step s | atoms/s | params/rank MB (x) "
-        "| activations/rank MB (x) | comm/rank MB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | layout (TPxPP) | ranks | step s | atoms/s | matmul GFLOP/s "
+        "| params/rank MB (x) | activations/rank MB (x) | comm/rank MB | peak host MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    base = {}
     for r in rows:
+        b = base.setdefault(r["model"], r)
         p, a = r["max_parameter_bytes_per_rank"], r["max_activation_bytes_per_rank"]
         lines.append(
-            f"| {r['layout']} | {r['ranks']} | {r['step_time_s']:.3f} | {r['atoms_per_s']:.0f} "
-            f"| {p / 1e6:.2f} ({p / base['max_parameter_bytes_per_rank']:.2f}) "
-            f"| {a / 1e6:.2f} ({a / base['max_activation_bytes_per_rank']:.2f}) "
-            f"| {r['max_communication_bytes_per_rank'] / 1e6:.2f} |"
+            f"| {r['model']} | {r['layout']} | {r['ranks']} | {r['step_time_s']:.3f} "
+            f"| {r['atoms_per_s']:.0f} | {r['matmul_gflop_per_s']:.2f} "
+            f"| {p / 1e6:.2f} ({p / b['max_parameter_bytes_per_rank']:.2f}) "
+            f"| {a / 1e6:.2f} ({a / b['max_activation_bytes_per_rank']:.2f}) "
+            f"| {r['max_communication_bytes_per_rank'] / 1e6:.2f} "
+            f"| {r['max_peak_host_memory_bytes_per_rank'] / 1e6:.0f} |"
         )
     return "\n".join(lines)
+
+
+def baseline_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | megagnn params | baseline params | megagnn atoms/s | baseline atoms/s "
+        "| speed ratio (megagnn / baseline) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['parameters']} | {r['baseline']['parameters']} "
+            f"| {r['atoms_per_s']:.0f} | {r['baseline']['atoms_per_s']:.0f} "
+            f"| {r['speed_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def top_table(raw: dict) -> str:
+    parts = []
+    for key, ranks in raw.items():
+        ops = ranks[0].get("top_operators")
+        if ops:
+            rows = "\n".join(f"| {o['name']} | {o['calls']} | {o['self_ms']:.1f} |" for o in ops)
+            parts.append(f"{key} (rank 0)\n\n| operator | calls | self ms |\n|---|---|---|\n{rows}")
+    return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -151,16 +248,33 @@ def main(argv=None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = list
-    rows, raw = [], {}
-    for layout in tqdm(args.layouts, desc="layouts"):
-        ranks = run_layout(args, layout)
-        raw[layout] = ranks
-        rows.append(summarize(layout, ranks))
+    from tqdm import tqdm
+
+    models = [resolve_model(m) for m in args.model]
+    rows, raw, compared = [], {}, []
+    jobs = [(m, layout) for m in models for layout in args.layouts]
+    for model, layout in tqdm(jobs, desc="runs"):
+        name = Path(model).stem
+        ranks = run_layout(args, model, layout)
+        raw[f"{name} {layout}"] = ranks
+        rows.append(summarize(name, layout, ranks))
+    if args.compare:
+        for model in tqdm(models, desc="baselines"):
+            name = Path(model).stem
+            if load_model_family(model, args.set) != "schnet":
+                print(f"--compare pyg: {name} is not a SchNet model; no baseline", file=sys.stderr)
+                continue
+            ours = next(r for r in rows if r["model"] == name)
+            base = run_baseline(args, model)
+            base["atoms_per_s"] = base["atoms"] / base["step_time_s"]
+            compared.append(
+                {**ours, "baseline": base, "speed_ratio": ours["atoms_per_s"] / base["atoms_per_s"]}
+            )
     text = table(rows)
+    if compared:
+        text += f"\n\nBaseline ({args.compare}), one thread each:\n\n{baseline_table(compared)}"
+    if args.top:
+        text += f"\n\n{top_table(raw)}"
     print(text)
     if args.out:
         import torch
@@ -174,7 +288,10 @@ def main(argv=None) -> int:
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**meta, "summary": rows, "ranks": raw}, indent=1))
+        doc = {**meta, "summary": rows, "ranks": raw}
+        if compared:
+            doc["baseline"] = {"kind": args.compare, "rows": compared}
+        out.write_text(json.dumps(doc, indent=1))
         header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
         out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
     return 0

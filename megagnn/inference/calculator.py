@@ -1,4 +1,5 @@
-"""ASE calculator backed by a trained megagnn checkpoint."""
+"""ASE calculator backed by a trained megagnn model: a checkpoint, a consolidated checkpoint
+or an inference package (``.pt2``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from megagnn import keys as K
 from megagnn.config import config_from_dict
 from megagnn.convert import is_consolidated, load_consolidated
 from megagnn.data.graph import atoms_to_graph, to_device
+from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential, build_model
 from megagnn.parallel.state import ParallelState
 from megagnn.training import checkpoint
@@ -39,7 +41,9 @@ def load_model(
 class MegaGNNCalculator(Calculator):
     """Energy, forces and (for periodic cells) stress from a megagnn model.
 
-    Runs in fp64 by default: MD energy conservation needs more than fp32 gives.
+    ``model``: a Potential, a run/checkpoint/consolidated folder, or an inference package
+    (``.pt2``, run in the dtype it was compiled for). Checkpoints run in fp64 by default: MD
+    energy conservation needs more than fp32 gives.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -53,9 +57,16 @@ class MegaGNNCalculator(Calculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.model = model if isinstance(model, Potential) else load_model(model, device, dtype)
         self.device, self.dtype, self.head = torch.device(device), dtype, head
-        self.cutoff = self.model.cfg.cutoff
+        self.package = None
+        if isinstance(model, Potential):
+            self.model = model
+        elif str(model).endswith(".pt2"):
+            self.package = Package(model)
+            self.dtype, self.device = self.package.dtype, torch.device("cpu")
+        else:
+            self.model = load_model(model, device, dtype)
+        self.cutoff = self.package.cutoff if self.package else self.model.cfg.cutoff
 
     def calculate(
         self, atoms: Atoms | None = None, properties=None, system_changes=all_changes
@@ -64,11 +75,21 @@ class MegaGNNCalculator(Calculator):
         batch = to_device(atoms_to_graph(self.atoms, self.cutoff), self.device, self.dtype)
         batch[K.HEAD][:] = self.head
         periodic = bool(self.atoms.pbc.all())
+        if self.package is not None:
+            energy, forces, stress = self.package(*graph_inputs(batch, self.head))
+            self._store(
+                float(energy), forces, stress if periodic and self.package.has_stress else None
+            )
+            return
         out = self.model(batch, compute_stress=periodic and self.model.cfg.stress)
-        energy = float(out[K.ENERGY][0].detach())
+        self._store(
+            float(out[K.ENERGY][0].detach()), out.get(K.FORCES), out.get(K.STRESS, [None])[0]
+        )
+
+    def _store(self, energy: float, forces, stress) -> None:
         self.results = {"energy": energy, "free_energy": energy}
-        if K.FORCES in out:
-            self.results["forces"] = out[K.FORCES].detach().cpu().numpy().astype(np.float64)
-        if K.STRESS in out:
-            stress = out[K.STRESS][0].detach().cpu().numpy().astype(np.float64)
+        if forces is not None:
+            self.results["forces"] = forces.detach().cpu().numpy().astype(np.float64)
+        if stress is not None:
+            stress = stress.detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)

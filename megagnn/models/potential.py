@@ -145,7 +145,8 @@ class Potential(nn.Module):
             )
             out[K.FORCES] = -_zero_if_none(grads[0], inputs[0])
             if strain is not None:
-                volume = torch.linalg.det(batch[K.CELL]).abs()  # [B]
+                c = batch[K.CELL]  # (a x b) . c: no LAPACK call, exports to any backend
+                volume = (torch.linalg.cross(c[:, 0], c[:, 1]) * c[:, 2]).sum(-1).abs()  # [B]
                 periodic = batch[K.PBC].all(dim=1) & (volume > 1e-8)
                 virial = _zero_if_none(grads[1], strain)
                 stress = virial / torch.where(periodic, volume, 1.0)[:, None, None]

@@ -1,0 +1,139 @@
+"""The inference package (AOTInductor .pt2): same energies, forces and stress as the model it
+was compiled from, for structures of other sizes than the tracing example, through the ASE
+calculator and through the C++ runner built by CMakeLists.txt."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from megagnn import keys as K
+from megagnn.config import ModelConfig
+from megagnn.data import atoms_to_graph, to_device
+from megagnn.inference import MegaGNNCalculator, Package, export_package
+from megagnn.inference.package import graph_inputs
+from megagnn.models import build_model
+
+ROOT = Path(__file__).parents[1]
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="AOTInductor needs a C++ compiler",
+)
+
+
+def structures() -> dict[str, Atoms]:
+    cell = bulk("Cu", "fcc", a=3.65) * (3, 2, 2)
+    cell.numbers[::4] = 79
+    cell.rattle(0.05, seed=1)
+    cell.positions[0] += [5.0, -4.0, 0.5]  # an atom outside the cell
+    skew = bulk("Au", "fcc", a=4.0)  # one atom, 3 x 1 x 1 neighbours through images
+    ethanol = molecule("CH3CH2OH")
+    return {"periodic": cell, "one-atom": skew, "molecule": ethanol}
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="painn", hidden=16, layers=2, num_rbf=8, radial_hidden=8, cutoff=4.0)
+    model = build_model(cfg).double().eval()
+    model.set_statistics(0, {29: -3.0, 79: -2.5, 1: -13.0, 6: -1000.0, 8: -430.0}, 0.5, 10.0)
+    path = export_package(model, tmp_path_factory.mktemp("package") / "model.pt2")
+    return model, path
+
+
+def expected(model, atoms: Atoms) -> dict[str, np.ndarray]:
+    batch = to_device(atoms_to_graph(atoms, model.cfg.cutoff), "cpu", torch.float64)
+    out = model(batch, compute_stress=bool(atoms.pbc.all()))
+    res = {"energy": out[K.ENERGY][0].item(), "forces": out[K.FORCES].detach().numpy()}
+    if K.STRESS in out:
+        res["stress"] = out[K.STRESS][0].detach().numpy()
+    return res
+
+
+@pytest.mark.parametrize("name", ["periodic", "one-atom", "molecule"])
+def test_package_matches_the_model(packaged, name):
+    model, path = packaged
+    package = Package(path)
+    assert package.cutoff == 4.0 and package.has_stress
+    assert package.metadata["elements"] == "1,6,8,29,79"
+    atoms = structures()[name]
+    batch = to_device(atoms_to_graph(atoms, 4.0), "cpu", torch.float64)
+    energy, forces, stress = package(*graph_inputs(batch))
+    ref = expected(model, atoms)
+    torch.testing.assert_close(energy.item(), ref["energy"], **TOL)
+    torch.testing.assert_close(forces.numpy(), ref["forces"], **TOL)
+    if atoms.pbc.all():
+        torch.testing.assert_close(stress.numpy(), ref["stress"], **TOL)
+    else:
+        assert not stress.any()
+
+
+def test_calculator_runs_the_package(packaged):
+    model, path = packaged
+    for atoms in structures().values():
+        a, b = atoms.copy(), atoms.copy()
+        a.calc, b.calc = MegaGNNCalculator(model), MegaGNNCalculator(str(path))
+        np.testing.assert_allclose(b.get_potential_energy(), a.get_potential_energy(), rtol=1e-9)
+        np.testing.assert_allclose(b.get_forces(), a.get_forces(), rtol=1e-9, atol=1e-12)
+        if atoms.pbc.all():
+            np.testing.assert_allclose(b.get_stress(), a.get_stress(), rtol=1e-9, atol=1e-12)
+
+
+def test_bad_packages_are_refused(tmp_path, packaged):
+    with pytest.raises(FileNotFoundError, match="no inference package"):
+        Package(tmp_path / "missing.pt2")
+    with pytest.raises(ValueError, match=r"\.pt2"):
+        export_package(packaged[0], tmp_path / "model.bin")
+
+
+def parse_runner(text: str) -> dict[str, np.ndarray]:
+    lines = text.strip().splitlines()
+    out = {"energy": float(lines[0].split()[1])}
+    rows = [ln for ln in lines[1:] if ln not in ("forces", "stress")]
+    split = lines.index("stress") - 2 if "stress" in lines else len(rows)
+    out["forces"] = np.array([[float(x) for x in r.split()] for r in rows[:split]])
+    if "stress" in lines:
+        out["stress"] = np.array([[float(x) for x in r.split()] for r in rows[split:]])
+    return out
+
+
+def test_cpp_runner_matches_python(packaged, tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the C++ runner cannot be built")
+    model, path = packaged
+    build = tmp_path / "build"
+    configure = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        f"-DPython3_EXECUTABLE={sys.executable}",
+    ]
+    subprocess.run(configure, check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    runner = build / "megagnn_infer"
+    for name, atoms in structures().items():
+        xyz = tmp_path / f"{name}.xyz"
+        ase.io.write(xyz, atoms, format="extxyz")
+        proc = subprocess.run([str(runner), str(path), str(xyz)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        # compared with the structure as the file holds it (extxyz rounds positions)
+        got, ref = parse_runner(proc.stdout), expected(model, ase.io.read(xyz))
+        np.testing.assert_allclose(got["energy"], ref["energy"], rtol=1e-10)
+        np.testing.assert_allclose(got["forces"], ref["forces"], rtol=1e-9, atol=1e-11)
+        if atoms.pbc.all():
+            np.testing.assert_allclose(got["stress"], ref["stress"], rtol=1e-9, atol=1e-11)
+        else:
+            assert "stress" not in got
+    bad = subprocess.run([str(runner), str(path), str(tmp_path / "none.xyz")], capture_output=True)
+    assert bad.returncode == 1 and b"cannot open" in bad.stderr
