@@ -81,6 +81,9 @@ class DataConfig:
     """Train/val/test fractions of the structures, drawn by split_seed."""
     split_seed: int = 0
     """Seed of the train/val/test split (fixed across runs so held-out data stays held out)."""
+    train_fraction: float = 1.0
+    """Fraction of the train split to train on: a seeded subset, each smaller fraction inside
+    the larger ones (the data axis of scaling studies; val and test stay whole)."""
     max_atoms: int = 512
     """Atom budget per batch (the GNN analogue of tokens per batch)."""
     max_edges: int | None = None
@@ -95,6 +98,8 @@ class DataConfig:
             or abs(sum(self.split) - 1) > 1e-6
         ):
             raise ConfigError(f"data.split={self.split}: give three fractions that sum to 1")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"data.train_fraction={self.train_fraction}: must lie in (0, 1]")
         if self.max_atoms < 1:
             raise ConfigError("data.max_atoms must be >= 1")
         if self.max_edges is not None and self.max_edges < 1:

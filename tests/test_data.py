@@ -261,3 +261,16 @@ def test_collate_refuses_edges_not_sorted_by_receiver():
     g[K.EDGE_INDEX] = g[K.EDGE_INDEX].flip(1)
     with pytest.raises(ValueError, match="sorted by receiver"):
         collate([g])
+
+
+def test_train_fractions_are_nested_seeded_subsets():
+    from megagnn.data.sampler import train_subset
+
+    train = np.arange(0, 200, 2)
+    quarter, half = train_subset(train, 0.25, seed=3), train_subset(train, 0.5, seed=3)
+    assert len(quarter) == 25 and len(half) == 50
+    assert set(quarter) <= set(half) <= set(train)
+    assert not np.array_equal(quarter, train[:25])  # drawn, not the first shard's structures
+    np.testing.assert_array_equal(train_subset(train, 0.25, seed=3), quarter)
+    assert len(train_subset(train, 1e-6, seed=0)) == 1
+    assert train_subset(train, 1.0, seed=0) is train

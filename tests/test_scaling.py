@@ -30,3 +30,94 @@ def test_refuses_too_few_or_non_positive_points():
         fit_power_law([1e5, 1e6], [0.3, 0.2])
     with pytest.raises(ValueError, match="positive"):
         fit_power_law([1e5, 1e6, 1e7], [0.3, 0.0, 0.1])
+
+
+def _tool():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import scaling_laws
+
+    return scaling_laws
+
+
+def test_fit_writes_table_plots_and_recovers_exponents(tmp_path):
+    """Finished sweep folders made from a known joint law: the tool's fits recover it."""
+    import json
+
+    tool = _tool()
+    rng = np.random.default_rng(1)
+    for n in (1e4, 3e4, 1e5, 3e5):
+        for d in (250, 500, 1000, 2000):
+            run = tmp_path / "sweep" / f"n{n:g}-d{d}"
+            run.mkdir(parents=True)
+            point = {
+                "model": f"n{n:g}",
+                "fraction": d / 2000,
+                "parameters": int(n),
+                "train_structures": d,
+                "train_atoms": 30 * d,
+            }
+            (run / "point.json").write_text(json.dumps(point))
+            noise = np.exp(rng.normal(0, 0.01, 2))
+            metrics = {
+                "energy_per_atom_mae": (0.002 + 3 * n**-0.4 + 0.5 * d**-0.5) * noise[0],
+                "forces_mae": (0.02 + 2 * n**-0.3 + 1.0 * d**-0.35) * noise[1],
+            }
+            (run / "val_metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "sweep" / "unfinished").mkdir()  # no val_metrics.json: left out
+    stem = tmp_path / "out" / "scaling"
+    assert (
+        tool.main(["fit", str(tmp_path / "sweep"), "--results", str(stem), "--bootstrap", "30"])
+        == 0
+    )
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    assert len(doc["points"]) == 16
+    joint = doc["fits"]["energy"]["L(N, D)"]["params"]
+    assert joint["alpha"] == pytest.approx(0.4, abs=0.05)
+    assert joint["beta"] == pytest.approx(0.5, abs=0.05)
+    assert doc["fits"]["forces"]["L(N, D)"]["params"]["alpha"] == pytest.approx(0.3, abs=0.05)
+    assert (tmp_path / "out" / "scaling-energy.png").stat().st_size > 10_000
+    assert "| L(N, D) | all points |" in stem.with_suffix(".md").read_text()
+
+
+def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path):
+    import json
+    from pathlib import Path
+
+    tool = _tool()
+    config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    common = [
+        "sweep",
+        "--config",
+        str(config),
+        "--models",
+        "model.hidden=8,model.layers=1",
+        "--fractions",
+        "0.5",
+        "1",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--set",
+        f"data.path={emt_dataset}",
+        "model.cutoff=4.0",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.progress=false",
+        "data.max_atoms=64",
+    ]
+    assert tool.main([*common, "--launch", "slurm"]) == 0
+    script = (tmp_path / "sweep" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script and "data.train_fraction=0.5" in script
+    assert tool.main(common) == 0
+    runs = sorted((tmp_path / "sweep").glob("hidden8-layers1-f*"))
+    assert [r.name for r in runs] == ["hidden8-layers1-f0.5", "hidden8-layers1-f1"]
+    half, full = (json.loads((r / "point.json").read_text()) for r in runs)
+    assert half["parameters"] == full["parameters"] > 0
+    assert 0 < half["train_structures"] < full["train_structures"]
+    for r in runs:
+        assert json.loads((r / "val_metrics.json").read_text())["step"] == 2
+    stamp = [(r / "val_metrics.json").stat().st_mtime for r in runs]
+    assert tool.main(common) == 0  # finished points are not rerun
+    assert [(r / "val_metrics.json").stat().st_mtime for r in runs] == stamp

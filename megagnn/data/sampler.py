@@ -25,6 +25,16 @@ def split_indices(n: int, fractions: list[float], seed: int) -> dict[str, np.nda
     }
 
 
+def train_subset(train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded ``fraction`` of the train indices (at least one); for one seed the subsets
+    are nested, so a larger fraction adds structures and drops none."""
+    if fraction >= 1:
+        return train
+    keep = max(1, int(round(fraction * len(train))))
+    order = np.random.default_rng([seed, 1]).permutation(len(train))
+    return np.sort(train[order[:keep]])
+
+
 def pack_batches(
     order: np.ndarray,
     atoms: np.ndarray,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -18,7 +21,13 @@ from tqdm import tqdm
 from megagnn import keys as K
 from megagnn.config import Config, config_from_dict, config_to_dict
 from megagnn.data.graph import to_device
-from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches, split_indices
+from megagnn.data.sampler import (
+    BudgetBatchSampler,
+    GraphDataset,
+    iterate_batches,
+    split_indices,
+    train_subset,
+)
 from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.ops import segment_sum
@@ -47,6 +56,9 @@ class DataSplits:
         self.dataset = ShardedDataset(cfg.data.path)
         self.graphs = GraphDataset(self.dataset, cfg.model.cutoff)
         self.indices = split_indices(len(self.dataset), cfg.data.split, cfg.data.split_seed)
+        self.indices["train"] = train_subset(
+            self.indices["train"], cfg.data.train_fraction, cfg.data.split_seed
+        )
         if len(self.indices["train"]) == 0:
             raise DataError(f"{cfg.data.path}: the train split is empty")
         self.n_atoms = self.dataset.sizes("n_atoms")
@@ -173,6 +185,7 @@ class Trainer:
         if found is not None:
             self.resume(found)
             self.log(f"resumed from {found} at step {self.step}")
+        self.stop_signal: int | None = None  # set by the SIGTERM handler during train()
 
     def log(self, text: str) -> None:
         if self.par.is_main:
@@ -204,6 +217,25 @@ class Trainer:
         self.epoch = common["data"]["epoch"]
         self.batch_in_epoch = common["data"]["batch_in_epoch"]
         checkpoint.set_rng_state(common["rng"])
+        if self.par.is_main:
+            self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """Drop the metrics.jsonl lines logged after the checkpoint being resumed (and a line a
+        crash cut short): the resumed run logs those steps again, so the file stays one curve."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
 
     def save(self) -> None:
         """Collective sharded save; ``latest`` moves only once every rank has written."""
@@ -312,7 +344,8 @@ class Trainer:
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg)))
-            writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            # purge_step: a resumed run's TensorBoard curve drops what came after the checkpoint
+            writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
         self.log(
             f"model: {self.cfg.model.family} H={self.cfg.model.hidden} "
             f"L={self.cfg.model.layers}, {count_parameters(self.model):,} parameters per rank; "
@@ -327,50 +360,98 @@ class Trainer:
         )
         batches = self.batches()
         t0, atoms_seen, last = time.perf_counter(), 0, {}
-        while self.step < cfg.max_steps:
-            micro = [next(batches) for _ in range(cfg.microbatches)]
-            metrics = self.train_step(micro)
-            self.scheduler.step()
-            self.step += 1
-            # all replicas, about: each replica's batches have about as many atoms
-            atoms_seen += sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size
-            if metrics is None:
-                self.bad_steps += 1
-                if main:
-                    warnings.warn(
-                        f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=1
+        saved_at = self.step
+        with self._catch_stop_signals():
+            while self.step < cfg.max_steps:
+                if self._stop_requested():
+                    if saved_at != self.step:
+                        self.save()
+                    self.log(
+                        f"stopped by {signal.Signals(self.stop_signal).name} at step "
+                        f"{self.step}; checkpoint saved, rerun the same command to resume"
                     )
-                if self.bad_steps >= cfg.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{self.bad_steps} consecutive non-finite steps; lower train.lr or "
-                        "check the data"
-                    )
-                continue
-            self.bad_steps = 0
-            last = metrics
-            bar.update(self.step - bar.n)
-            bar.set_postfix(loss=f"{metrics['loss/total']:.4g}")
-            if writer and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
-                metrics["throughput/atoms_per_s"] = atoms_seen / (time.perf_counter() - t0)
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, self.step)
-                self._append_metrics(metrics)
-                t0, atoms_seen = time.perf_counter(), 0
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                if len(self.data.indices["val"]):
-                    val = self.validate()  # every rank takes part (tensor parallel needs it)
-                    if writer:
-                        for k, v in val.items():
-                            writer.add_scalar(f"val/{k}", v, self.step)
-                        self._append_metrics({f"val/{k}": v for k, v in val.items()})
-                        bar.write(f"step {self.step}: " + _format(val))
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                self.save()
+                    break
+                micro = [next(batches) for _ in range(cfg.microbatches)]
+                metrics = self.train_step(micro)
+                self.scheduler.step()
+                self.step += 1
+                # all replicas, about: each replica's batches have about as many atoms
+                atoms_seen += sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size
+                if metrics is None:
+                    self._skipped_step()
+                    continue
+                self.bad_steps = 0
+                last = metrics
+                bar.update(self.step - bar.n)
+                bar.set_postfix(loss=f"{metrics['loss/total']:.4g}")
+                if writer and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    metrics["lr"] = self.scheduler.get_last_lr()[0]
+                    metrics["throughput/atoms_per_s"] = atoms_seen / (time.perf_counter() - t0)
+                    for k, v in metrics.items():
+                        writer.add_scalar(k, v, self.step)
+                    self._append_metrics(metrics)
+                    t0, atoms_seen = time.perf_counter(), 0
+                if cfg.eval_every and (
+                    self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+                ):
+                    self._validate_and_log(writer, bar)
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                    saved_at = self.step
         bar.close()
         if writer:
             writer.close()
         return last
+
+    def _skipped_step(self) -> None:
+        self.bad_steps += 1
+        if self.par.is_main:
+            warnings.warn(
+                f"step {self.step}: non-finite loss or gradient, step skipped", stacklevel=2
+            )
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_steps} consecutive non-finite steps; lower train.lr or check the data"
+            )
+
+    def _validate_and_log(self, writer, bar) -> None:
+        if not len(self.data.indices["val"]):
+            return
+        val = self.validate()  # every rank takes part (tensor parallel needs it)
+        if writer:
+            for k, v in val.items():
+                writer.add_scalar(f"val/{k}", v, self.step)
+            self._append_metrics({f"val/{k}": v for k, v in val.items()})
+            bar.write(f"step {self.step}: " + _format(val))
+
+    @contextlib.contextmanager
+    def _catch_stop_signals(self):
+        """SIGTERM (a scheduler preempting the job; torchrun forwards it to every worker)
+        only sets a flag: the loop saves at the next step boundary and returns cleanly."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield  # Python delivers signals to the main thread only
+            return
+
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal: ranks receive it at different moments, and
+        all must stop (and save) at the same step."""
+        flag = self.stop_signal or 0
+        if torch.distributed.is_initialized() and self.par.world_size > 1:
+            box = torch.tensor([flag], device=self.device)
+            torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+            flag = int(box)
+        self.stop_signal = flag or None
+        return bool(flag)
 
     def _append_metrics(self, metrics: dict[str, float]) -> None:
         """One JSON line per log event in out_dir/metrics.jsonl (train and val/ keys)."""

@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Scaling-law studies: a grid of model sizes x dataset fractions, then power-law fits.
+
+    python tools/scaling_laws.py sweep --config configs/scaling/emt-cpu.yaml \\
+        --models model.hidden=8 model.hidden=16 mgnn-100k --fractions 0.25 0.5 1 \\
+        --out runs/scaling
+    python tools/scaling_laws.py fit runs/scaling --results benchmarks/results/scaling-emt
+
+sweep: every (model, fraction) point is an ordinary pretraining run in OUT/<model>-f<fraction>
+with data.train_fraction set, evaluated on the validation split when it ends. A model is a
+size name from configs/model/, a model YAML, or comma-separated overrides
+(model.hidden=32,model.layers=3). --launch local runs the points one after another (an
+interrupted point resumes from its checkpoint; finished points are skipped, so rerunning the
+same command completes a sweep); --launch print writes OUT/commands.sh and --launch slurm
+writes OUT/sweep.sbatch (one array task per point) for a cluster.
+
+fit: reads each finished point (parameters counted from the model, training structures and
+atoms from the data split, validation energy and force MAE) and fits, for each metric,
+L(N) = E + A N^-alpha at the largest data fraction, L(D) = E + B D^-beta for the largest
+model, and L(N, D) = E + A N^-alpha + B D^-beta on all points, with bootstrap intervals.
+Writes RESULTS.json, RESULTS.md (table of points and fits) and RESULTS-<metric>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = {"energy": "energy_per_atom_mae", "forces": "forces_mae"}
+UNITS = {"energy": "eV/atom", "forces": "eV/Å"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sweep", help="run (or write out) the grid of pretraining runs")
+    s.add_argument("--config", required=True, help="base pretraining config YAML")
+    s.add_argument("--models", nargs="+", required=True, help="size names, YAMLs or overrides")
+    s.add_argument("--fractions", nargs="+", type=float, default=[1.0], help="train fractions")
+    s.add_argument("--out", required=True, help="sweep folder: one run folder per point")
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every point")
+    s.add_argument("--launch", choices=["local", "print", "slurm"], default="local")
+    s.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    f = sub.add_parser("fit", help="fit power laws to a finished sweep")
+    f.add_argument("sweep", help="sweep folder")
+    f.add_argument("--results", required=True, help="output path stem (.json, .md, .png)")
+    f.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples")
+    return p.parse_args(argv)
+
+
+# -- sweep ------------------------------------------------------------------------------------
+def _flatten(values: dict, prefix: str = "") -> list[str]:
+    """A nested dict as dotted overrides (values written as inline YAML)."""
+    import yaml
+
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
+            out.append(f"{prefix}{key}={text.strip()}")
+    return out
+
+
+def model_overrides(spec: str) -> tuple[str, list[str]]:
+    """(point name, overrides) for a size name, a model YAML or comma-separated overrides."""
+    if "=" in spec:
+        overrides = [part for part in spec.split(",") if part]
+        name = "-".join(o.split("=")[0].split(".")[-1] + o.split("=")[1] for o in overrides)
+        return re.sub(r"[^A-Za-z0-9_.-]", "", name), overrides
+    path = Path(spec)
+    if not path.exists():
+        path = ROOT / "configs" / "model" / f"{spec}.yaml"
+    if not path.exists():
+        sys.exit(f"--models {spec}: not a size name, a YAML file or KEY=VALUE overrides")
+    import yaml
+
+    values = yaml.safe_load(path.read_text()) or {}
+    values.pop("include", None)
+    return path.stem, _flatten(values)
+
+
+def points(args: argparse.Namespace) -> list[dict]:
+    out = []
+    for spec in args.models:
+        name, overrides = model_overrides(spec)
+        for fraction in args.fractions:
+            if not 0 < fraction <= 1:
+                sys.exit(f"--fractions {fraction}: must lie in (0, 1]")
+            run = Path(args.out) / f"{name}-f{fraction:g}"
+            sets = [*args.set, *overrides, f"data.train_fraction={fraction}"]
+            out.append({"model": name, "fraction": fraction, "run": str(run), "set": sets})
+    return out
+
+
+def commands(point: dict, args: argparse.Namespace) -> list[list[str]]:
+    """Train, then evaluate on the validation split (written last: it marks the point done)."""
+    py = sys.executable
+    launch = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    train = [*launch, "-m", "megagnn.pretrain", "--config", args.config, "--set"]
+    train += [*point["set"], f"train.out_dir={point['run']}"]
+    evaluate = [py, "-m", "megagnn.evaluate", "--run", point["run"], "--split", "val"]
+    evaluate += ["--json", f"{point['run']}/val_metrics.json"]
+    return [train, evaluate]
+
+
+def describe(point: dict, args: argparse.Namespace) -> dict:
+    """Parameters counted from the model; training structures and atoms from the data split."""
+    from megagnn.config import load_config
+    from megagnn.models import build_model, count_parameters
+    from megagnn.training.trainer import DataSplits
+
+    cfg = load_config(args.config, [*point["set"], f"train.out_dir={point['run']}"])
+    data = DataSplits(cfg)
+    train = data.indices["train"]
+    return {
+        "model": point["model"],
+        "fraction": point["fraction"],
+        "parameters": count_parameters(build_model(cfg.model, device="meta")),
+        "train_structures": len(train),
+        "train_atoms": int(data.n_atoms[train].sum()),
+        "max_steps": cfg.train.max_steps,
+        "set": point["set"],
+    }
+
+
+def sweep(args: argparse.Namespace) -> int:
+    todo = points(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.launch != "local":
+        lines = [" && ".join(shlex.join(c) for c in commands(p, args)) for p in todo]
+        if args.launch == "print":
+            path = out / "commands.sh"
+            path.write_text("#!/usr/bin/env bash\nset -e\n" + "\n".join(lines) + "\n")
+        else:
+            path = out / "sweep.sbatch"
+            cases = "".join(f"  {i}) {line} ;;\n" for i, line in enumerate(lines))
+            path.write_text(
+                "#!/usr/bin/env bash\n"
+                f"#SBATCH --array=0-{len(lines) - 1}\n"
+                f"#SBATCH --ntasks-per-node=1\n#SBATCH --job-name=megagnn-scaling\n"
+                f"set -e\ncd {shlex.quote(str(ROOT))}\n"
+                f'case "$SLURM_ARRAY_TASK_ID" in\n{cases}esac\n'
+            )
+        print(f"wrote {path} ({len(lines)} points; finished points are skipped by `fit`)")
+        return 0
+    from tqdm import tqdm
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    bar = tqdm(todo, desc="sweep", unit=" runs")
+    for point in bar:
+        run = Path(point["run"])
+        bar.set_postfix_str(run.name)
+        if (run / "val_metrics.json").is_file():
+            continue  # finished earlier
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "point.json").write_text(json.dumps(describe(point, args), indent=1))
+        for cmd in commands(point, args):
+            with open(run / "sweep.log", "a") as log:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                print(f"error: {run.name} failed; see {run / 'sweep.log'}", file=sys.stderr)
+                return 1
+    print(f"{len(todo)} points in {out}; fit with: tools/scaling_laws.py fit {out} --results ...")
+    return 0
+
+
+# -- fit --------------------------------------------------------------------------------------
+def collect(folder: Path) -> list[dict]:
+    rows = []
+    for run in sorted(folder.iterdir()):
+        info, metrics = run / "point.json", run / "val_metrics.json"
+        if not (info.is_file() and metrics.is_file()):
+            continue
+        row = json.loads(info.read_text())
+        row.update(json.loads(metrics.read_text()))
+        rows.append(row)
+    return rows
+
+
+def _fit_or_none(x, loss, d=None, bootstrap=300):
+    from megagnn.scaling import fit_power_law
+
+    try:
+        return fit_power_law(x, loss, d=d, bootstrap=bootstrap)
+    except ValueError:
+        return None
+
+
+def fits_for(rows: list[dict], key: str, bootstrap: int) -> dict:
+    import numpy as np
+
+    n = np.array([r["parameters"] for r in rows], float)
+    d = np.array([r["train_structures"] for r in rows], float)
+    loss = np.array([r[key] for r in rows], float)
+    out = {}
+    top_d, top_n = d.max(), n.max()
+    at_d, at_n = d == top_d, n == top_n
+    out["L(N)"] = (_fit_or_none(n[at_d], loss[at_d], bootstrap=bootstrap), f"D = {top_d:.0f}")
+    out["L(D)"] = (_fit_or_none(d[at_n], loss[at_n], bootstrap=bootstrap), f"N = {top_n:.0f}")
+    out["L(N, D)"] = (_fit_or_none(n, loss, d=d, bootstrap=bootstrap), "all points")
+    return out
+
+
+def _fit_row(law: str, fit, where: str) -> str:
+    if fit is None:
+        return f"| {law} | {where} | too few points | | | |"
+    p, ci = fit.params, fit.intervals
+
+    def fmt(k):
+        if k not in p:
+            return ""
+        lo, hi = ci.get(k, (float("nan"), float("nan")))
+        return f"{p[k]:.3g} [{lo:.3g}, {hi:.3g}]"
+
+    return (
+        f"| {law} | {where} | {fmt('alpha')} | {fmt('beta')} | {fmt('E')} "
+        f"| {fit.log_rmse:.3f} ({fit.points} points) |"
+    )
+
+
+def plot(rows: list[dict], name: str, key: str, fits: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    joint = fits["L(N, D)"][0]
+    fig, (ax_n, ax_d) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, along, group, label in (
+        (ax_n, "parameters", "train_structures", "D = {:.0f} structures"),
+        (ax_d, "train_structures", "parameters", "N = {:.3g} parameters"),
+    ):
+        for value in sorted({r[group] for r in rows}):
+            sel = sorted((r for r in rows if r[group] == value), key=lambda r: r[along])
+            x = np.array([r[along] for r in sel], float)
+            line = axis.loglog(x, [r[key] for r in sel], "o", label=label.format(value))[0]
+            if joint is not None and len(x) > 1:
+                grid = np.geomspace(x.min(), x.max(), 50)
+                other = np.full_like(grid, value)
+                n, d = (grid, other) if along == "parameters" else (other, grid)
+                axis.loglog(grid, joint.predict(n, d), "-", color=line.get_color(), lw=1)
+        axis.set_xlabel("parameters N" if along == "parameters" else "training structures D")
+        axis.set_ylabel(f"validation {name} MAE ({UNITS[name]})")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    title = f"{name}: points and the joint fit L(N, D)"
+    if joint is not None:
+        title += f" (alpha={joint.params['alpha']:.2f}, beta={joint.params['beta']:.2f})"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fit(args: argparse.Namespace) -> int:
+    rows = collect(Path(args.sweep))
+    if not rows:
+        print(f"error: no finished points in {args.sweep}", file=sys.stderr)
+        return 2
+    stem = Path(args.results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"sweep": args.sweep, "points": rows, "fits": {}}
+    lines = [
+        "| model | parameters N | fraction | structures D | atoms | energy MAE eV/atom "
+        "| force MAE eV/Å |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["parameters"], r["train_structures"])):
+        lines.append(
+            f"| {r['model']} | {r['parameters']} | {r['fraction']:g} | {r['train_structures']} "
+            f"| {r['train_atoms']} | {r.get(METRICS['energy'], float('nan')):.5f} "
+            f"| {r.get(METRICS['forces'], float('nan')):.5f} |"
+        )
+    for name, key in METRICS.items():
+        if not all(key in r for r in rows):
+            continue
+        fits = fits_for(rows, key, args.bootstrap)
+        doc["fits"][name] = {
+            law: None
+            if f is None
+            else {
+                "where": where,
+                "params": f.params,
+                "intervals": f.intervals,
+                "log_rmse": f.log_rmse,
+                "points": f.points,
+            }
+            for law, (f, where) in fits.items()
+        }
+        lines += [
+            "",
+            f"Fits of the validation {name} MAE ({UNITS[name]}), 90% bootstrap intervals:",
+            "",
+            "| law | on | alpha | beta | E (irreducible) | log-RMS error |",
+            "|---|---|---|---|---|---|",
+            *(_fit_row(law, f, where) for law, (f, where) in fits.items()),
+        ]
+        plot(rows, name, key, fits, stem.parent / f"{stem.name}-{name}.png")
+    text = "\n".join(lines)
+    print(text)
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    stem.with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return sweep(args) if args.command == "sweep" else fit(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
