@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         # triton runs the kernels' tests on CPU through its interpreter
-        "test": ["pytest", "triton>=3.6"],
+        "test": ["pytest", "triton>=3.6", "tblite"],
+        # GFN2-xTB labels for the molecular dataset (tools/generate_molecule_data.py)
+        "molecules": ["tblite"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "triton>=3.6", "ruff"],
     },

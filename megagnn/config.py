@@ -74,9 +74,27 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class DatasetSource:
+    path: str
+    """Dataset folder holding dataset.json and its HDF5 shards."""
+    head: str = "default"
+    """The model head (one of model.heads) whose energy this dataset trains."""
+    weight: float = 1.0
+    """Sampling weight: the expected share of training batches drawn from this dataset."""
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"data.datasets: {self.path} has weight {self.weight}; use > 0")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     path: str = "data/emt"
-    """Dataset folder holding dataset.json and its HDF5 shards."""
+    """Dataset folder holding dataset.json and its HDF5 shards (used when datasets is empty)."""
+    datasets: list[DatasetSource] = field(default_factory=list)
+    """Several datasets in one run (multi-head pretraining), each with its own head, energy
+    reference and sampling weight; each batch comes from one dataset. Empty: data.path alone,
+    on the first head."""
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
     """Train/val/test fractions of the structures, drawn by split_seed."""
     split_seed: int = 0
@@ -206,6 +224,12 @@ class Config:
     """Tensor/pipeline layout; data parallelism takes the remaining processes."""
 
     def __post_init__(self) -> None:
+        for source in self.data.datasets:
+            if source.head not in self.model.heads:
+                raise ConfigError(
+                    f"data.datasets: {source.path} trains head {source.head!r}, which is not "
+                    f"in model.heads={self.model.heads}; add it there"
+                )
         pipeline = self.parallel.pipeline
         if pipeline > 1 and self.model.forces == "conservative":
             raise ConfigError(

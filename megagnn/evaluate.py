@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
+from megagnn import keys as K
 from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError
 from megagnn.inference.calculator import load_model
@@ -38,36 +40,51 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.path = args.data
         device, dtype = default_device(), DTYPES[cfg.train.precision]
         model = load_model(args.run, device, dtype)
-        data = DataSplits(cfg)
-        metrics = evaluate(
-            model,
-            data.graphs,
-            data.sampler(args.split, shuffle=False),
-            device,
-            dtype,
-            progress=True,
-        )
+        # a multi-dataset run is evaluated on each of its datasets, through its own head
+        sources = [(None, 0, cfg.data.path)]
+        if cfg.data.datasets and not args.data:
+            heads = cfg.model.heads
+            sources = [(d.head, heads.index(d.head), d.path) for d in cfg.data.datasets]
+        metrics = {"split": args.split, "step": state["step"]}
+        for name, head, path in sources:
+            data = DataSplits(cfg, path=path)
+
+            def predict(batch, head=head):
+                batch[K.HEAD][:] = head
+                return model(batch)
+
+            result = evaluate(
+                model,
+                data.graphs,
+                data.sampler(args.split, shuffle=False),
+                device,
+                dtype,
+                progress=True,
+                predict=predict,
+            )
+            result["structures"] = len(data.indices[args.split])
+            prefix = f"{name}/" if name is not None else ""
+            metrics.update({prefix + k: v for k, v in result.items()})
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics = {
-        "split": args.split,
-        "structures": len(data.indices[args.split]),
-        "step": state["step"],
-        **metrics,
-    }
-    print(f"{args.split} split, {metrics['structures']} structures, step {state['step']}:")
+    print(f"{args.split} split, step {state['step']}:")
     units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å^3"}
     for key, value in metrics.items():
         if key.endswith("_mae"):
-            unit = next(u for k, u in units.items() if k in key)
-            print(f"  {key:32s} {value:.5f} {unit}")
-    if "forces_mae" in metrics:
-        ratio = metrics["forces_mae"] / metrics["baseline_zero_forces_mae"]
-        print(f"  force MAE / zero-force MAE       {ratio:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
+            unit = next(u for k, u in units.items() if k in key.rsplit("/", 1)[-1])
+            print(f"  {key:40s} {value:.5f} {unit}")
+        elif key.endswith("structures"):
+            print(f"  {key:40s} {value}")
+    for key in [k for k in metrics if k.endswith("forces_mae") and "baseline" not in k]:
+        prefix = key.removesuffix("forces_mae")
+        ratio = metrics[key] / metrics[f"{prefix}baseline_zero_forces_mae"]
+        print(f"  {prefix + 'force MAE / zero-force MAE':40s} {ratio:.3f}")
+    if args.json:  # written whole or not at all (a sweep takes the file as "point done")
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
             json.dump(metrics, f, indent=2)
+        os.replace(tmp, args.json)
     return 0
 
 

@@ -96,15 +96,17 @@ def test_nan_guard_skips_bad_steps_then_aborts(emt_dataset, tmp_path):
     trainer = Trainer(
         tiny_config(emt_dataset, tmp_path, "train.max_bad_steps=3", "train.max_steps=10")
     )
-    good = trainer.batches
+    good, calls = trainer.next_batches, [0]
 
     def poisoned():
-        for k, batch in enumerate(good()):
-            if k >= 1:
+        batches = good()
+        if calls[0] >= 1:
+            for batch in batches:
                 batch[K.ENERGY][:] = float("nan")
-            yield batch
+        calls[0] += 1
+        return batches
 
-    trainer.batches = poisoned
+    trainer.next_batches = poisoned
     weights = None
     original_step = trainer.train_step
 

@@ -81,4 +81,5 @@ class ErrorMeter:
             self._add("baseline_zero_stress_mae", batch[K.STRESS][mask])
 
     def result(self) -> dict[str, float]:
-        return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
+        """Mean absolute errors of the quantities the data had (no stress for molecules)."""
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}

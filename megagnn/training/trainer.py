@@ -1,4 +1,4 @@
-"""Single-process training: data, model, optimizer, loop, evaluation, checkpoints."""
+"""Training: model, optimizer, loop, evaluation, checkpoints (the data lives in sources.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -25,10 +26,7 @@ from megagnn.data.sampler import (
     BudgetBatchSampler,
     GraphDataset,
     iterate_batches,
-    split_indices,
-    train_subset,
 )
-from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.ops import segment_sum
 from megagnn.parallel.data import average_gradients, build_optimizer, clip_grad_norm
@@ -41,68 +39,13 @@ from megagnn.training import checkpoint
 from megagnn.training.checkpoint import rng_state
 from megagnn.training.loss import ErrorMeter, loss_terms
 from megagnn.training.schedule import warmup_cosine
+from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class DataSplits:
-    """The dataset, its graphs at the model's cutoff and the seeded train/val/test split."""
-
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
-        self.dataset = ShardedDataset(cfg.data.path)
-        self.graphs = GraphDataset(self.dataset, cfg.model.cutoff)
-        self.indices = split_indices(len(self.dataset), cfg.data.split, cfg.data.split_seed)
-        self.indices["train"] = train_subset(
-            self.indices["train"], cfg.data.train_fraction, cfg.data.split_seed
-        )
-        if len(self.indices["train"]) == 0:
-            raise DataError(f"{cfg.data.path}: the train split is empty")
-        self.n_atoms = self.dataset.sizes("n_atoms")
-        self.n_edges = None
-        if cfg.data.max_edges is not None:
-            if self.dataset.manifest.get("cutoff") != cfg.model.cutoff:
-                raise DataError(
-                    f"data.max_edges needs edge counts at cutoff {cfg.model.cutoff}; "
-                    f"{cfg.data.path} has them for {self.dataset.manifest.get('cutoff')}. "
-                    "Preprocess with --cutoff or set data.max_edges=null"
-                )
-            self.n_edges = self.dataset.sizes("n_edges")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-
-    def sampler(self, split: str, shuffle: bool) -> BudgetBatchSampler:
-        idx = self.indices[split]
-        return BudgetBatchSampler(
-            idx,
-            self.n_atoms[idx],
-            self.cfg.data.max_atoms,
-            None if self.n_edges is None else self.n_edges[idx],
-            self.cfg.data.max_edges,
-            shuffle=shuffle,
-            seed=self.cfg.train.seed,
-            rank=self.rank if split == "train" else 0,
-            world_size=self.world_size if split == "train" else 1,
-        )
-
-    def avg_num_neighbors(self, limit: int = 200) -> float:
-        manifest = self.dataset.manifest
-        if manifest.get("cutoff") == self.cfg.model.cutoff and manifest.get("avg_num_neighbors"):
-            return float(manifest["avg_num_neighbors"])
-        idx = self.indices["train"][:limit]
-        edges = sum(self.graphs[int(i)][K.EDGE_INDEX].shape[1] for i in idx)
-        return max(edges / max(int(self.n_atoms[idx].sum()), 1), 1.0)
-
-
-def set_model_statistics(model: Potential, data: DataSplits) -> None:
-    manifest = data.dataset.manifest
-    scale = manifest.get("force_rms") or manifest.get("energy_per_atom_residual_rms") or 1.0
-    energies = {int(z): e for z, e in manifest["atomic_energies"].items()}
-    avg_neighbors = data.avg_num_neighbors()
-    for head in range(len(model.cfg.heads)):
-        model.set_statistics(head, energies, max(scale, 1e-6), avg_neighbors)
 
 
 def evaluate(
@@ -158,7 +101,9 @@ class Trainer:
         )
         torch.manual_seed(cfg.train.seed)
         # every pipeline stage of a replica reads the same batches (same data-parallel rank)
-        self.data = DataSplits(cfg, rank=self.par.dp_rank, world_size=self.par.dp_size)
+        self.sources = data_sources(cfg, self.par.dp_rank, self.par.dp_size)
+        self.data = self.sources[0].data
+        self._streams = None
         # built on the meta device, cut for this rank, then only this rank's part allocated
         model = build_model(cfg.model, device="meta")
         model.recompute_activations = cfg.train.recompute_activations
@@ -167,7 +112,10 @@ class Trainer:
             PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
         )
         materialize(self.pipeline or self.potential, cfg.train.seed)
-        set_model_statistics(self.potential, self.data)
+        if len(self.sources) == 1:
+            set_model_statistics(self.potential, self.data)
+        for source in self.sources if len(self.sources) > 1 else ():
+            set_model_statistics(self.potential, source.data, source.head)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         self.optimizer = build_optimizer(
             self.model.parameters(),
@@ -177,8 +125,7 @@ class Trainer:
             shard=cfg.train.shard_optimizer,
         )
         self.scheduler = warmup_cosine(self.optimizer, cfg.train)
-        self.train_sampler = self.data.sampler("train", shuffle=True)
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.step = 0
         self.bad_steps = 0
 
         found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
@@ -197,7 +144,11 @@ class Trainer:
         return {
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "data": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "data": {
+                "sources": [
+                    {"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch} for s in self.sources
+                ]
+            },
             "rng": rng_state(),  # rank 0's; training draws no random numbers after init
             "config": config_to_dict(self.cfg),
         }
@@ -214,8 +165,14 @@ class Trainer:
         common = checkpoint.load(path, self.model, self.optimizer, self.par)
         self.scheduler.load_state_dict(common["scheduler"])
         self.step = common["step"]
-        self.epoch = common["data"]["epoch"]
-        self.batch_in_epoch = common["data"]["batch_in_epoch"]
+        positions = common["data"].get("sources", [common["data"]])  # older: one dataset
+        if len(positions) != len(self.sources):
+            raise ValueError(
+                f"{path} was saved with {len(positions)} datasets, this run has "
+                f"{len(self.sources)}; use another train.out_dir or train.resume=false"
+            )
+        for source, position in zip(self.sources, positions, strict=True):
+            source.epoch, source.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
         checkpoint.set_rng_state(common["rng"])
         if self.par.is_main:
             self._trim_metrics()
@@ -250,19 +207,19 @@ class Trainer:
         )
 
     # -- loop ----------------------------------------------------------------------------
-    def batches(self):
-        """Training batches forever, epoch after epoch, tracking the position for resume."""
-        while True:
-            for batch in iterate_batches(
-                self.data.graphs,
-                self.train_sampler,
-                self.epoch,
-                self.batch_in_epoch,
-                self.cfg.data.num_workers,
-            ):
-                self.batch_in_epoch += 1
-                yield batch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+    def next_batches(self) -> list[dict]:
+        """The step's microbatches. With several datasets each microbatch comes from one,
+        drawn by weight from a generator seeded by (seed, step): every rank of a replica and
+        a resumed run draw the same."""
+        if self._streams is None:
+            self._streams = [source.batches() for source in self.sources]
+        n = self.cfg.train.microbatches
+        if len(self.sources) == 1:
+            return [next(self._streams[0]) for _ in range(n)]
+        weights = np.array([s.weight for s in self.sources])
+        rng = np.random.default_rng([self.cfg.train.seed, self.step])
+        picks = rng.choice(len(self.sources), size=n, p=weights / weights.sum())
+        return [next(self._streams[i]) for i in picks]
 
     def forward_backward(self, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Loss and gradients of the mean loss over ``batches`` (microbatches), accumulated in
@@ -350,7 +307,11 @@ class Trainer:
             f"model: {self.cfg.model.family} H={self.cfg.model.hidden} "
             f"L={self.cfg.model.layers}, {count_parameters(self.model):,} parameters per rank; "
             f"tensor={self.par.tp_size} pipeline={self.par.pp_size} data={self.par.dp_size}; "
-            f"train/val/test = {[len(v) for v in self.data.indices.values()]} structures"
+            + "; ".join(
+                f"{s.name}: train/val/test = {[len(v) for v in s.data.indices.values()]} "
+                f"structures, weight {s.weight:g}"
+                for s in self.sources
+            )
         )
         bar = tqdm(
             total=cfg.max_steps,
@@ -358,7 +319,6 @@ class Trainer:
             desc="train",
             disable=not (cfg.progress and main),
         )
-        batches = self.batches()
         t0, atoms_seen, last = time.perf_counter(), 0, {}
         saved_at = self.step
         with self._catch_stop_signals():
@@ -371,7 +331,7 @@ class Trainer:
                         f"{self.step}; checkpoint saved, rerun the same command to resume"
                     )
                     break
-                micro = [next(batches) for _ in range(cfg.microbatches)]
+                micro = self.next_batches()
                 metrics = self.train_step(micro)
                 self.scheduler.step()
                 self.step += 1
@@ -415,7 +375,7 @@ class Trainer:
             )
 
     def _validate_and_log(self, writer, bar) -> None:
-        if not len(self.data.indices["val"]):
+        if not any(len(s.data.indices["val"]) for s in self.sources):
             return
         val = self.validate()  # every rank takes part (tensor parallel needs it)
         if writer:
@@ -459,14 +419,26 @@ class Trainer:
             f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def validate(self) -> dict[str, float]:
-        metrics = evaluate(
-            self.potential,
-            self.data.graphs,
-            self.data.sampler("val", shuffle=False),
-            self.device,
-            self.dtype,
-            predict=self.predict,
-        )
+        """Validation errors; with several datasets, per dataset as ``<head>/<metric>``."""
+        metrics = {}
+        for source in self.sources:
+            if not len(source.data.indices["val"]):
+                continue
+
+            def predict(batch, head=source.head):
+                batch[K.HEAD][:] = head
+                return self.predict(batch)
+
+            result = evaluate(
+                self.potential,
+                source.data.graphs,
+                source.data.sampler("val", shuffle=False),
+                self.device,
+                self.dtype,
+                predict=predict,
+            )
+            prefix = f"{source.name}/" if len(self.sources) > 1 else ""
+            metrics.update({prefix + k: v for k, v in result.items()})
         return self.from_last_stage(metrics)
 
 

@@ -1,0 +1,80 @@
+"""Second default dataset: small organic molecules (H, C, N, O) from ASE's G2 set, distorted,
+labelled with GFN2-xTB (tblite) energies and forces. Non-periodic, so no stress: the
+molecular head of a multi-dataset run trains energies and forces only.
+
+    python tools/generate_molecule_data.py -o data/molecules/raw.extxyz -n 500
+
+Needs ``pip install tblite`` (in megagnn's [test] and [molecules] extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.collections import g2
+from tqdm import tqdm
+
+ELEMENTS = {"H", "C", "N", "O"}
+MAX_ATOMS = 12
+
+
+def templates() -> list[str]:
+    """Closed-shell G2 molecules made only of H, C, N, O with 3..MAX_ATOMS atoms (sorted:
+    reproducible); radicals are left out (their spin state is not a single-point default)."""
+    return sorted(
+        name
+        for name in g2.names
+        if set(g2[name].get_chemical_symbols()) <= ELEMENTS
+        and 3 <= len(g2[name]) <= MAX_ATOMS
+        and sum(g2[name].numbers) % 2 == 0
+    )
+
+
+def calculator():
+    try:
+        from tblite.ase import TBLite
+    except ImportError as err:
+        raise RuntimeError("the molecule data needs tblite: pip install tblite") from err
+    return TBLite(method="GFN2-xTB", verbosity=0)
+
+
+def generate(n: int, seed: int = 0, progress: bool = True):
+    """Yield ``n`` labelled molecules: random G2 templates, every atom displaced by Gaussian
+    noise of a random width (0.02-0.15 Å), so energies and forces span near-equilibrium."""
+    rng = np.random.default_rng(seed)
+    names = templates()
+    calc = calculator()
+    for _ in tqdm(range(n), desc="GFN2 data", unit=" molecules", disable=not progress):
+        atoms: Atoms = molecule(names[rng.integers(len(names))])
+        atoms.positions += rng.normal(0, rng.uniform(0.02, 0.15), atoms.positions.shape)
+        atoms.calc = calc
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        yield atoms
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Generate the molecular dataset: distorted G2 molecules (H C N O, up to "
+        f"{MAX_ATOMS} atoms) labelled with GFN2-xTB (tblite), as extxyz with energy and forces.",
+    )
+    p.add_argument("-o", "--out", required=True, help="output .extxyz file")
+    p.add_argument("-n", "--num", type=int, default=500, help="number of molecules")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        for atoms in generate(args.num, args.seed, progress=not args.no_progress):
+            ase.io.write(f, atoms, format="extxyz")
+    tmp.replace(out)  # a partial file never carries the final name
+    print(f"wrote {args.num} molecules to {out}")
+    return 0
