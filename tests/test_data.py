@@ -274,3 +274,20 @@ def test_train_fractions_are_nested_seeded_subsets():
     np.testing.assert_array_equal(train_subset(train, 0.25, seed=3), quarter)
     assert len(train_subset(train, 1e-6, seed=0)) == 1
     assert train_subset(train, 1.0, seed=0) is train
+
+
+def test_open_shards_are_bounded_and_reads_survive_eviction(tmp_path, emt_extxyz):
+    """A rank that visits every shard keeps at most max_open HDF5 files (and their chunk
+    caches) open, so memory does not grow with the number of shards; reads stay exact."""
+    out = tmp_path / "many"
+    preprocess([str(emt_extxyz)], out, shard_size=3, progress=False)  # 14 shards
+    bounded, unbounded = ShardedDataset(out, max_open=2), ShardedDataset(out, max_open=1000)
+    assert len(bounded.manifest["shards"]) > 10
+    order = np.random.default_rng(0).permutation(len(bounded))
+    for i in order:
+        a, b = bounded[int(i)], unbounded[int(i)]
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        assert len(bounded._files) <= 2 and len(bounded._offsets) <= 2
+    np.testing.assert_array_equal(bounded.sizes(), unbounded.sizes())
+    assert len(unbounded._files) == len(unbounded.manifest["shards"])

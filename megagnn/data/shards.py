@@ -244,10 +244,13 @@ class ShardedDataset:
     """Lazy random access to the structures of a preprocessed dataset.
 
     HDF5 handles are opened on first use in each process (so DataLoader workers each get
-    their own) and only the shards an index touches are ever opened.
+    their own) and only the shards an index touches are ever opened. At most ``max_open``
+    stay open (least recently used closed first): each open file holds HDF5 chunk caches,
+    so without a bound a rank's memory would grow with the number of shards it visits.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, max_open: int = 16):
+        self.max_open = max(1, max_open)
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         counts = [s["n_structures"] for s in self.manifest["shards"]]
@@ -261,13 +264,19 @@ class ShardedDataset:
 
     def _file(self, k: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: never share handles
-            self._files, self._pid = {}, os.getpid()
-        if k not in self._files:
-            path = self.root / self.manifest["shards"][k]["file"]
-            try:
-                self._files[k] = h5py.File(path, "r")
-            except OSError as e:
-                raise DataError(f"cannot read shard {path}: {e}") from e
+            self._files, self._offsets, self._pid = {}, {}, os.getpid()
+        if k in self._files:
+            self._files[k] = self._files.pop(k)  # most recently used last
+            return self._files[k]
+        while len(self._files) >= self.max_open:
+            oldest = next(iter(self._files))
+            self._files.pop(oldest).close()
+            self._offsets.pop(oldest, None)
+        path = self.root / self.manifest["shards"][k]["file"]
+        try:
+            self._files[k] = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(f"cannot read shard {path}: {e}") from e
         return self._files[k]
 
     def _locate(self, index: int) -> tuple[int, int]:
@@ -285,8 +294,8 @@ class ShardedDataset:
         """Atoms (or edges, key='n_edges') of every structure, for budget batching."""
         out = []
         for k in range(len(self.manifest["shards"])):
-            if key == "n_atoms":
-                out.append(np.diff(self.shard_offsets(k)))
+            if key == "n_atoms":  # read, not cached: offsets stay cached for open shards only
+                out.append(np.diff(self._file(k)["atom_offsets"][:]))
             else:
                 if key not in self._file(k):
                     raise DataError(f"{self.root}: shards have no {key}; preprocess with --cutoff")
