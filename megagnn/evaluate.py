@@ -12,11 +12,11 @@ import sys
 
 import torch
 
-from megagnn import keys as K
 from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError
 from megagnn.inference.calculator import load_model
 from megagnn.training.checkpoint import CheckpointError, read_common
+from megagnn.training.sources import dataset_entries
 from megagnn.training.trainer import DTYPES, DataSplits, default_device, evaluate
 
 
@@ -41,29 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = default_device(), DTYPES[cfg.train.precision]
         model = load_model(args.run, device, dtype)
         # a multi-dataset run is evaluated on each of its datasets, through its own head
-        sources = [(None, 0, cfg.data.path)]
-        if cfg.data.datasets and not args.data:
-            heads = cfg.model.heads
-            sources = [(d.head, heads.index(d.head), d.path) for d in cfg.data.datasets]
+        entries = [(cfg.data.path, 0, 1.0)] if args.data else dataset_entries(cfg)
         metrics = {"split": args.split, "step": state["step"]}
-        for name, head, path in sources:
-            data = DataSplits(cfg, path=path)
-
-            def predict(batch, head=head):
-                batch[K.HEAD][:] = head
-                return model(batch)
-
-            result = evaluate(
-                model,
-                data.graphs,
-                data.sampler(args.split, shuffle=False),
-                device,
-                dtype,
-                progress=True,
-                predict=predict,
-            )
+        for path, head, _ in entries:
+            data = DataSplits(cfg, path=path, head=head)
+            sampler = data.sampler(args.split, shuffle=False)
+            result = evaluate(model, data.graphs, sampler, device, dtype, progress=True)
             result["structures"] = len(data.indices[args.split])
-            prefix = f"{name}/" if name is not None else ""
+            prefix = f"{cfg.model.heads[head]}/" if len(entries) > 1 else ""
             metrics.update({prefix + k: v for k, v in result.items()})
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -109,16 +109,17 @@ class BudgetBatchSampler:
 
 
 class GraphDataset(Dataset):
-    """Dataset records turned into graphs at a given cutoff (in the loader workers)."""
+    """Dataset records turned into graphs at a given cutoff (in the loader workers), each
+    labelled with the energy head (dataset family) its dataset trains."""
 
-    def __init__(self, data: ShardedDataset, cutoff: float):
-        self.data, self.cutoff = data, cutoff
+    def __init__(self, data: ShardedDataset, cutoff: float, head: int = 0):
+        self.data, self.cutoff, self.head = data, cutoff, head
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return structure_to_graph(self.data[index], self.cutoff)
+        return structure_to_graph({**self.data[index], "head": self.head}, self.cutoff)
 
 
 def _collate_batch(items: list[list[dict]]) -> dict[str, torch.Tensor]:

@@ -19,10 +19,17 @@ from megagnn.models import Potential
 class DataSplits:
     """The dataset, its graphs at the model's cutoff and the seeded train/val/test split."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, path: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int = 0,
+        world_size: int = 1,
+        path: str | None = None,
+        head: int = 0,
+    ):
         path = path or cfg.data.path
         self.dataset = ShardedDataset(path)
-        self.graphs = GraphDataset(self.dataset, cfg.model.cutoff)
+        self.graphs = GraphDataset(self.dataset, cfg.model.cutoff, head)
         self.indices = split_indices(len(self.dataset), cfg.data.split, cfg.data.split_seed)
         self.indices["train"] = train_subset(
             self.indices["train"], cfg.data.train_fraction, cfg.data.split_seed
@@ -80,7 +87,7 @@ class Source:
 
     def __init__(self, cfg: Config, path: str, head: int, weight: float, rank: int, world: int):
         self.name, self.head, self.weight = cfg.model.heads[head], head, weight
-        self.data = DataSplits(cfg, rank=rank, world_size=world, path=path)
+        self.data = DataSplits(cfg, rank=rank, world_size=world, path=path, head=head)
         self.sampler = self.data.sampler("train", shuffle=True)
         self.epoch, self.batch_in_epoch = 0, 0
         self.num_workers = cfg.data.num_workers
@@ -92,16 +99,18 @@ class Source:
                 self.data.graphs, self.sampler, self.epoch, self.batch_in_epoch, self.num_workers
             ):
                 self.batch_in_epoch += 1
-                batch[K.HEAD][:] = self.head
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
 
-def data_sources(cfg: Config, rank: int = 0, world: int = 1) -> list[Source]:
-    """The run's datasets: data.datasets, or data.path on the first head."""
+def dataset_entries(cfg: Config) -> list[tuple[str, int, float]]:
+    """(path, head index, weight) of the run's datasets: data.datasets, or data.path on the
+    first head."""
     if not cfg.data.datasets:
-        return [Source(cfg, cfg.data.path, 0, 1.0, rank, world)]
-    heads = cfg.model.heads
-    return [
-        Source(cfg, d.path, heads.index(d.head), d.weight, rank, world) for d in cfg.data.datasets
-    ]
+        return [(cfg.data.path, 0, 1.0)]
+    return [(d.path, cfg.model.heads.index(d.head), d.weight) for d in cfg.data.datasets]
+
+
+def data_sources(cfg: Config, rank: int = 0, world: int = 1) -> list[Source]:
+    """The run's training datasets, each with its sampler for this data-parallel rank."""
+    return [Source(cfg, path, head, w, rank, world) for path, head, w in dataset_entries(cfg)]

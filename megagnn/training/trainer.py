@@ -112,10 +112,9 @@ class Trainer:
             PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
         )
         materialize(self.pipeline or self.potential, cfg.train.seed)
-        if len(self.sources) == 1:
-            set_model_statistics(self.potential, self.data)
-        for source in self.sources if len(self.sources) > 1 else ():
-            set_model_statistics(self.potential, source.data, source.head)
+        for source in self.sources:  # one dataset sets every head; several, each its own
+            head = None if len(self.sources) == 1 else source.head
+            set_model_statistics(self.potential, source.data, head)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         self.optimizer = build_optimizer(
             self.model.parameters(),
@@ -424,18 +423,13 @@ class Trainer:
         for source in self.sources:
             if not len(source.data.indices["val"]):
                 continue
-
-            def predict(batch, head=source.head):
-                batch[K.HEAD][:] = head
-                return self.predict(batch)
-
             result = evaluate(
                 self.potential,
-                source.data.graphs,
+                source.data.graphs,  # graphs carry the source's head
                 source.data.sampler("val", shuffle=False),
                 self.device,
                 self.dtype,
-                predict=predict,
+                predict=self.predict,
             )
             prefix = f"{source.name}/" if len(self.sources) > 1 else ""
             metrics.update({prefix + k: v for k, v in result.items()})
