@@ -93,12 +93,7 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
     of the model and optimizer from ``source`` (saved under any layout) and saves them as
     ``out_dir/checkpoints/step-N``. Returns that folder."""
     from megagnn.config import config_from_dict, config_to_dict
-    from megagnn.models import build_model
-    from megagnn.parallel.data import build_optimizer
-    from megagnn.parallel.materialize import materialize
-    from megagnn.parallel.pipeline import PipelineStage
-    from megagnn.parallel.tensor import parallelize_tensor
-    from megagnn.training.trainer import DTYPES
+    from megagnn.training.trainer import DTYPES, build_rank_model, build_rank_optimizer
 
     path = checkpoint.resolve(source)
     common = checkpoint.read_common(path)
@@ -111,20 +106,9 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
             "reshard to pipeline=1"
         )
     dtype = DTYPES[cfg.train.precision]
-    # as the Trainer builds it: meta, cut for this rank, then only this rank's part allocated
-    potential = parallelize_tensor(
-        build_model(cfg.model, device="meta"), par.tp_group, cfg.parallel.node_parallel
-    )
-    stage = PipelineStage(potential, par, dtype) if par.pp_size > 1 else None
-    materialize(stage or potential, cfg.train.seed)
+    potential, stage = build_rank_model(cfg, par, dtype)  # as the Trainer builds it
     model = (stage or potential).to(par.device, dtype)
-    optimizer = build_optimizer(
-        model.parameters(),
-        cfg.train.lr,
-        cfg.train.weight_decay,
-        par.dp_group,
-        shard=cfg.train.shard_optimizer,
-    )
+    optimizer = build_rank_optimizer(cfg, model, par)
     loaded = checkpoint.load(path, model, optimizer, par)
     loaded["config"] = config_to_dict(cfg)
     return checkpoint.save(

@@ -79,6 +79,33 @@ def evaluate(
     return meter.result()
 
 
+def build_rank_model(
+    cfg: Config, par: ParallelState, dtype: torch.dtype
+) -> tuple[Potential, PipelineStage | None]:
+    """The model as this rank holds it: built on the meta device, cut over the tensor-parallel
+    group, wrapped as this rank's pipeline stage, then only this rank's part allocated.
+    Returns the (cut) potential and the stage, None without pipeline parallelism."""
+    model = build_model(cfg.model, device="meta")
+    model.recompute_activations = cfg.train.recompute_activations
+    potential = parallelize_tensor(model, par.tp_group, cfg.parallel.node_parallel)
+    pipeline = PipelineStage(potential, par, dtype) if par.pp_size > 1 else None
+    materialize(pipeline or potential, cfg.train.seed)
+    return potential, pipeline
+
+
+def build_rank_optimizer(
+    cfg: Config, model: torch.nn.Module, par: ParallelState
+) -> torch.optim.Optimizer:
+    """AdamW over this rank's parameters (state sharded over data parallel if configured)."""
+    return build_optimizer(
+        model.parameters(),
+        cfg.train.lr,
+        cfg.train.weight_decay,
+        par.dp_group,
+        shard=cfg.train.shard_optimizer,
+    )
+
+
 class Trainer:
     """Reads top to bottom: build everything in __init__, then ``train()`` loops over steps.
 
@@ -104,25 +131,12 @@ class Trainer:
         self.sources = data_sources(cfg, self.par.dp_rank, self.par.dp_size)
         self.data = self.sources[0].data
         self._streams = None
-        # built on the meta device, cut for this rank, then only this rank's part allocated
-        model = build_model(cfg.model, device="meta")
-        model.recompute_activations = cfg.train.recompute_activations
-        self.potential = parallelize_tensor(model, self.par.tp_group, cfg.parallel.node_parallel)
-        self.pipeline = (
-            PipelineStage(self.potential, self.par, self.dtype) if self.par.pp_size > 1 else None
-        )
-        materialize(self.pipeline or self.potential, cfg.train.seed)
+        self.potential, self.pipeline = build_rank_model(cfg, self.par, self.dtype)
         for source in self.sources:  # one dataset sets every head; several, each its own
             head = None if len(self.sources) == 1 else source.head
             set_model_statistics(self.potential, source.data, head)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
-        self.optimizer = build_optimizer(
-            self.model.parameters(),
-            cfg.train.lr,
-            cfg.train.weight_decay,
-            self.par.dp_group,
-            shard=cfg.train.shard_optimizer,
-        )
+        self.optimizer = build_rank_optimizer(cfg, self.model, self.par)
         self.scheduler = warmup_cosine(self.optimizer, cfg.train)
         self.step = 0
         self.bad_steps = 0
