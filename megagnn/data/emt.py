@@ -7,9 +7,7 @@ of short Langevin MD, with energies, forces and stresses. Runs offline in second
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import ase.io
 import numpy as np
 from ase import Atoms, units
 from ase.build import bulk
@@ -19,6 +17,8 @@ from ase.data import atomic_numbers, reference_states
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from tqdm import tqdm
+
+from megagnn.data.shards import atomic_write_extxyz
 
 ELEMENTS = ["Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au"]
 
@@ -97,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        for atoms in generate(args.num, args.seed, progress=not args.no_progress):
-            ase.io.write(f, atoms, format="extxyz")
-    tmp.replace(out)  # a partial file never carries the final name
-    print(f"wrote {args.num} structures to {out}")
+    structures = generate(args.num, args.seed, progress=not args.no_progress)
+    count = atomic_write_extxyz(args.out, structures)
+    print(f"wrote {count} structures to {args.out}")
     return 0

@@ -10,15 +10,15 @@ Needs ``pip install tblite`` (in megagnn's [test] and [molecules] extras).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import ase.io
 import numpy as np
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.collections import g2
 from tqdm import tqdm
+
+from megagnn.data.shards import atomic_write_extxyz
 
 ELEMENTS = {"H", "C", "N", "O"}
 MAX_ATOMS = 12
@@ -69,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        for atoms in generate(args.num, args.seed, progress=not args.no_progress):
-            ase.io.write(f, atoms, format="extxyz")
-    tmp.replace(out)  # a partial file never carries the final name
-    print(f"wrote {args.num} molecules to {out}")
+    molecules = generate(args.num, args.seed, progress=not args.no_progress)
+    count = atomic_write_extxyz(args.out, molecules)
+    print(f"wrote {count} molecules to {args.out}")
     return 0

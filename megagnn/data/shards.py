@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def atomic_write_extxyz(path: str | Path, structures: Iterable) -> int:
+    """Write ASE structures (with their single-point results) to an extxyz file under a
+    temporary name, renamed at the end: a partial file never carries the final name.
+    Returns the number written."""
+    import ase.io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "w") as f:
+        for atoms in structures:
+            ase.io.write(f, atoms, format="extxyz")
+            count += 1
+    os.replace(tmp, path)
+    return count
 
 
 @dataclass
