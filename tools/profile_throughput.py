@@ -147,26 +147,23 @@ def run_layout(args: argparse.Namespace, model: str, layout: str) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def run_baseline(args: argparse.Namespace, model: str) -> dict:
-    """The --compare baseline, in this process with one thread (as each megagnn rank)."""
+def run_baseline(args: argparse.Namespace, model: str) -> dict | None:
+    """The --compare baseline, in this process with one thread (as each megagnn rank);
+    None for a model that is not SchNet (the baseline has no PaiNN)."""
     import torch
 
     from megagnn.config import load_config
     from megagnn.profiling import pyg_schnet_step
 
     cfg = load_config(model, [*args.set, "train.progress=false"])
+    if cfg.model.family != "schnet":
+        return None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return pyg_schnet_step(cfg.model, args.atoms, args.steps)
     finally:
         torch.set_num_threads(threads)
-
-
-def load_model_family(model: str, overrides: list[str]) -> str:
-    from megagnn.config import load_config
-
-    return load_config(model, overrides).model.family
 
 
 def summarize(model: str, layout: str, ranks: list[dict]) -> dict:
@@ -261,11 +258,11 @@ def main(argv=None) -> int:
     if args.compare:
         for model in tqdm(models, desc="baselines"):
             name = Path(model).stem
-            if load_model_family(model, args.set) != "schnet":
+            base = run_baseline(args, model)
+            if base is None:
                 print(f"--compare pyg: {name} is not a SchNet model; no baseline", file=sys.stderr)
                 continue
             ours = next(r for r in rows if r["model"] == name)
-            base = run_baseline(args, model)
             base["atoms_per_s"] = base["atoms"] / base["step_time_s"]
             compared.append(
                 {**ours, "baseline": base, "speed_ratio": ours["atoms_per_s"] / base["atoms_per_s"]}
