@@ -7,12 +7,15 @@ through ``megagnn.ops``, which uses them for CUDA tensors. On CPU they run only 
 """
 
 from megagnn.kernels.cfconv import cfconv, cfconv_reference
+from megagnn.kernels.painn_message import painn_message, painn_message_reference
 from megagnn.kernels.radial import radial_basis, radial_basis_reference
 from megagnn.kernels.segment_sum import segment_sum, segment_sum_reference
 
 __all__ = [
     "cfconv",
     "cfconv_reference",
+    "painn_message",
+    "painn_message_reference",
     "radial_basis",
     "radial_basis_reference",
     "segment_sum",

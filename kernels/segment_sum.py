@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megagnn.kernels.common import csr_pointers
 
 from megagnn.ops import segment_sum_reference  # the specification
 
@@ -70,9 +71,7 @@ def _launch(
     acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
     block_h = _block_h(h)
     if is_sorted:
-        bounds = torch.arange(num_segments + 1, device=index.device, dtype=index.dtype)
-        ptr = torch.searchsorted(index, bounds)  # [N + 1] CSR row pointers
-        max_degree = int((ptr[1:] - ptr[:-1]).max())
+        ptr, max_degree = csr_pointers(index, num_segments)  # [N + 1] CSR row pointers
         out = torch.empty((num_segments, h), device=src.device, dtype=src.dtype)
         grid = (num_segments, triton.cdiv(h, block_h))
         acc = tl.float64 if src.dtype == torch.float64 else tl.float32

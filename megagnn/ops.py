@@ -85,6 +85,21 @@ def radial_basis(
     return basis(r), polynomial_envelope(r, cutoff, p)
 
 
+def _fused_filter(filter_mlp: nn.Sequential, edges) -> tuple:
+    """(rbf, W1, b1, W2, b2, activation) of ``filter_mlp`` = Linear(K, R) -> act -> Linear(R, ·)
+    for the fused kernels. Under tensor parallelism the replicated first layer and basis feed
+    channel-split work, so their gradients are summed over the ranks, as a
+    ColumnParallelLinear's input is."""
+    from megagnn.kernels.common import SILU, SSP
+    from megagnn.parallel.mappings import copy_to_region
+
+    first, act, last = filter_mlp
+    group = getattr(last, "group", None)
+    rbf, w1, b1 = (copy_to_region(t, group) for t in (edges.rbf, first.weight, first.bias))
+    kind = SILU if isinstance(act, nn.SiLU) else SSP
+    return rbf, w1, b1, last.weight, last.bias, kind
+
+
 def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
     """Continuous-filter convolution Σ_{j->i} filter(rbf_ij) u_ij ⊙ x_j -> [N, H/tp].
 
@@ -94,16 +109,29 @@ def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
     if not (_triton(x) and edges.receivers_sorted):
         w = filter_mlp(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
         return edges.aggregate(x[edges.sender] * w)
-    from megagnn.kernels.cfconv import SILU, SSP
     from megagnn.kernels.cfconv import cfconv as kernel
-    from megagnn.parallel.mappings import copy_to_region
 
-    first, act, last = filter_mlp
-    # under tensor parallelism the replicated first layer and rbf feed channel-split work:
-    # their gradients must be summed over the ranks, as ColumnParallelLinear's input is
-    group = getattr(last, "group", None)
-    w1, b1, rbf = (copy_to_region(t, group) for t in (first.weight, first.bias, edges.rbf))
-    kind = SILU if isinstance(act, nn.SiLU) else SSP
-    return kernel(
-        x, rbf, edges.envelope, edges.index, edges.num_nodes, w1, b1, last.weight, last.bias, kind
-    )
+    rbf, w1, b1, w2, b2, kind = _fused_filter(filter_mlp, edges)
+    return kernel(x, rbf, edges.envelope, edges.index, edges.num_nodes, w1, b1, w2, b2, kind)
+
+
+def painn_message(
+    phi: torch.Tensor, v: torch.Tensor, edges, filter_mlp: nn.Sequential
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PaiNN's Σ_j φ_j ⊙ W_ij split into (Δs [N, H/tp], Δv [N, 3, H/tp]) (eqs. 7-8).
+
+    ``phi [N, 3H/tp]`` and the filter's 3H/tp outputs are channel-major (channel c, part k
+    at 3c + k); ``v [N, 3, H/tp]``. The Triton path never stores a per-edge tensor.
+    """
+    if not (_triton(phi) and edges.receivers_sorted):
+        w = filter_mlp(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, 3H/tp]
+        x = phi[edges.sender] * w  # [E, 3H/tp]
+        x_s, x_vv, x_vs = x.unflatten(-1, (-1, 3)).unbind(-1)  # [E, H/tp] each
+        unit = edges.unit.to(x_vs.dtype).unsqueeze(-1)  # [E, 3, 1]
+        v_msg = v[edges.sender] * x_vv.unsqueeze(1) + unit * x_vs.unsqueeze(1)  # [E, 3, H/tp]
+        return edges.aggregate(x_s), edges.aggregate(v_msg)
+    from megagnn.kernels.painn_message import painn_message as kernel
+
+    rbf, w1, b1, w2, b2, kind = _fused_filter(filter_mlp, edges)
+    args = (edges.envelope, edges.unit, edges.index, edges.num_nodes, w1, b1, w2, b2, kind)
+    return kernel(phi, v, rbf, *args)

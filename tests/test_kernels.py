@@ -198,21 +198,115 @@ def test_cfconv_layers_sharing_their_geometry():
         torch.testing.assert_close(b, a, **TOL[torch.float64])
 
 
-def test_cfconv_keeps_no_edge_by_channel_tensor():
+def _painn_inputs(nodes, edges, h, k, r, dtype, seed=0):
+    """(phi [N, 3H], v [N, 3, H], rbf, env, unit, index, w1, b1, w2 [3H, R], b2)."""
+    g = torch.Generator().manual_seed(seed)
+    x, rbf, env, index, w1, b1, w2, b2 = _cfconv_inputs(nodes, edges, 3 * h, k, r, dtype, seed)
+    v = torch.randn(nodes, 3, h, generator=g, dtype=dtype).to(DEVICE)
+    unit = torch.nn.functional.normalize(torch.randn(edges, 3, generator=g, dtype=dtype), dim=-1)
+    return x, v, rbf, env, unit.to(DEVICE), index, w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", [0, 1], ids=["ssp", "silu"])
+@pytest.mark.parametrize(
+    "nodes, edges, h, k, r",
+    [(3, 0, 4, 8, 8), (1, 1, 1, 1, 1), (9, 60, 7, 6, 9), (20, 300, 40, 16, 33)],
+)
+def test_painn_message_matches_reference(dtype, act, nodes, edges, h, k, r):
+    from megagnn.kernels import painn_message, painn_message_reference
+
+    phi, v, rbf, env, unit, index, *weights = _painn_inputs(nodes, edges, h, k, r, dtype)
+    out = painn_message(phi, v, rbf, env, unit, index, nodes, *weights, act)
+    ref = painn_message_reference(phi, v, rbf, env, unit, index, nodes, *weights, act)
+    for a, b in zip(out, ref, strict=True):
+        # sums of many O(10) terms: rounding error scales with the largest value
+        tol = TOL[dtype]
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def test_painn_message_first_and_second_derivatives():
+    from megagnn.kernels import painn_message
+
+    phi, v, rbf, env, unit, index, *weights = _painn_inputs(3, 5, 2, 2, 3, torch.float64)
+    inputs = [t.requires_grad_() for t in (phi, v, rbf, env, unit, *weights)]
+
+    def f(phi, v, rbf, env, unit, *weights):
+        ds, dv = painn_message(phi, v, rbf, env, unit, index, 3, *weights)
+        return ds**2, dv**2
+
+    # fast mode (random projections of the Jacobian): the interpreter is slow per call
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+
+
+def test_painn_message_refuses_mismatched_channels():
+    from megagnn.kernels import painn_message
+
+    phi, v, rbf, env, unit, index, *weights = _painn_inputs(3, 5, 2, 2, 3, torch.float64)
+    with pytest.raises(ValueError, match=r"\[N, 3H\], \[N, 3, H\]"):
+        painn_message(phi[:, :5], v, rbf, env, unit, index, 3, *weights)
+
+
+def _fused_ops(dtype=torch.float32, nodes=40, edges=1000, h=32):
+    """(name, fused, reference, inputs that get gradients, all arguments) per fused op."""
+    from megagnn.kernels import cfconv, cfconv_reference, painn_message, painn_message_reference
+
+    x, rbf, env, index, *weights = _cfconv_inputs(nodes, edges, h, 8, 16, dtype)
+    phi, v, rbf_p, env_p, unit, index_p, *weights_p = _painn_inputs(nodes, edges, h, 8, 16, dtype)
+    return [
+        ("cfconv", cfconv, cfconv_reference, [x, *weights],
+         (x, rbf, env, index, nodes, *weights)),
+        ("painn", painn_message, painn_message_reference, [phi, v, *weights_p],
+         (phi, v, rbf_p, env_p, unit, index_p, nodes, *weights_p)),
+    ]  # fmt: skip
+
+
+def _total(out) -> torch.Tensor:
+    return sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
+
+
+@pytest.mark.parametrize("op", range(2), ids=["cfconv", "painn"])
+def test_fused_ops_keep_no_per_edge_tensor(op):
     """What forward leaves for backward: the unfused op keeps several [E, H] tensors, the
     fused one only its inputs (>= 4x less is the goal; backward recomputes one layer's
     [E, H] tensors transiently)."""
-    from megagnn.kernels import cfconv, cfconv_reference
-
     from megagnn.profiling import count_saved_activations
 
-    x, rbf, env, index, *weights = _cfconv_inputs(40, 2000, 64, 8, 16, torch.float32)
-    for t in (x, *weights):
+    name, fused, reference, leaves, args = _fused_ops()[op]
+    for t in leaves:
         t.requires_grad_()
     saved = []
-    for fn in (cfconv_reference, cfconv):
+    for fn in (reference, fused):
         with count_saved_activations(torch.nn.Linear(1, 1)) as count:
-            out = fn(x, rbf, env, index, 40, *weights).sum()
+            out = _total(fn(*args))
         saved.append(count["bytes"])
         out.backward()
-    assert saved[1] * 4 <= saved[0], saved
+    assert saved[1] * 4 <= saved[0], (name, saved)
+
+
+@pytest.mark.parametrize("op", range(2), ids=["cfconv", "painn"])
+def test_fused_ops_with_bf16_features(op):
+    """Under bf16 autocast the node features arrive in bf16 while the basis and the filter
+    weights stay fp32: forward and backward run and match the reference (fp32 inside)."""
+    name, fused, reference, leaves, args = _fused_ops(nodes=12, edges=150, h=24)[op]
+    n_features = 2 if name == "painn" else 1  # phi (and v) are node features
+    args = [t.bfloat16() if i < n_features else t for i, t in enumerate(args)]
+    results = []
+    for fn in (reference, fused):
+        inputs = [t.detach() if torch.is_tensor(t) else t for t in args]
+        leaves = [
+            t.requires_grad_() for t in inputs if torch.is_tensor(t) and t.is_floating_point()
+        ]
+        out = fn(*inputs)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        assert all(t.dtype == torch.bfloat16 for t in outs)
+        grads = torch.autograd.grad(_total(out), leaves)
+        assert [g.dtype for g in grads] == [t.dtype for t in leaves]
+        results.append(outs + list(grads))
+    for a, b in zip(*results, strict=True):
+        scale = b.detach().float().abs().max().item()
+        torch.testing.assert_close(
+            a.detach().float(), b.detach().float(), rtol=2e-2, atol=2e-2 * scale
+        )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from megagnn.models.edges import Edges
+from megagnn.ops import painn_message
 
 # s [N, H] ([N/tp, H] in node-parallel regions), v [N, 3, H/tp]
 State = tuple[torch.Tensor, torch.Tensor]
@@ -30,14 +31,9 @@ class PaiNNMessage(nn.Module):
         self.gather_ds = nn.Identity()
 
     def forward(self, s: torch.Tensor, v: torch.Tensor, edges: Edges) -> State:
-        sender = edges.sender
-        w = self.filter(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, 3H/tp]
-        x = self.phi(s)[sender] * w  # [E, 3H/tp]
-        x_s, x_vv, x_vs = x.unflatten(-1, (-1, 3)).unbind(-1)  # [E, H/tp] each
-        unit = edges.unit.to(x_vs.dtype).unsqueeze(-1)  # [E, 3, 1]
-        v_msg = v[sender] * x_vv.unsqueeze(1) + unit * x_vs.unsqueeze(1)  # [E, 3, H/tp]
-        ds = edges.aggregate(x_s) * edges.inv_avg_neighbors  # [N, H/tp]
-        dv = edges.aggregate(v_msg) * edges.inv_avg_neighbors  # [N, 3, H/tp]
+        # gather -> filter ⊙ message -> segment sum, fused on GPUs
+        ds, dv = painn_message(self.phi(s), v, edges, self.filter)  # [N, H/tp], [N, 3, H/tp]
+        ds, dv = ds * edges.inv_avg_neighbors, dv * edges.inv_avg_neighbors
         return s + self.gather_ds(ds), v + dv
 
 

@@ -1,0 +1,91 @@
+"""Pieces the message-passing kernels share: CSR row pointers, the radial filter MLP (in
+Triton and in torch) and the recompute-in-backward rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+SSP, SILU = 0, 1  # filter activations: shifted softplus (SchNet), SiLU (PaiNN)
+
+
+def csr_pointers(receiver: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, int]:
+    """Row pointers [N + 1] of receiver-sorted edges and the largest in-degree."""
+    bounds = torch.arange(num_nodes + 1, device=receiver.device, dtype=receiver.dtype)
+    ptr = torch.searchsorted(receiver, bounds)
+    max_degree = int((ptr[1:] - ptr[:-1]).max()) if receiver.numel() and num_nodes else 0
+    return ptr, max_degree
+
+
+def block(n: int, low: int = 16, high: int | None = None) -> int:
+    """A power-of-two block covering ``n`` (at least ``low``: tl.dot needs 16)."""
+    size = max(low, triton.next_power_of_2(max(n, 1)))
+    return size if high is None else min(size, high)
+
+
+@triton.jit
+def act_fn(h, ACT: tl.constexpr):
+    if ACT == 0:  # shifted softplus as torch computes it: linear above 20, then minus log 2
+        soft = tl.maximum(h, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(h)))
+        return tl.where(h > 20.0, h, soft) - 0.6931471805599453
+    return h / (1.0 + tl.exp(-h))
+
+
+@triton.jit
+def load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC):
+    """The filter's first layer W1 [R, K] and b1 [R], zero-padded to the blocks."""
+    ks = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_R)
+    mask = (rs < R)[:, None] & (ks < K)[None, :]
+    w1 = tl.load(w1_ptr + rs[:, None] * K + ks[None, :], mask=mask, other=0)
+    b1 = tl.load(b1_ptr + rs, mask=rs < R, other=0)
+    return w1.to(ACC), b1.to(ACC)
+
+
+@triton.jit
+def load_last_rows(w2_ptr, b2_ptr, out_rows, out_ok, R, BLOCK_R: tl.constexpr, ACC):
+    """Rows ``out_rows`` of the filter's last layer: W2 [BH, BR] and b2 [BH]."""
+    rs = tl.arange(0, BLOCK_R)
+    mask = out_ok[:, None] & (rs < R)[None, :]
+    w2 = tl.load(w2_ptr + out_rows[:, None] * R + rs[None, :], mask=mask, other=0)
+    return w2.to(ACC), tl.load(b2_ptr + out_rows, mask=out_ok, other=0).to(ACC)
+
+
+@triton.jit
+def filter_hidden(
+    rbf_ptr, rows64, edge_ok, w1, b1, K, R,
+    ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC,
+):  # fmt: skip
+    """act(rbf W1ᵀ + b1) of edges ``rows64`` -> [BE, BR]; padded hidden units are 0."""
+    ks = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_R)
+    mask = edge_ok[:, None] & (ks < K)[None, :]
+    rbf = tl.load(rbf_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0).to(ACC)
+    # ieee: tf32 would cost the fp32 parity with the reference
+    pre = tl.dot(rbf, tl.trans(w1), input_precision="ieee") + b1[None, :]
+    return tl.where((rs < R)[None, :], act_fn(pre, ACT), 0.0)
+
+
+def filter_reference(rbf, env, w1, b1, w2, b2, act: int) -> torch.Tensor:
+    """The radial filter W(rbf) u in torch: [E, K], [E] -> [E, out]."""
+    hidden = torch.nn.functional.linear(rbf, w1, b1)
+    if act == SSP:
+        hidden = torch.nn.functional.softplus(hidden) - 0.6931471805599453
+    else:
+        hidden = torch.nn.functional.silu(hidden)
+    return torch.nn.functional.linear(hidden, w2, b2) * env.unsqueeze(-1)
+
+
+def recompute_vjp(op: Callable, inputs: Sequence[torch.Tensor], grads) -> tuple:
+    """Vector-Jacobian product of ``op`` at ``inputs``, recomputing its forward in torch.
+
+    torch.func.vjp differentiates the recomputed op alone: autograd.grad on saved tensors
+    would also follow their own history (a previous layer's output shares the basis and
+    envelope with this one) and count those paths twice. Its result is still
+    differentiable, which conservative-force training needs.
+    """
+    _, vjp = torch.func.vjp(op, *inputs)
+    return vjp(grads)
