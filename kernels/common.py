@@ -79,13 +79,55 @@ def filter_reference(rbf, env, w1, b1, w2, b2, act: int) -> torch.Tensor:
     return torch.nn.functional.linear(hidden, w2, b2) * env.unsqueeze(-1)
 
 
-def recompute_vjp(op: Callable, inputs: Sequence[torch.Tensor], grads) -> tuple:
-    """Vector-Jacobian product of ``op`` at ``inputs``, recomputing its forward in torch.
+def _leaves(tensors) -> list[torch.Tensor]:
+    return [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
 
-    torch.func.vjp differentiates the recomputed op alone: autograd.grad on saved tensors
-    would also follow their own history (a previous layer's output shares the basis and
-    envelope with this one) and count those paths twice. Its result is still
-    differentiable, which conservative-force training needs.
+
+def _grads(outputs, inputs, grad_outputs, create_graph: bool) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(
+        outputs, inputs, grad_outputs, create_graph=create_graph, allow_unused=True
+    )
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
+
+
+class _RecomputedBackward(torch.autograd.Function):
+    """(grad_outputs, inputs) -> gradients of ``op`` at ``inputs``, by recomputing ``op``
+    in torch on detached copies of the inputs; its own backward (the second derivatives)
+    recomputes again. Third derivatives are not supported."""
+
+    @staticmethod
+    def forward(ctx, op, n_grads, *tensors):
+        ctx.op, ctx.n_grads = op, n_grads
+        ctx.save_for_backward(*tensors)
+        leaves = _leaves(tensors[n_grads:])
+        with torch.enable_grad():
+            return tuple(_grads(op(*leaves), leaves, tensors[:n_grads], create_graph=False))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_grads):
+        tensors = _leaves(ctx.saved_tensors)
+        grad_outputs, inputs = tensors[: ctx.n_grads], tensors[ctx.n_grads :]
+        with torch.enable_grad():
+            first = _grads(ctx.op(*inputs), inputs, grad_outputs, create_graph=True)
+            pairs = [(f, gg) for f, gg in zip(first, grad_grads, strict=True) if f.requires_grad]
+            if not pairs:
+                return (None, None, *(torch.zeros_like(t) for t in tensors))
+            outputs, weights = zip(*pairs, strict=True)
+            return (None, None, *_grads(outputs, tensors, weights, create_graph=False))
+
+
+def recompute_vjp(op: Callable, inputs: Sequence[torch.Tensor], grads) -> tuple:
+    """Vector-Jacobian product of ``op`` at ``inputs`` with ``grads`` (a tensor or a tuple,
+    one per output of ``op``), recomputing ``op``'s forward in torch (the fused kernels'
+    backward).
+
+    The recompute runs on detached copies of the inputs: autograd on the saved tensors
+    themselves would also follow their history (a previous layer's output shares the basis
+    and envelope with this one) and count those paths twice. The result is differentiable
+    once more (a custom Function whose backward recomputes again), which conservative-force
+    training needs; unlike ``torch.func.vjp`` this also works under saved-tensor hooks
+    (activation checkpointing, activation accounting).
     """
-    _, vjp = torch.func.vjp(op, *inputs)
-    return vjp(grads)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    return _RecomputedBackward.apply(op, len(grads), *grads, *inputs)

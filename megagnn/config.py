@@ -172,8 +172,12 @@ class TrainConfig:
     """With data parallelism, keep each AdamW moment on one data-parallel rank (ZeRO-1)."""
     recompute_activations: bool = False
     """Keep only each block's input in forward and recompute the block in backward."""
+    kernels: str = "auto"
+    """'auto' (fused Triton kernels on CUDA), 'triton' (always) or 'torch' (the references)."""
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"train.kernels={self.kernels!r}: use 'auto', 'triton' or 'torch'")
         if self.loss not in ("mse", "huber"):
             raise ConfigError(f"train.loss={self.loss!r}: use 'mse' or 'huber'")
         if self.precision not in ("fp32", "bf16", "fp64"):

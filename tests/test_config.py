@@ -25,6 +25,7 @@ def test_yaml_include_and_overrides(tmp_path):
         ("train.lr", "section.key=value"),
         ("parallel.pipeline=2", "cannot train conservative forces"),
         ("train.microbatches=0", "microbatches"),
+        ("train.kernels=cuda", "use .auto., .triton. or .torch."),
     ],
 )
 def test_bad_config_is_an_error(override, message):

@@ -1,11 +1,15 @@
 """Triton kernels against their PyTorch references (on CPU through TRITON_INTERPRET=1).
 
-Not checkable by the interpreter: bf16 atomics (the unsorted aggregation path raises), so
-bf16 is tested on the sorted (atomic-free) path only; races and speed need a GPU
-(tests/gpu and benchmarks/kernels.py).
+What the interpreter cannot check: races between programs (it runs them one by one),
+compilation for a real device, speed, and 16-bit ``tl.dot`` (silently wrong there, so the
+kernels upcast to fp32 before every ``tl.dot``; 16-bit atomics raise there, so the
+unsorted aggregation adds in fp32). bf16 inputs are checked on both aggregation paths and
+as the node features of the fused ops. Races, compilation and speed: tests/gpu and
+benchmarks/kernels.py on a GPU.
 """
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -44,10 +48,11 @@ def test_segment_sum_matches_reference(dtype, order, edges, trailing, nodes):
     torch.testing.assert_close(segment_sum(src, index, nodes), out, **TOL[dtype])
 
 
-def test_segment_sum_bf16_accumulates_in_fp32():
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_segment_sum_bf16_accumulates_in_fp32(is_sorted):
     src = torch.full((300, 4), 0.01, dtype=torch.bfloat16, device=DEVICE)
     index = torch.zeros(300, dtype=torch.long, device=DEVICE)
-    out = segment_sum(src, index, 2, is_sorted=True)
+    out = segment_sum(src, index, 2, is_sorted=is_sorted)
     ref = segment_sum_reference(src, index, 2)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=0)
     assert abs(out[0, 0].item() - 3.0) < 0.02  # bf16 running sums would stall near 2
@@ -106,9 +111,11 @@ def test_radial_basis_first_and_second_derivatives(kind):
     assert torch.autograd.gradgradcheck(f, (vec,))
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["", "recompute"])
 @pytest.mark.parametrize("family", ["schnet", "painn"])
-def test_model_with_kernels_equals_model_without(family):
-    """Energies, forces and stress, and the force-loss gradients, with kernels on and off."""
+def test_model_with_kernels_equals_model_without(family, recompute):
+    """Energies, forces and stress, and the force-loss gradients, with kernels on and off
+    (and under activation recomputation, whose saved-tensor hooks the backward must bear)."""
     from ase.build import bulk
 
     from megagnn import keys as K
@@ -122,6 +129,7 @@ def test_model_with_kernels_equals_model_without(family):
     torch.manual_seed(0)
     cfg = ModelConfig(family=family, hidden=8, layers=2, num_rbf=6, radial_hidden=8, cutoff=3.5)
     model = build_model(cfg).to(DEVICE, torch.float64).train()
+    model.recompute_activations = recompute
     results = []
     for backend in ("torch", "triton"):
         with ops.use_backend(backend):
@@ -310,3 +318,24 @@ def test_fused_ops_with_bf16_features(op):
         torch.testing.assert_close(
             a.detach().float(), b.detach().float(), rtol=2e-2, atol=2e-2 * scale
         )
+
+
+@pytest.mark.parametrize("op", range(2), ids=["cfconv", "painn"])
+def test_fused_ops_backward_under_saved_tensor_hooks(op):
+    """First and second derivatives taken while saved-tensor hooks are active (activation
+    accounting in tools/profile_throughput.py, which wraps a whole training step) equal
+    those taken without (torch.func transforms refuse to run under such hooks)."""
+    from megagnn.profiling import count_saved_activations
+
+    name, fused, reference, leaves, args = _fused_ops(torch.float64, nodes=6, edges=40, h=4)[op]
+    results = []
+    for hooked in (False, True):
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_()
+        with count_saved_activations(torch.nn.Linear(1, 1)) if hooked else nullcontext():
+            first = torch.autograd.grad(_total(fused(*args)), leaves[0], create_graph=True)[0]
+            first.square().sum().backward()
+        results.append([first.detach(), *(t.grad for t in leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

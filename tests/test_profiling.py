@@ -1,3 +1,10 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from megagnn.config import load_config
@@ -23,3 +30,20 @@ def test_activation_counter_tracks_the_peak_not_the_sum():
         for _ in range(2):  # the first graph is freed before the second is built
             (torch.tanh(x @ w)).sum().backward()
     assert one["bytes"] > 0 and two["bytes"] == one["bytes"]
+
+
+def test_kernel_benchmark_script_runs(tmp_path):
+    """benchmarks/kernels.py at toy sizes through the Triton interpreter: every section
+    produces rows and the JSON and Markdown results (what a GPU run writes) come out."""
+    pytest.importorskip("triton")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+    out = tmp_path / "kernels.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(script), "--smoke", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
+    result = json.loads(out.read_text())
+    assert set(result["sections"]) == {"segment_sum", "radial", "fused", "model"}
+    assert all(result["sections"].values())
+    for row in result["sections"]["fused"]:  # the fused ops keep no per-edge tensor
+        assert row["saved_memory_ratio"] > 4
+    assert "| op | edges | H |" in out.with_suffix(".md").read_text()

@@ -28,6 +28,7 @@ from torch import nn
 
 import megagnn
 from megagnn import keys as K
+from megagnn import ops
 from megagnn.config import config_to_dict
 from megagnn.models import Potential
 
@@ -124,7 +125,9 @@ def export_package(model: Potential, path: str | Path, dtype: torch.dtype = torc
     for p in serve.parameters():
         p.requires_grad_(False)
     try:
-        graph = make_fx(serve, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        # the package is a portable graph of torch ops: the PyTorch references, not kernels
+        with ops.use_backend("torch"):
+            graph = make_fx(serve, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
     finally:
         for p, flag in zip(serve.parameters(), flags, strict=True):
             p.requires_grad_(flag)

@@ -20,6 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from megagnn import keys as K
+from megagnn import ops
 from megagnn.config import Config, config_from_dict, config_to_dict
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import (
@@ -121,6 +122,13 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
+        if cfg.train.kernels == "triton" and self.device.type != "cuda":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(
+                    "train.kernels=triton without CUDA needs TRITON_INTERPRET=1 in the "
+                    "environment (the interpreter: slow, for tests); use 'auto' or 'torch'"
+                )
+        ops.set_backend(cfg.train.kernels)
         self.autocast = (
             partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
             if cfg.train.precision == "bf16"
