@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything a GPU run should check and measure, in one go:
+#   1. the CUDA tests (tests/gpu) and the kernel parity tests compiled for the device;
+#   2. benchmarks/kernels.py: every kernel against its reference, training steps with kernels
+#      on and off;
+#   3. tools/profile_throughput.py --compare pyg, when torch_geometric is importable.
+#
+#   bash benchmarks/gpu.sh [RESULTS_DIR]          (default: benchmarks/results)
+#
+# PYTHON picks the interpreter (default python3). Needs CUDA, triton and megagnn installed
+# (pip install -e ".[test]", or with --no-deps when the dependencies come as wheels).
+# Results are named after the GPU (e.g. kernels-h100.json).
+set -euo pipefail
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results}
+mkdir -p "$out"
+"$py" -c "import torch, triton, megagnn.kernels; assert torch.cuda.is_available(), 'no CUDA'" || {
+    echo "needs a CUDA device, triton and megagnn (pip install -e '.[test]')" >&2
+    exit 2
+}
+gpu=$("$py" -c "import re, torch; m = re.search(r'[A-Z]\d{2,3}', torch.cuda.get_device_name()); print(m.group(0).lower() if m else 'gpu')")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu-$gpu.txt" || true
+
+status=0
+"$py" -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$out/gpu-tests-$gpu.log" || status=1
+"$py" benchmarks/kernels.py --out "$out/kernels-$gpu.json" || status=1
+if "$py" -c "import torch_geometric" 2>/dev/null; then
+    "$py" tools/profile_throughput.py --model schnet-1m schnet-10m --atoms 4000 --steps 10 \
+        --layouts 1x1 --compare pyg --set model.rbf=gaussian model.stress=false \
+        --out "$out/throughput-$gpu-pyg-schnet.json" || status=1
+fi
+exit $status
