@@ -91,14 +91,16 @@ def _grads(outputs, inputs, grad_outputs, create_graph: bool) -> list[torch.Tens
 
 
 class _RecomputedBackward(torch.autograd.Function):
-    """(grad_outputs, inputs) -> gradients of ``op`` at ``inputs``, by recomputing ``op``
-    in torch on detached copies of the inputs; its own backward (the second derivatives)
-    recomputes again. Third derivatives are not supported."""
+    """(grad_outputs, inputs) -> gradients of ``op`` at ``inputs``, by ``first_order`` or by
+    recomputing ``op`` in torch on detached copies of the inputs; its own backward (the
+    second derivatives) recomputes in torch. Third derivatives are not supported."""
 
     @staticmethod
-    def forward(ctx, op, n_grads, *tensors):
+    def forward(ctx, op, n_grads, first_order, *tensors):
         ctx.op, ctx.n_grads = op, n_grads
         ctx.save_for_backward(*tensors)
+        if first_order is not None:
+            return tuple(first_order(*tensors))
         leaves = _leaves(tensors[n_grads:])
         with torch.enable_grad():
             return tuple(_grads(op(*leaves), leaves, tensors[:n_grads], create_graph=False))
@@ -112,22 +114,26 @@ class _RecomputedBackward(torch.autograd.Function):
             first = _grads(ctx.op(*inputs), inputs, grad_outputs, create_graph=True)
             pairs = [(f, gg) for f, gg in zip(first, grad_grads, strict=True) if f.requires_grad]
             if not pairs:
-                return (None, None, *(torch.zeros_like(t) for t in tensors))
+                return (None, None, None, *(torch.zeros_like(t) for t in tensors))
             outputs, weights = zip(*pairs, strict=True)
-            return (None, None, *_grads(outputs, tensors, weights, create_graph=False))
+            return (None, None, None, *_grads(outputs, tensors, weights, create_graph=False))
 
 
-def recompute_vjp(op: Callable, inputs: Sequence[torch.Tensor], grads) -> tuple:
+def recompute_vjp(
+    op: Callable, inputs: Sequence[torch.Tensor], grads, first_order: Callable | None = None
+) -> tuple:
     """Vector-Jacobian product of ``op`` at ``inputs`` with ``grads`` (a tensor or a tuple,
-    one per output of ``op``), recomputing ``op``'s forward in torch (the fused kernels'
-    backward).
+    one per output of ``op``): the fused kernels' backward.
+
+    ``first_order(*grads, *inputs)`` computes it (backward kernels) where given; otherwise
+    ``op``'s forward is recomputed in torch and differentiated. Either way the result is
+    differentiable once more, by a recompute in torch (conservative-force training needs
+    second derivatives).
 
     The recompute runs on detached copies of the inputs: autograd on the saved tensors
     themselves would also follow their history (a previous layer's output shares the basis
-    and envelope with this one) and count those paths twice. The result is differentiable
-    once more (a custom Function whose backward recomputes again), which conservative-force
-    training needs; unlike ``torch.func.vjp`` this also works under saved-tensor hooks
-    (activation checkpointing, activation accounting).
+    and envelope with this one) and count those paths twice. Unlike ``torch.func.vjp`` this
+    also works under saved-tensor hooks (activation checkpointing, activation accounting).
     """
     grads = grads if isinstance(grads, tuple) else (grads,)
-    return _RecomputedBackward.apply(op, len(grads), *grads, *inputs)
+    return _RecomputedBackward.apply(op, len(grads), first_order, *grads, *inputs)

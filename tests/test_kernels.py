@@ -167,10 +167,26 @@ def _cfconv_inputs(nodes, edges, h, k, r, dtype, seed=0):
 def test_cfconv_matches_reference(dtype, act, nodes, edges, h, k, r):
     from megagnn.kernels import cfconv, cfconv_reference
 
-    x, rbf, env, index, w1, b1, w2, b2 = _cfconv_inputs(nodes, edges, h, k, r, dtype)
-    out = cfconv(x, rbf, env, index, nodes, w1, b1, w2, b2, act)
-    ref = cfconv_reference(x, rbf, env, index, nodes, w1, b1, w2, b2, act)
-    torch.testing.assert_close(out, ref, **TOL[dtype])
+    x, rbf, env, index, *weights = _cfconv_inputs(nodes, edges, h, k, r, dtype)
+    inputs = [t.requires_grad_() for t in (x, rbf, env, *weights)]
+    probe = torch.randn(nodes, h, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    results = []
+    for fn in (cfconv_reference, cfconv):  # forward, and the backward kernels' gradients
+        out = fn(x, rbf, env, index, nodes, *weights, act)
+        grads = torch.autograd.grad((out * probe.to(DEVICE)).sum(), inputs, allow_unused=True)
+        results.append(
+            [
+                out,
+                *(
+                    torch.zeros_like(t) if g is None else g
+                    for g, t in zip(grads, inputs, strict=True)
+                ),
+            ]
+        )
+    for a, b in zip(*results, strict=True):
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        tol = TOL[dtype]
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 def test_cfconv_first_and_second_derivatives():

@@ -69,7 +69,7 @@ def test_resume_reproduces_uninterrupted_run(emt_dataset, tmp_path, family):
     for (name, a), b in zip(
         ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_training_reduces_force_error(emt_dataset, tmp_path):
