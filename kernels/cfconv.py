@@ -17,27 +17,29 @@ differentiates the first) recompute through the PyTorch reference
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
 from megagnn.kernels.common import (
+    BLOCK_E,
     SILU,
     SSP,
-    act_fn,
+    FilterGrads,
+    acc_dtype,
     block,
+    cast_like,
     csr_pointers,
     filter_hidden,
     filter_reference,
     load_first_layer,
     load_last_rows,
     recompute_vjp,
+    split_rows,
+    store_filter_grads,
+    store_weight_grads,
 )
 
 __all__ = ["SILU", "SSP", "cfconv", "cfconv_reference"]
-
-BLOCK_E = 16  # edges per step (tl.dot needs at least 16 rows)
 
 
 @triton.jit
@@ -60,7 +62,7 @@ def _cfconv_kernel(
         rows = start + offset + tl.arange(0, BLOCK_E)
         ok = rows < end
         rows64 = rows.to(tl.int64)
-        hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
         w = tl.dot(hidden, tl.trans(w2), input_precision="ieee") + b2[None, :]  # [BE, BH]
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -72,16 +74,6 @@ def _cfconv_kernel(
 
 
 @triton.jit
-def _act_grad(pre, ACT: tl.constexpr):
-    """d act / d pre: sigmoid for the shifted softplus (1 where torch's is linear, above
-    20), s (1 + pre (1 - s)) for SiLU."""
-    s = 1.0 / (1.0 + tl.exp(-pre))
-    if ACT == 0:
-        return tl.where(pre > 20.0, 1.0, s)
-    return s * (1.0 + pre * (1.0 - s))
-
-
-@triton.jit
 def _cfconv_bwd_edges_kernel(
     grad_ptr, x_ptr, rbf_ptr, env_ptr, sender_ptr, receiver_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     gx_ptr, g_pre_ptr, g_env_ptr, g_rbf_ptr,
@@ -90,18 +82,12 @@ def _cfconv_bwd_edges_kernel(
     BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """One block of edges, all channels: dL/dx (atomics at the senders), and per edge
-    dL/du, dL/dpre (the filter's hidden pre-activation) and dL/drbf."""
+    dL/du and the filter's hidden and basis gradients."""
     rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ok = rows < E
     rows64 = rows.to(tl.int64)
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
-    ks = tl.arange(0, BLOCK_K)
-    rbf = tl.load(
-        rbf_ptr + rows64[:, None] * K + ks[None, :], mask=ok[:, None] & (ks < K)[None, :], other=0
-    ).to(ACC)
-    pre = tl.dot(rbf, tl.trans(w1), input_precision="ieee") + b1[None, :]  # [BE, BR]
-    rs = tl.arange(0, BLOCK_R)
-    hidden = tl.where((rs < R)[None, :], act_fn(pre, ACT), 0.0)
+    pre, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
     env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
     sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
     receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -120,13 +106,9 @@ def _cfconv_bwd_edges_kernel(
         g_hidden += tl.dot(g_w, w2, input_precision="ieee")
         gx = g * w * env[:, None]
         tl.atomic_add(gx_ptr + sender[:, None] * H + cols[None, :], gx, mask=eh_ok)
-    g_pre = tl.where((rs < R)[None, :], g_hidden * _act_grad(pre, ACT), 0.0)  # [BE, BR]
-    er_ok = ok[:, None] & (rs < R)[None, :]
-    tl.store(g_pre_ptr + rows64[:, None] * R + rs[None, :], g_pre, mask=er_ok)
     tl.store(g_env_ptr + rows64, g_env, mask=ok)
-    g_rbf = tl.dot(g_pre, w1, input_precision="ieee")  # [BE, BK]
-    tl.store(
-        g_rbf_ptr + rows64[:, None] * K + ks[None, :], g_rbf, mask=ok[:, None] & (ks < K)[None, :]
+    store_filter_grads(
+        g_hidden, pre, w1, rows64, ok, g_pre_ptr, g_rbf_ptr, K, R, ACT, BLOCK_K, BLOCK_R
     )
 
 
@@ -143,16 +125,12 @@ def _cfconv_bwd_weights_kernel(
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     col_ok = cols < H
-    rs = tl.arange(0, BLOCK_R)
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
     acc_w2 = tl.zeros((BLOCK_H, BLOCK_R), dtype=ACC)
     acc_b2 = tl.zeros((BLOCK_H,), dtype=ACC)
-    first = split * edges_per_split
     for offset in range(0, edges_per_split, BLOCK_E):
-        rows = first + offset + tl.arange(0, BLOCK_E)
-        ok = (rows < E) & (offset + tl.arange(0, BLOCK_E) < edges_per_split)
-        rows64 = rows.to(tl.int64)
-        hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        rows64, ok = split_rows(split, offset, edges_per_split, E, BLOCK_E)
+        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
         receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -162,55 +140,31 @@ def _cfconv_bwd_weights_kernel(
         g_w = tl.where(eh_ok, g * x * env[:, None], 0.0)  # [BE, BH]
         acc_w2 += tl.dot(tl.trans(g_w), hidden, input_precision="ieee")
         acc_b2 += tl.sum(g_w, axis=0)
-    base = split.to(tl.int64) * H
-    mask = col_ok[:, None] & (rs < R)[None, :]
-    tl.store(g_w2_ptr + (base + cols)[:, None] * R + rs[None, :], acc_w2, mask=mask)
-    tl.store(g_b2_ptr + base + cols, acc_b2, mask=col_ok)
+    rows = split.to(tl.int64) * H + cols
+    store_weight_grads(g_w2_ptr, g_b2_ptr, rows, col_ok, acc_w2, acc_b2, R, BLOCK_R)
 
 
 def _cfconv_grads(grad, x, rbf, env, edge_index, w1, b1, w2, b2, act):
     """First derivatives (x, rbf, env, W1, b1, W2, b2) by the two backward kernels: the
     [E, H] filter and message gradients live only in registers; [E, R] and [E, K] ones
     (R, K << H) are stored."""
-    (e, k), (n, h), r = rbf.shape, x.shape, w1.shape[0]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    new = partial(torch.zeros, device=x.device, dtype=acc_dtype)
-    gx, g_pre, g_env, g_rbf = new((n, h)), new((e, r)), new((e,)), new((e, k))
-    g_w2, g_b2 = new((1, h, r)), new((1, h))
-    if e and h:
+    h = x.shape[1]
+    grads = FilterGrads(rbf, w1, acc_dtype(x.dtype), outputs=h)
+    gx = grads.new(x.shape)
+    if grads.edges and h:
         sender, receiver = (t.contiguous() for t in edge_index)
         tensors = (grad.contiguous(), x.contiguous(), rbf.contiguous(), env.contiguous())
         tensors += (sender, receiver, w1.contiguous(), b1.contiguous())
-        block_h = block(h, high=64)
-        consts = dict(ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(k), BLOCK_R=block(r))
-        acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-        consts.update(BLOCK_H=block_h, ACC=acc)
-        _cfconv_bwd_edges_kernel[(triton.cdiv(e, BLOCK_E),)](
-            *tensors,
-            w2.contiguous(),
-            b2.contiguous(),
-            gx,
-            g_pre,
-            g_env,
-            g_rbf,
-            e,
-            h,
-            k,
-            r,
-            **consts,
+        consts, edge_grid, weight_grid = grads.launch(h, act, block_h=64)
+        _cfconv_bwd_edges_kernel[edge_grid](
+            *tensors, w2.contiguous(), b2.contiguous(),
+            gx, grads.g_pre, grads.g_env, grads.g_rbf, **consts,
+        )  # fmt: skip
+        _cfconv_bwd_weights_kernel[weight_grid](
+            *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts
         )
-        # split the edges so that (channel blocks x splits) programs fill the device
-        splits = min(triton.cdiv(e, BLOCK_E), max(1, 256 // triton.cdiv(h, block_h)))
-        per_split = triton.cdiv(triton.cdiv(e, splits), BLOCK_E) * BLOCK_E
-        splits = triton.cdiv(e, per_split)
-        g_w2, g_b2 = new((splits, h, r)), new((splits, h))
-        _cfconv_bwd_weights_kernel[(triton.cdiv(h, block_h), splits)](
-            *tensors, g_w2, g_b2, e, h, k, r, per_split, **consts
-        )
-    g_w1 = g_pre.T @ rbf.to(acc_dtype)  # [R, K]
-    grads = (gx, g_rbf, g_env, g_w1, g_pre.sum(0), g_w2.sum(0), g_b2.sum(0))
     like = (x, rbf, env, w1, b1, w2, b2)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, like, strict=True))
+    return cast_like((gx, grads.g_rbf, grads.g_env, *grads.weights()), like)
 
 
 def cfconv_reference(x, rbf, env, edge_index, num_nodes, w1, b1, w2, b2, act=SSP):
@@ -238,7 +192,7 @@ class CFConv(torch.autograd.Function):
             x.contiguous(), rbf.contiguous(), env.contiguous(), edge_index[0].contiguous(), ptr,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out,
             h, rbf.shape[1], w1.shape[0], max_degree,
-            ACT=act, BLOCK_E=16, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
+            ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
             BLOCK_H=block_h, ACC=acc,
         )  # fmt: skip
         return out

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 SSP, SILU = 0, 1  # filter activations: shifted softplus (SchNet), SiLU (PaiNN)
+BLOCK_E = 16  # edges per step of the message kernels (tl.dot needs at least 16 rows)
 
 
 def csr_pointers(receiver: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, int]:
@@ -59,14 +60,106 @@ def filter_hidden(
     rbf_ptr, rows64, edge_ok, w1, b1, K, R,
     ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC,
 ):  # fmt: skip
-    """act(rbf W1ᵀ + b1) of edges ``rows64`` -> [BE, BR]; padded hidden units are 0."""
+    """(pre, act(pre)) with pre = rbf W1ᵀ + b1 for edges ``rows64`` -> [BE, BR] each;
+    padded hidden units are 0."""
     ks = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_R)
     mask = edge_ok[:, None] & (ks < K)[None, :]
     rbf = tl.load(rbf_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0).to(ACC)
     # ieee: tf32 would cost the fp32 parity with the reference
     pre = tl.dot(rbf, tl.trans(w1), input_precision="ieee") + b1[None, :]
-    return tl.where((rs < R)[None, :], act_fn(pre, ACT), 0.0)
+    return pre, tl.where((rs < R)[None, :], act_fn(pre, ACT), 0.0)
+
+
+@triton.jit
+def act_grad(pre, ACT: tl.constexpr):
+    """d act / d pre: sigmoid for the shifted softplus (1 where torch's is linear, above
+    20), s (1 + pre (1 - s)) for SiLU."""
+    s = 1.0 / (1.0 + tl.exp(-pre))
+    if ACT == 0:
+        return tl.where(pre > 20.0, 1.0, s)
+    return s * (1.0 + pre * (1.0 - s))
+
+
+@triton.jit
+def store_filter_grads(
+    g_hidden, pre, w1, rows64, edge_ok, g_pre_ptr, g_rbf_ptr, K, R,
+    ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """From dL/dhidden [BE, BR] of a block of edges: store dL/dpre [E, R] (for dL/dW1, db1)
+    and dL/drbf [E, K]."""
+    rs = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    g_pre = tl.where((rs < R)[None, :], g_hidden * act_grad(pre, ACT), 0.0)
+    mask = edge_ok[:, None] & (rs < R)[None, :]
+    tl.store(g_pre_ptr + rows64[:, None] * R + rs[None, :], g_pre, mask=mask)
+    g_rbf = tl.dot(g_pre, w1, input_precision="ieee")  # [BE, BK]
+    mask = edge_ok[:, None] & (ks < K)[None, :]
+    tl.store(g_rbf_ptr + rows64[:, None] * K + ks[None, :], g_rbf, mask=mask)
+
+
+@triton.jit
+def split_rows(split, offset, edges_per_split, E, BLOCK_E: tl.constexpr):
+    """Edges ``offset`` .. ``offset + BLOCK_E`` of split ``split``: int64 indices, mask."""
+    local = offset + tl.arange(0, BLOCK_E)
+    rows = split * edges_per_split + local
+    return rows.to(tl.int64), (rows < E) & (local < edges_per_split)
+
+
+@triton.jit
+def store_weight_grads(g_w2_ptr, g_b2_ptr, rows, row_ok, acc_w2, acc_b2, R, BLOCK_R: tl.constexpr):
+    """A split's partial dL/dW2 [BH, R] and dL/db2 [BH] at output rows ``rows`` (int64)."""
+    rs = tl.arange(0, BLOCK_R)
+    mask = row_ok[:, None] & (rs < R)[None, :]
+    tl.store(g_w2_ptr + rows[:, None] * R + rs[None, :], acc_w2, mask=mask)
+    tl.store(g_b2_ptr + rows, acc_b2, mask=row_ok)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays, everything else adds in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class FilterGrads:
+    """Buffers and launch geometry of the fused ops' backward kernels: per-edge gradients of
+    the filter's hidden pre-activation [E, R], basis [E, K] and envelope [E], and per-split
+    partial sums of the last layer's weight [S, out, R] and bias [S, out]. The weight
+    kernel runs (channel blocks x S) programs, S chosen so that about 256 are in flight."""
+
+    def __init__(self, rbf: torch.Tensor, w1: torch.Tensor, dtype: torch.dtype, outputs: int):
+        self.rbf, self.dtype, self.outputs = rbf, dtype, outputs
+        (self.edges, self.k), self.r = rbf.shape, w1.shape[0]
+        self.g_pre = self.new((self.edges, self.r))
+        self.g_rbf = self.new((self.edges, self.k))
+        self.g_env = self.new((self.edges,))
+        self.g_w2, self.g_b2 = self.new((1, outputs, self.r)), self.new((1, outputs))
+        self.per_split = 0
+
+    def new(self, shape) -> torch.Tensor:
+        return torch.zeros(shape, device=self.rbf.device, dtype=self.dtype)
+
+    def launch(self, h: int, act: int, block_h: int) -> tuple[dict, tuple, tuple]:
+        """(kernel constants, edge-kernel grid, weight-kernel grid) for H = ``h`` channels."""
+        block_h = block(h, high=block_h)
+        channel_blocks = triton.cdiv(h, block_h)
+        splits = min(triton.cdiv(self.edges, BLOCK_E), max(1, 256 // channel_blocks))
+        self.per_split = triton.cdiv(triton.cdiv(self.edges, splits), BLOCK_E) * BLOCK_E
+        splits = triton.cdiv(self.edges, self.per_split)
+        self.g_w2 = self.new((splits, self.outputs, self.r))
+        self.g_b2 = self.new((splits, self.outputs))
+        consts = dict(E=self.edges, H=h, K=self.k, R=self.r, ACT=act, BLOCK_E=BLOCK_E)
+        consts.update(BLOCK_K=block(self.k), BLOCK_R=block(self.r), BLOCK_H=block_h)
+        consts["ACC"] = tl.float64 if self.dtype == torch.float64 else tl.float32
+        return consts, (triton.cdiv(self.edges, BLOCK_E),), (channel_blocks, splits)
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """dL/dW1 [R, K], dL/db1 [R], dL/dW2 [out, R], dL/db2 [out]."""
+        g_w1 = self.g_pre.T @ self.rbf.to(self.dtype)
+        return g_w1, self.g_pre.sum(0), self.g_w2.sum(0), self.g_b2.sum(0)
+
+
+def cast_like(grads, like) -> tuple[torch.Tensor, ...]:
+    return tuple(g.to(t.dtype) for g, t in zip(grads, like, strict=True))
 
 
 def filter_reference(rbf, env, w1, b1, w2, b2, act: int) -> torch.Tensor:

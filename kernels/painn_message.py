@@ -7,8 +7,11 @@
 W is the radial MLP W2 act(W1 rbf + b1) + b2 with 3H outputs, channel-major (channel c,
 part k at 3c + k) like φ(s), so a tensor-parallel rank's contiguous slice holds whole
 channels. The kernel walks each receiver's edges (receiver-sorted, CSR): neither the
-[E, 3H] filter and messages nor the [E, 3, H] vector messages are stored. Backward
-recomputes through the PyTorch reference, as the continuous-filter convolution does.
+[E, 3H] filter and messages nor the [E, 3, H] vector messages are stored. Backward: two
+kernels give the first derivatives as for the continuous-filter convolution (cfconv.py:
+one pass over edge blocks with atomics at the senders, one over channel blocks and edge
+splits for the filter weights); second derivatives recompute through the PyTorch
+reference.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ import torch
 import triton
 import triton.language as tl
 from megagnn.kernels.common import (
+    BLOCK_E,
     SILU,
+    FilterGrads,
+    acc_dtype,
     block,
+    cast_like,
     csr_pointers,
     filter_hidden,
     filter_reference,
     load_first_layer,
     load_last_rows,
     recompute_vjp,
+    split_rows,
+    store_filter_grads,
+    store_weight_grads,
 )
 
 __all__ = ["painn_message", "painn_message_reference"]
@@ -65,7 +75,7 @@ def _painn_kernel(
         ok = rows < end
         rows64 = rows.to(tl.int64)
         eh_ok = ok[:, None] & col_ok[None, :]
-        hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)[:, None]
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
         # the (small) filter rows are re-read per edge block from L1/L2 rather than held:
@@ -94,6 +104,184 @@ def _painn_kernel(
     tl.store(dv_at, dvx.to(out_ty), mask=col_ok)
     tl.store(dv_at + H, dvy.to(out_ty), mask=col_ok)
     tl.store(dv_at + 2 * H, dvz.to(out_ty), mask=col_ok)
+
+
+@triton.jit
+def _part_grads(
+    g_ptr, gv_ptr, v_ptr, ux, uy, uz, receiver, sender, cols, eh_ok, H, ACC: tl.constexpr
+):
+    """dL/dx of the three message parts of a block of edges ([BE, BH] each) and the
+    vector gradient and values the vector part needs."""
+    at_i = receiver[:, None] * 3 * H + cols[None, :]  # [i, 0, cols] of [N, 3, H]
+    at_j = sender[:, None] * 3 * H + cols[None, :]
+    gx = tl.load(gv_ptr + at_i, mask=eh_ok, other=0).to(ACC)
+    gy = tl.load(gv_ptr + at_i + H, mask=eh_ok, other=0).to(ACC)
+    gz = tl.load(gv_ptr + at_i + 2 * H, mask=eh_ok, other=0).to(ACC)
+    vx = tl.load(v_ptr + at_j, mask=eh_ok, other=0).to(ACC)
+    vy = tl.load(v_ptr + at_j + H, mask=eh_ok, other=0).to(ACC)
+    vz = tl.load(v_ptr + at_j + 2 * H, mask=eh_ok, other=0).to(ACC)
+    g_s = tl.load(g_ptr + receiver[:, None] * H + cols[None, :], mask=eh_ok, other=0).to(ACC)
+    g_vv = gx * vx + gy * vy + gz * vz
+    g_vs = gx * ux[:, None] + gy * uy[:, None] + gz * uz[:, None]
+    return g_s, g_vv, g_vs, gx, gy, gz
+
+
+@triton.jit
+def _part_backward(
+    g_x, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env, H, R,
+    KPART: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Backward of one message part x_k = φ_k W_k u, given dL/dx_k [BE, BH]: adds dL/dφ_k at
+    the senders; returns its dL/dhidden [BE, BR] and dL/du [BE] shares, and x_k."""
+    w2, b2 = load_last_rows(w2_ptr, b2_ptr, 3 * cols + KPART, col_ok, R, BLOCK_R, ACC)
+    w = tl.dot(hidden, tl.trans(w2), input_precision="ieee") + b2[None, :]  # [BE, BH]
+    at = sender[:, None] * 3 * H + 3 * cols[None, :] + KPART
+    phi = tl.load(phi_ptr + at, mask=eh_ok, other=0).to(ACC)
+    tl.atomic_add(g_phi_ptr + at, g_x * w * env[:, None], mask=eh_ok)
+    g_w = tl.where(eh_ok, g_x * phi * env[:, None], 0.0)  # dL/dW_k
+    g_env = tl.sum(tl.where(eh_ok, g_x * phi * w, 0.0), axis=1)
+    x = tl.where(eh_ok, phi * w * env[:, None], 0.0)
+    return tl.dot(g_w, w2, input_precision="ieee"), g_env, x
+
+
+@triton.jit
+def _painn_bwd_edges_kernel(
+    g_ds_ptr, g_dv_ptr, phi_ptr, v_ptr, rbf_ptr, env_ptr, unit_ptr, sender_ptr, receiver_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    g_phi_ptr, g_v_ptr, g_pre_ptr, g_env_ptr, g_unit_ptr, g_rbf_ptr,
+    E, H, K, R,
+    ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One block of edges, all channels: dL/dφ and dL/dv (atomics at the senders), and per
+    edge dL/du, dL/dr̂, the filter's hidden and basis gradients."""
+    rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ok = rows < E
+    rows64 = rows.to(tl.int64)
+    w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
+    pre, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+    env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
+    sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
+    receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
+    ux = tl.load(unit_ptr + rows64 * 3, mask=ok, other=0).to(ACC)
+    uy = tl.load(unit_ptr + rows64 * 3 + 1, mask=ok, other=0).to(ACC)
+    uz = tl.load(unit_ptr + rows64 * 3 + 2, mask=ok, other=0).to(ACC)
+    g_hidden = tl.zeros((BLOCK_E, BLOCK_R), dtype=ACC)
+    g_env = tl.zeros((BLOCK_E,), dtype=ACC)
+    g_ux = tl.zeros((BLOCK_E,), dtype=ACC)
+    g_uy = tl.zeros((BLOCK_E,), dtype=ACC)
+    g_uz = tl.zeros((BLOCK_E,), dtype=ACC)
+    for c in range(0, H, BLOCK_H):
+        cols = c + tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        eh_ok = ok[:, None] & col_ok[None, :]
+        g_s, g_vv, g_vs, gx, gy, gz = _part_grads(
+            g_ds_ptr, g_dv_ptr, v_ptr, ux, uy, uz, receiver, sender, cols, eh_ok, H, ACC
+        )
+        g_h, g_u, _ = _part_backward(
+            g_s, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env,
+            H, R, 0, BLOCK_R, ACC,
+        )  # fmt: skip
+        g_hidden += g_h
+        g_env += g_u
+        g_h, g_u, x_vv = _part_backward(
+            g_vv, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env,
+            H, R, 1, BLOCK_R, ACC,
+        )  # fmt: skip
+        g_hidden += g_h
+        g_env += g_u
+        g_v_at = g_v_ptr + sender[:, None] * 3 * H + cols[None, :]  # the senders' vectors
+        tl.atomic_add(g_v_at, gx * x_vv, mask=eh_ok)
+        tl.atomic_add(g_v_at + H, gy * x_vv, mask=eh_ok)
+        tl.atomic_add(g_v_at + 2 * H, gz * x_vv, mask=eh_ok)
+        g_h, g_u, x_vs = _part_backward(
+            g_vs, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env,
+            H, R, 2, BLOCK_R, ACC,
+        )  # fmt: skip
+        g_hidden += g_h
+        g_env += g_u
+        g_ux += tl.sum(gx * x_vs, axis=1)  # x_vs multiplies the unit vector
+        g_uy += tl.sum(gy * x_vs, axis=1)
+        g_uz += tl.sum(gz * x_vs, axis=1)
+    tl.store(g_env_ptr + rows64, g_env, mask=ok)
+    tl.store(g_unit_ptr + rows64 * 3, g_ux, mask=ok)
+    tl.store(g_unit_ptr + rows64 * 3 + 1, g_uy, mask=ok)
+    tl.store(g_unit_ptr + rows64 * 3 + 2, g_uz, mask=ok)
+    store_filter_grads(
+        g_hidden, pre, w1, rows64, ok, g_pre_ptr, g_rbf_ptr, K, R, ACT, BLOCK_K, BLOCK_R
+    )
+
+
+@triton.jit
+def _painn_bwd_weights_kernel(
+    g_ds_ptr, g_dv_ptr, phi_ptr, v_ptr, rbf_ptr, env_ptr, unit_ptr, sender_ptr, receiver_ptr,
+    w1_ptr, b1_ptr, g_w2_ptr, g_b2_ptr,
+    E, H, K, R, edges_per_split,
+    ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One channel block over one split of the edges: its share of dL/dW2 and dL/db2 for
+    the three parts (rows 3c + k), summed over splits afterwards."""
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(1)
+    col_ok = cols < H
+    w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
+    acc_s = tl.zeros((BLOCK_H, BLOCK_R), dtype=ACC)
+    acc_vv = tl.zeros((BLOCK_H, BLOCK_R), dtype=ACC)
+    acc_vs = tl.zeros((BLOCK_H, BLOCK_R), dtype=ACC)
+    b_s = tl.zeros((BLOCK_H,), dtype=ACC)
+    b_vv = tl.zeros((BLOCK_H,), dtype=ACC)
+    b_vs = tl.zeros((BLOCK_H,), dtype=ACC)
+    for offset in range(0, edges_per_split, BLOCK_E):
+        rows64, ok = split_rows(split, offset, edges_per_split, E, BLOCK_E)
+        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)[:, None]
+        sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
+        receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
+        ux = tl.load(unit_ptr + rows64 * 3, mask=ok, other=0).to(ACC)
+        uy = tl.load(unit_ptr + rows64 * 3 + 1, mask=ok, other=0).to(ACC)
+        uz = tl.load(unit_ptr + rows64 * 3 + 2, mask=ok, other=0).to(ACC)
+        eh_ok = ok[:, None] & col_ok[None, :]
+        g_s, g_vv, g_vs, gx, gy, gz = _part_grads(
+            g_ds_ptr, g_dv_ptr, v_ptr, ux, uy, uz, receiver, sender, cols, eh_ok, H, ACC
+        )
+        phi_at = phi_ptr + sender[:, None] * 3 * H + 3 * cols[None, :]
+        gw = tl.where(eh_ok, g_s * tl.load(phi_at, mask=eh_ok, other=0).to(ACC) * env, 0.0)
+        acc_s += tl.dot(tl.trans(gw), hidden, input_precision="ieee")
+        b_s += tl.sum(gw, axis=0)
+        gw = tl.where(eh_ok, g_vv * tl.load(phi_at + 1, mask=eh_ok, other=0).to(ACC) * env, 0.0)
+        acc_vv += tl.dot(tl.trans(gw), hidden, input_precision="ieee")
+        b_vv += tl.sum(gw, axis=0)
+        gw = tl.where(eh_ok, g_vs * tl.load(phi_at + 2, mask=eh_ok, other=0).to(ACC) * env, 0.0)
+        acc_vs += tl.dot(tl.trans(gw), hidden, input_precision="ieee")
+        b_vs += tl.sum(gw, axis=0)
+    base = split.to(tl.int64) * 3 * H
+    store_weight_grads(g_w2_ptr, g_b2_ptr, base + 3 * cols, col_ok, acc_s, b_s, R, BLOCK_R)
+    store_weight_grads(g_w2_ptr, g_b2_ptr, base + 3 * cols + 1, col_ok, acc_vv, b_vv, R, BLOCK_R)
+    store_weight_grads(g_w2_ptr, g_b2_ptr, base + 3 * cols + 2, col_ok, acc_vs, b_vs, R, BLOCK_R)
+
+
+def _painn_grads(g_ds, g_dv, phi, v, rbf, env, unit, edge_index, w1, b1, w2, b2, act):
+    """First derivatives (φ, v, rbf, env, r̂, W1, b1, W2, b2) by the two backward kernels;
+    no per-edge tensor wider than R or K is stored."""
+    h = v.shape[2]
+    grads = FilterGrads(rbf, w1, acc_dtype(phi.dtype), outputs=3 * h)
+    g_phi, g_v, g_unit = grads.new(phi.shape), grads.new(v.shape), grads.new(unit.shape)
+    if grads.edges and h:
+        sender, receiver = (t.contiguous() for t in edge_index)
+        tensors = (g_ds.contiguous(), g_dv.contiguous(), phi.contiguous(), v.contiguous())
+        tensors += (rbf.contiguous(), env.contiguous(), unit.contiguous(), sender, receiver)
+        tensors += (w1.contiguous(), b1.contiguous())
+        consts, edge_grid, weight_grid = grads.launch(h, act, block_h=32)
+        _painn_bwd_edges_kernel[edge_grid](
+            *tensors, w2.contiguous(), b2.contiguous(),
+            g_phi, g_v, grads.g_pre, grads.g_env, g_unit, grads.g_rbf, **consts,
+        )  # fmt: skip
+        _painn_bwd_weights_kernel[weight_grid](
+            *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts
+        )
+    like = (phi, v, rbf, env, unit, w1, b1, w2, b2)
+    return cast_like((g_phi, g_v, grads.g_rbf, grads.g_env, g_unit, *grads.weights()), like)
 
 
 def painn_message_reference(
@@ -129,7 +317,7 @@ class PaiNNMessage(torch.autograd.Function):
             unit.contiguous(), edge_index[0].contiguous(), ptr,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), ds, dv,
             h, rbf.shape[1], w1.shape[0], max_degree,
-            ACT=act, BLOCK_E=16, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
+            ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
             BLOCK_H=block_h, ACC=acc,
         )  # fmt: skip
         return ds, dv
@@ -147,8 +335,12 @@ class PaiNNMessage(torch.autograd.Function):
                 phi, v, rbf, env, unit, edge_index, n, w1, b1, w2, b2, act
             )
 
+        def kernels(g_ds, g_dv, *inputs):
+            return _painn_grads(g_ds, g_dv, *inputs[:5], edge_index, *inputs[5:], act)
+
         inputs = (phi, v, rbf, env, unit, w1, b1, w2, b2)
-        g_phi, g_v, g_rbf, g_env, g_unit, *g_weights = recompute_vjp(op, inputs, (g_ds, g_dv))
+        grads = recompute_vjp(op, inputs, (g_ds, g_dv), first_order=kernels)
+        g_phi, g_v, g_rbf, g_env, g_unit, *g_weights = grads
         return g_phi, g_v, g_rbf, g_env, g_unit, None, None, *g_weights, None
 
 
