@@ -33,6 +33,7 @@ from megagnn.kernels.common import (
     filter_reference,
     load_first_layer,
     load_last_rows,
+    node_program,
     recompute_vjp,
     split_rows,
     store_filter_grads,
@@ -49,14 +50,10 @@ def _cfconv_kernel(
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    node = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
+    node, cols, col_ok, start, end = node_program(ptr_ptr, H, BLOCK_H)
     # the filter MLP's weights for this channel block stay in registers for all edges
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
     w2, b2 = load_last_rows(w2_ptr, b2_ptr, cols, col_ok, R, BLOCK_R, ACC)
-    start = tl.load(ptr_ptr + node)
-    end = tl.load(ptr_ptr + node + 1)
     acc = tl.zeros((BLOCK_H,), dtype=ACC)
     for offset in range(0, max_degree, BLOCK_E):
         rows = start + offset + tl.arange(0, BLOCK_E)

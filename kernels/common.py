@@ -28,6 +28,16 @@ def block(n: int, low: int = 16, high: int | None = None) -> int:
 
 
 @triton.jit
+def node_program(ptr_ptr, H, BLOCK_H: tl.constexpr):
+    """This program's receiver node, channel block (and its mask) and CSR edge range."""
+    node = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = tl.load(ptr_ptr + node)
+    end = tl.load(ptr_ptr + node + 1)
+    return node, cols, cols < H, start, end
+
+
+@triton.jit
 def act_fn(h, ACT: tl.constexpr):
     if ACT == 0:  # shifted softplus as torch computes it: linear above 20, then minus log 2
         soft = tl.maximum(h, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(h)))

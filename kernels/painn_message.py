@@ -31,6 +31,7 @@ from megagnn.kernels.common import (
     filter_reference,
     load_first_layer,
     load_last_rows,
+    node_program,
     recompute_vjp,
     split_rows,
     store_filter_grads,
@@ -60,12 +61,8 @@ def _painn_kernel(
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    node = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
+    node, cols, col_ok, start, end = node_program(ptr_ptr, H, BLOCK_H)
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
-    start = tl.load(ptr_ptr + node)
-    end = tl.load(ptr_ptr + node + 1)
     ds = tl.zeros((BLOCK_H,), dtype=ACC)
     dvx = tl.zeros((BLOCK_H,), dtype=ACC)
     dvy = tl.zeros((BLOCK_H,), dtype=ACC)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megagnn.kernels.common import csr_pointers
+from megagnn.kernels.common import csr_pointers, node_program
 
 from megagnn.ops import segment_sum_reference  # the specification
 
@@ -29,11 +29,7 @@ def _csr_sum_kernel(
     BLOCK_H: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    node = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
-    start = tl.load(ptr_ptr + node)
-    end = tl.load(ptr_ptr + node + 1)
+    node, cols, col_ok, start, end = node_program(ptr_ptr, H, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=ACC)
     for offset in range(0, max_degree, BLOCK_E):
         rows = start + offset + tl.arange(0, BLOCK_E)
