@@ -64,12 +64,13 @@ def test_resume_reproduces_uninterrupted_run(emt_dataset, tmp_path, family):
     assert resumed.step == 3
     tail = run_losses(resumed)
     assert tail == ref_losses[3:]  # bit-for-bit
-    # the losses above are exact; the weights after the last update have been seen to differ
-    # in the last bits once in a full-suite run (CPU scatter-add order), hence a tolerance
+    # the losses above are exact; the weights after the last update differ by up to ~3e-9
+    # when the machine is loaded (thread-timing-dependent CPU reductions), hence atol 1e-7:
+    # a resume that lost optimizer or schedule state is off by the order of the lr (1e-3)
     for (name, a), b in zip(
         ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_training_reduces_force_error(emt_dataset, tmp_path):
