@@ -1,5 +1,6 @@
-"""Pieces the message-passing kernels share: CSR row pointers, the radial filter MLP (in
-Triton and in torch) and the recompute-in-backward rule."""
+"""Pieces the message-passing kernels share: CSR row pointers and the per-node program
+prologue, the radial filter MLP (in Triton and in torch), the stores and launch geometry of
+the fused ops' backward kernels, and the recompute rule of their second derivatives."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def act_fn(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC):
+def load_first_layer(
+    w1_ptr, b1_ptr, K, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr
+):
     """The filter's first layer W1 [R, K] and b1 [R], zero-padded to the blocks."""
     ks = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_R)
@@ -57,7 +60,7 @@ def load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K: tl.constexpr, BLOCK_R: tl.co
 
 
 @triton.jit
-def load_last_rows(w2_ptr, b2_ptr, out_rows, out_ok, R, BLOCK_R: tl.constexpr, ACC):
+def load_last_rows(w2_ptr, b2_ptr, out_rows, out_ok, R, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     """Rows ``out_rows`` of the filter's last layer: W2 [BH, BR] and b2 [BH]."""
     rs = tl.arange(0, BLOCK_R)
     mask = out_ok[:, None] & (rs < R)[None, :]
@@ -68,7 +71,7 @@ def load_last_rows(w2_ptr, b2_ptr, out_rows, out_ok, R, BLOCK_R: tl.constexpr, A
 @triton.jit
 def filter_hidden(
     rbf_ptr, rows64, edge_ok, w1, b1, K, R,
-    ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC,
+    ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """(pre, act(pre)) with pre = rbf W1ᵀ + b1 for edges ``rows64`` -> [BE, BR] each;
     padded hidden units are 0."""
