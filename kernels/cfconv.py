@@ -46,7 +46,7 @@ __all__ = ["SILU", "SSP", "cfconv", "cfconv_reference"]
 @triton.jit
 def _cfconv_kernel(
     x_ptr, rbf_ptr, env_ptr, sender_ptr, ptr_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-    H, K, R, max_degree,
+    H, K, R,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -55,8 +55,8 @@ def _cfconv_kernel(
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
     w2, b2 = load_last_rows(w2_ptr, b2_ptr, cols, col_ok, R, BLOCK_R, ACC)
     acc = tl.zeros((BLOCK_H,), dtype=ACC)
-    for offset in range(0, max_degree, BLOCK_E):
-        rows = start + offset + tl.arange(0, BLOCK_E)
+    for first in range(start, end, BLOCK_E):  # this node's edges only
+        rows = first + tl.arange(0, BLOCK_E)
         ok = rows < end
         rows64 = rows.to(tl.int64)
         _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
@@ -181,14 +181,14 @@ class CFConv(torch.autograd.Function):
         out = x.new_empty((num_nodes, h))
         if num_nodes == 0 or h == 0:
             return out
-        ptr, max_degree = csr_pointers(edge_index[1], num_nodes)
+        ptr = csr_pointers(edge_index[1], num_nodes)
         acc = tl.float64 if x.dtype == torch.float64 else tl.float32
         block_h = block(h, high=64)
         grid = (num_nodes, triton.cdiv(h, block_h))
         _cfconv_kernel[grid](
             x.contiguous(), rbf.contiguous(), env.contiguous(), edge_index[0].contiguous(), ptr,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out,
-            h, rbf.shape[1], w1.shape[0], max_degree,
+            h, rbf.shape[1], w1.shape[0],
             ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
             BLOCK_H=block_h, ACC=acc,
         )  # fmt: skip

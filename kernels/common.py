@@ -14,12 +14,10 @@ SSP, SILU = 0, 1  # filter activations: shifted softplus (SchNet), SiLU (PaiNN)
 BLOCK_E = 16  # edges per step of the message kernels (tl.dot needs at least 16 rows)
 
 
-def csr_pointers(receiver: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, int]:
-    """Row pointers [N + 1] of receiver-sorted edges and the largest in-degree."""
+def csr_pointers(receiver: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Row pointers [N + 1] of receiver-sorted edges (node k's edges: ptr[k] .. ptr[k + 1])."""
     bounds = torch.arange(num_nodes + 1, device=receiver.device, dtype=receiver.dtype)
-    ptr = torch.searchsorted(receiver, bounds)
-    max_degree = int((ptr[1:] - ptr[:-1]).max()) if receiver.numel() and num_nodes else 0
-    return ptr, max_degree
+    return torch.searchsorted(receiver, bounds)
 
 
 def block(n: int, low: int = 16, high: int | None = None) -> int:

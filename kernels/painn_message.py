@@ -57,7 +57,7 @@ def _part(
 def _painn_kernel(
     phi_ptr, v_ptr, rbf_ptr, env_ptr, unit_ptr, sender_ptr, ptr_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, ds_ptr, dv_ptr,
-    H, K, R, max_degree,
+    H, K, R,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -67,8 +67,8 @@ def _painn_kernel(
     dvx = tl.zeros((BLOCK_H,), dtype=ACC)
     dvy = tl.zeros((BLOCK_H,), dtype=ACC)
     dvz = tl.zeros((BLOCK_H,), dtype=ACC)
-    for offset in range(0, max_degree, BLOCK_E):
-        rows = start + offset + tl.arange(0, BLOCK_E)
+    for first in range(start, end, BLOCK_E):  # this node's edges only
+        rows = first + tl.arange(0, BLOCK_E)
         ok = rows < end
         rows64 = rows.to(tl.int64)
         eh_ok = ok[:, None] & col_ok[None, :]
@@ -305,7 +305,7 @@ class PaiNNMessage(torch.autograd.Function):
         dv = phi.new_empty((num_nodes, 3, h))
         if num_nodes == 0 or h == 0:
             return ds, dv
-        ptr, max_degree = csr_pointers(edge_index[1], num_nodes)
+        ptr = csr_pointers(edge_index[1], num_nodes)
         acc = tl.float64 if phi.dtype == torch.float64 else tl.float32
         block_h = block(h, high=32)
         grid = (num_nodes, triton.cdiv(h, block_h))
@@ -313,7 +313,7 @@ class PaiNNMessage(torch.autograd.Function):
             phi.contiguous(), v.contiguous(), rbf.contiguous(), env.contiguous(),
             unit.contiguous(), edge_index[0].contiguous(), ptr,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), ds, dv,
-            h, rbf.shape[1], w1.shape[0], max_degree,
+            h, rbf.shape[1], w1.shape[0],
             ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
             BLOCK_H=block_h, ACC=acc,
         )  # fmt: skip

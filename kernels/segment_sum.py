@@ -24,15 +24,14 @@ def _csr_sum_kernel(
     ptr_ptr,
     out_ptr,
     H,
-    max_degree,
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
     ACC: tl.constexpr,
 ):
     node, cols, col_ok, start, end = node_program(ptr_ptr, H, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=ACC)
-    for offset in range(0, max_degree, BLOCK_E):
-        rows = start + offset + tl.arange(0, BLOCK_E)
+    for first in range(start, end, BLOCK_E):  # this node's edges only
+        rows = first + tl.arange(0, BLOCK_E)
         ok = (rows < end)[:, None] & col_ok[None, :]
         block = tl.load(src_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=ok, other=0)
         acc += tl.sum(block.to(ACC), axis=0)
@@ -67,11 +66,11 @@ def _launch(
     acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
     block_h = _block_h(h)
     if is_sorted:
-        ptr, max_degree = csr_pointers(index, num_segments)  # [N + 1] CSR row pointers
+        ptr = csr_pointers(index, num_segments)  # [N + 1] CSR row pointers
         out = torch.empty((num_segments, h), device=src.device, dtype=src.dtype)
         grid = (num_segments, triton.cdiv(h, block_h))
         acc = tl.float64 if src.dtype == torch.float64 else tl.float32
-        _csr_sum_kernel[grid](flat, ptr, out, h, max_degree, BLOCK_E=16, BLOCK_H=block_h, ACC=acc)
+        _csr_sum_kernel[grid](flat, ptr, out, h, BLOCK_E=16, BLOCK_H=block_h, ACC=acc)
     else:
         out = torch.zeros((num_segments, h), device=src.device, dtype=acc_dtype)
         grid = (triton.cdiv(e, 32), triton.cdiv(h, block_h))
