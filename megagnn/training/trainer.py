@@ -122,12 +122,12 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
-        if cfg.train.kernels == "triton" and self.device.type != "cuda":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(
-                    "train.kernels=triton without CUDA needs TRITON_INTERPRET=1 in the "
-                    "environment (the interpreter: slow, for tests); use 'auto' or 'torch'"
-                )
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if cfg.train.kernels == "triton" and self.device.type != "cuda" and not interpreted:
+            raise ValueError(
+                "train.kernels=triton without CUDA needs TRITON_INTERPRET=1 in the "
+                "environment (the interpreter: slow, for tests); use 'auto' or 'torch'"
+            )
         ops.set_backend(cfg.train.kernels)
         self.autocast = (
             partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
