@@ -6,8 +6,6 @@ of short Langevin MD, with energies, forces and stresses. Runs offline in second
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from ase import Atoms, units
 from ase.build import bulk
@@ -18,7 +16,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from tqdm import tqdm
 
-from megagnn.data.shards import atomic_write_extxyz
+from megagnn.data.shards import generate_extxyz_main
 
 ELEMENTS = ["Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au"]
 
@@ -88,16 +86,11 @@ def generate(n: int, seed: int = 0, md_fraction: float = 0.4, progress: bool = T
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    return generate_extxyz_main(
+        argv,
+        generate,
         description="Generate the default dataset: fcc alloys (Al Ni Cu Pd Ag Pt Au) "
         "labelled with ASE's EMT calculator, written as extxyz with energy, forces, stress.",
+        default_num=1500,
+        noun="structures",
     )
-    p.add_argument("-o", "--out", required=True, help="output .extxyz file")
-    p.add_argument("-n", "--num", type=int, default=1500, help="number of structures")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = p.parse_args(argv)
-    structures = generate(args.num, args.seed, progress=not args.no_progress)
-    count = atomic_write_extxyz(args.out, structures)
-    print(f"wrote {count} structures to {args.out}")
-    return 0

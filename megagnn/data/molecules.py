@@ -9,8 +9,6 @@ Needs ``pip install tblite`` (in megagnn's [test] and [molecules] extras).
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from ase import Atoms
 from ase.build import molecule
@@ -18,7 +16,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.collections import g2
 from tqdm import tqdm
 
-from megagnn.data.shards import atomic_write_extxyz
+from megagnn.data.shards import generate_extxyz_main
 
 ELEMENTS = {"H", "C", "N", "O"}
 MAX_ATOMS = 12
@@ -60,16 +58,11 @@ def generate(n: int, seed: int = 0, progress: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    return generate_extxyz_main(
+        argv,
+        generate,
         description="Generate the molecular dataset: distorted G2 molecules (H C N O, up to "
         f"{MAX_ATOMS} atoms) labelled with GFN2-xTB (tblite), as extxyz with energy and forces.",
+        default_num=500,
+        noun="molecules",
     )
-    p.add_argument("-o", "--out", required=True, help="output .extxyz file")
-    p.add_argument("-n", "--num", type=int, default=500, help="number of molecules")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = p.parse_args(argv)
-    molecules = generate(args.num, args.seed, progress=not args.no_progress)
-    count = atomic_write_extxyz(args.out, molecules)
-    print(f"wrote {count} molecules to {args.out}")
-    return 0

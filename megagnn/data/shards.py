@@ -237,6 +237,26 @@ class ShardWriter:
             self.close()
 
 
+def generate_extxyz_main(
+    argv: list[str] | None, generate, *, description: str, default_num: int, noun: str
+) -> int:
+    """The command line of a reference-data generator: ``generate(n, seed, progress=...)``
+    yields labelled structures, written atomically to ``--out`` as extxyz."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("-o", "--out", required=True, help="output .extxyz file")
+    p.add_argument("-n", "--num", type=int, default=default_num, help=f"number of {noun}")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    count = atomic_write_extxyz(
+        args.out, generate(args.num, args.seed, progress=not args.no_progress)
+    )
+    print(f"wrote {count} {noun} to {args.out}")
+    return 0
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / MANIFEST if path.is_dir() else path
