@@ -318,7 +318,7 @@ def test_fused_ops_keep_no_per_edge_tensor(op):
 def test_fused_ops_with_bf16_features(op):
     """Under bf16 autocast the node features arrive in bf16 while the basis and the filter
     weights stay fp32: forward and backward run and match the reference (fp32 inside)."""
-    name, fused, reference, leaves, args = _fused_ops(nodes=12, edges=150, h=24)[op]
+    name, fused, reference, _, args = _fused_ops(nodes=12, edges=150, h=24)[op]
     n_features = 2 if name == "painn" else 1  # phi (and v) are node features
     args = [t.bfloat16() if i < n_features else t for i, t in enumerate(args)]
     results = []
