@@ -19,14 +19,16 @@ from megagnn.inference import MegaGNNCalculator
 
 def held_out_structure(run: str) -> Atoms:
     from megagnn.config import config_from_dict
-    from megagnn.data.sampler import split_indices
     from megagnn.data.shards import ShardedDataset
     from megagnn.training.checkpoint import read_common
+    from megagnn.training.sources import read_splits
 
     cfg = config_from_dict(read_common(run)["config"])
     data = ShardedDataset(cfg.data.path)
-    index = int(split_indices(len(data), cfg.data.split, cfg.data.split_seed)["test"][0])
-    rec = data[index]
+    splits = read_splits(run)
+    if splits is None or not len(splits["test"]):
+        raise SystemExit(f"{run} records no test split (splits.npz); pass --structure")
+    rec = data[int(splits["test"][0])]
     return Atoms(
         numbers=rec["atomic_numbers"], positions=rec["positions"], cell=rec["cell"], pbc=rec["pbc"]
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -84,7 +85,13 @@ def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) 
         os.fsync(f.fileno())
     os.replace(tmp, out_dir / WEIGHTS)
     config = {"config": common["config"], "step": common["step"], "source": str(path)}
+    if "statistics" in common:  # the training split's statistics travel with the weights
+        config["statistics"] = common["statistics"]
     (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
+    for run in [path, *path.resolve().parents[:2]]:  # the run's split, for evaluation
+        if (run / "splits.npz").is_file():
+            shutil.copyfile(run / "splits.npz", out_dir / "splits.npz")
+            break
     return out_dir / WEIGHTS
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,8 +17,17 @@ from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError
 from megagnn.inference.calculator import load_model
 from megagnn.training.checkpoint import CheckpointError, read_common
-from megagnn.training.sources import dataset_entries
+from megagnn.training.sources import SPLITS, dataset_entries, read_splits
 from megagnn.training.trainer import DTYPES, DataSplits, default_device, evaluate
+
+
+def recorded_run(path: str) -> Path | None:
+    """The run folder holding the split a checkpoint was trained with: ``path`` itself, or
+    the run above a checkpoint folder (None for runs that predate splits.npz)."""
+    for folder in [Path(path), *Path(path).resolve().parents[:2]]:
+        if (folder / SPLITS).is_file():
+            return folder
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         # a multi-dataset run is evaluated on each of its datasets, through its own head
         entries = [(cfg.data.path, 0, 1.0)] if args.data else dataset_entries(cfg)
         metrics = {"split": args.split, "step": state["step"]}
+        run_dir = None if args.data else recorded_run(args.run)
         for path, head, _ in entries:
-            data = DataSplits(cfg, path=path, head=head)
+            recorded = None
+            if run_dir is not None:  # the split the run trained with, not a recomputed one
+                recorded = read_splits(run_dir, cfg.model.heads[head] if len(entries) > 1 else None)
+            data = DataSplits(cfg, path=path, head=head, recorded=recorded)
             sampler = data.sampler(args.split, shuffle=False)
             result = evaluate(model, data.graphs, sampler, device, dtype, progress=True)
             result["structures"] = len(data.indices[args.split])

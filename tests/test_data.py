@@ -11,8 +11,10 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 from megagnn.data import DataError, ShardedDataset, read_manifest
 from megagnn.data.neighbors import neighbor_list
 from megagnn.data.preprocess import main as preprocess_main
-from megagnn.data.preprocess import preprocess
-from megagnn.data.sampler import BudgetBatchSampler, pack_batches, split_indices
+from megagnn.data.preprocess import merge, preprocess
+from megagnn.data.sampler import BudgetBatchSampler, pack_batches
+from megagnn.data.splits import assert_groups_disjoint, group_hash, split_by_group, train_subset
+from megagnn.data.statistics import training_statistics
 
 
 def test_round_trip(emt_extxyz, emt_dataset):
@@ -35,21 +37,34 @@ def test_round_trip(emt_extxyz, emt_dataset):
     np.testing.assert_array_equal(data.sizes("n_edges"), counts)
 
 
-def test_reference_energies_are_least_squares(emt_extxyz, emt_dataset):
+def test_statistics_are_least_squares_over_the_training_records_only(emt_extxyz, emt_dataset):
     originals = ase.io.read(emt_extxyz, index=":")
-    m = read_manifest(emt_dataset)
-    elements = m["elements"]
-    a = np.array([[np.sum(at.numbers == z) for z in elements] for at in originals], float)
-    e = np.array([at.get_potential_energy() for at in originals])
+    data = ShardedDataset(emt_dataset)
+    train = np.arange(3, 37, 2)  # both shards, not contiguous
+    stats = training_statistics(data, train, cutoff=4.0)
+    chosen = [originals[i] for i in train]
+    elements = stats["elements"]
+    a = np.array([[np.sum(at.numbers == z) for z in elements] for at in chosen], float)
+    e = np.array([at.get_potential_energy() for at in chosen])
     expected = np.linalg.lstsq(a, e, rcond=None)[0]
-    got = np.array([m["atomic_energies"][str(z)] for z in elements])
+    got = np.array([stats["atomic_energies"][str(z)] for z in elements])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     residual = (e - a @ expected) / a.sum(1)
-    assert m["energy_per_atom_residual_rms"] == pytest.approx(
+    assert stats["energy_per_atom_residual_rms"] == pytest.approx(
         np.sqrt(np.mean(residual**2)), rel=1e-4
     )
-    forces = np.concatenate([at.get_forces() for at in originals])
-    assert m["force_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)))
+    forces = np.concatenate([at.get_forces() for at in chosen])
+    assert stats["force_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)))
+    assert stats["n_atoms"] == sum(len(at) for at in chosen)
+    edges = sum(len(neighbor_list(at.positions, at.cell[:], at.pbc, 4.0)[0][0]) for at in chosen)
+    assert stats["avg_num_neighbors"] == pytest.approx(edges / stats["n_atoms"])
+    # without edge counts at this cutoff, neighbour lists of a sample give the same average
+    sampled = training_statistics(data, train, cutoff=4.0 + 1e-9, sample=len(train))
+    assert sampled["avg_num_neighbors"] == pytest.approx(stats["avg_num_neighbors"], rel=1e-6)
+    assert "sampled" in sampled["avg_num_neighbors_from"]
+    # the whole data gives other statistics: the selection is what is fitted
+    every = training_statistics(data, np.arange(len(data)), cutoff=4.0)
+    assert every["force_rms"] != pytest.approx(stats["force_rms"], rel=1e-6)
 
 
 def _labelled(atoms, energy=-1.0, forces=None, stress=None):
@@ -158,11 +173,12 @@ def test_refuses_to_overwrite_a_dataset(emt_dataset, emt_extxyz):
 def test_corrupt_shard_and_manifest_are_named(tmp_path, emt_extxyz):
     out = tmp_path / "d"
     preprocess([str(emt_extxyz)], out, shard_size=25, progress=False)
-    shard = out / "shard-00001.h5"
+    name = read_manifest(out)["shards"][1]["file"]
+    shard = out / name
     shard.write_bytes(shard.read_bytes()[:1000])
     data = ShardedDataset(out)
     data[0]
-    with pytest.raises(DataError, match="shard-00001.h5"):
+    with pytest.raises(DataError, match=name):
         data[30]
     (out / "dataset.json").write_text("{ truncated")
     with pytest.raises(DataError, match="dataset.json is corrupt"):
@@ -209,15 +225,92 @@ def test_neighbor_list_matches_ase(atoms):
     assert np.all(np.diff(edge_index[1]) >= 0)  # sorted by receiver
 
 
-def test_split_is_disjoint_and_seeded():
-    s = split_indices(101, [0.8, 0.1, 0.1], seed=3)
+def test_split_keeps_groups_whole_seeded_and_stable_when_data_is_appended():
+    rng = np.random.default_rng(0)
+    groups = np.array([group_hash(f"traj-{k}") for k in rng.integers(0, 400, 3000)], np.uint64)
+    s = split_by_group(groups, [0.8, 0.1, 0.1], seed=3)
     every = np.concatenate(list(s.values()))
-    assert sorted(every.tolist()) == list(range(101))
-    assert (len(s["val"]), len(s["test"])) == (10, 10)
-    assert all(
-        np.array_equal(a, b)
-        for a, b in zip(s.values(), split_indices(101, [0.8, 0.1, 0.1], 3).values(), strict=True)
-    )
+    assert sorted(every.tolist()) == list(range(3000))
+    assert_groups_disjoint(s, groups)
+    n_groups = {k: len(np.unique(groups[v])) for k, v in s.items()}
+    assert 0.7 < n_groups["train"] / 400 < 0.9 and n_groups["val"] > 20 and n_groups["test"] > 20
+    again = split_by_group(groups, [0.8, 0.1, 0.1], seed=3)
+    assert all(np.array_equal(s[k], again[k]) for k in s)
+    other = split_by_group(groups, [0.8, 0.1, 0.1], seed=4)
+    assert not np.array_equal(s["test"], other["test"])
+    # new shards (new groups and more frames of old ones) move no old record between splits
+    more = np.array([group_hash(f"traj-{k}") for k in rng.integers(0, 600, 1000)], np.uint64)
+    grown = split_by_group(np.concatenate([groups, more]), [0.8, 0.1, 0.1], seed=3)
+    for k in s:
+        np.testing.assert_array_equal(grown[k][grown[k] < 3000], s[k])
+    with pytest.raises(AssertionError, match="is in both"):
+        assert_groups_disjoint({"train": np.array([0]), "test": np.array([1])}, groups[[7, 7]])
+
+
+def test_preprocess_reads_groups_from_the_info_key(tmp_path):
+    records = []
+    for k in range(6):
+        atoms = _good()
+        atoms.info["traj"] = f"t{k // 3}"
+        records.append(atoms)
+    ase.io.write(tmp_path / "in.extxyz", records)
+    preprocess([str(tmp_path / "in.extxyz")], tmp_path / "a", group_key="traj", progress=False)
+    preprocess([str(tmp_path / "in.extxyz")], tmp_path / "b", progress=False)  # no such key
+    by_key, alone = ShardedDataset(tmp_path / "a").groups(), ShardedDataset(tmp_path / "b").groups()
+    assert len(set(by_key.tolist())) == 2 and by_key[0] == by_key[2] != by_key[3]
+    assert by_key[0] == group_hash("t0")
+    assert len(set(alone.tolist())) == 6  # each structure its own group
+
+
+def test_built_in_data_groups_md_frames_and_no_group_crosses_splits(emt_dataset):
+    from megagnn.config import load_config
+    from megagnn.training.sources import DataSplits
+
+    cfg = load_config(None, [f"data.path={emt_dataset}", "data.split=[0.7, 0.15, 0.15]"])
+    data = DataSplits(cfg)
+    groups = data.dataset.groups()
+    _, counts = np.unique(groups, return_counts=True)
+    assert counts.max() == 5  # the frames of one MD trajectory share a group
+    assert_groups_disjoint(data.indices, groups)
+    assert all(len(v) for v in data.indices.values())
+
+
+def _dataset_arrays(path):
+    data = ShardedDataset(path)
+    records = [data[i] for i in range(len(data))]
+    return data.groups(), data.sizes("n_edges"), records
+
+
+@pytest.mark.parametrize("how", ["workers", "parts"])
+def test_parallel_preprocessing_writes_the_serial_dataset(tmp_path, emt_extxyz, how):
+    serial = tmp_path / "serial"
+    preprocess([str(emt_extxyz)], serial, shard_size=7, cutoff=4.0, progress=False)
+    out = tmp_path / how
+    if how == "workers":
+        preprocess([str(emt_extxyz)], out, shard_size=7, cutoff=4.0, progress=False, workers=2)
+    else:
+        for k in (2, 0):  # any order, independent jobs
+            preprocess([str(emt_extxyz)], out, 7, 4.0, progress=False, part=(k, 3))
+        with pytest.raises(DataError, match=r"parts \[1\] of 3 have not finished"):
+            merge(out)
+        preprocess([str(emt_extxyz)], out, 7, 4.0, progress=False, part=(1, 3))
+        merge(out)
+    a, b = _dataset_arrays(serial), _dataset_arrays(out)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    for ra, rb in zip(a[2], b[2], strict=True):
+        for key in ra:
+            np.testing.assert_array_equal(ra[key], rb[key])
+    ma, mb = read_manifest(serial), read_manifest(out)
+    assert ma["n_structures"] == mb["n_structures"] == 40 and ma["elements"] == mb["elements"]
+
+
+def test_merge_refuses_parts_run_with_other_options(tmp_path, emt_extxyz):
+    out = tmp_path / "d"
+    preprocess([str(emt_extxyz)], out, 10, 4.0, progress=False, part=(0, 2))
+    preprocess([str(emt_extxyz)], out, 10, 5.0, progress=False, part=(1, 2))
+    with pytest.raises(DataError, match="options"):
+        merge(out)
 
 
 def test_pack_batches_respects_budgets():
@@ -263,17 +356,18 @@ def test_collate_refuses_edges_not_sorted_by_receiver():
         collate([g])
 
 
-def test_train_fractions_are_nested_seeded_subsets():
-    from megagnn.data.sampler import train_subset
-
-    train = np.arange(0, 200, 2)
-    quarter, half = train_subset(train, 0.25, seed=3), train_subset(train, 0.5, seed=3)
-    assert len(quarter) == 25 and len(half) == 50
+def test_train_fractions_are_nested_seeded_subsets_of_whole_groups():
+    train = np.arange(0, 4000, 2)
+    groups = np.array([group_hash(f"g{k // 4}") for k in range(len(train))], np.uint64)  # 4 each
+    quarter = train_subset(train, groups, 0.25, seed=3)
+    half = train_subset(train, groups, 0.5, seed=3)
+    assert 0.2 < len(quarter) / len(train) < 0.3 and 0.45 < len(half) / len(train) < 0.55
     assert set(quarter) <= set(half) <= set(train)
-    assert not np.array_equal(quarter, train[:25])  # drawn, not the first shard's structures
-    np.testing.assert_array_equal(train_subset(train, 0.25, seed=3), quarter)
-    assert len(train_subset(train, 1e-6, seed=0)) == 1
-    assert train_subset(train, 1.0, seed=0) is train
+    assert len(quarter) % 4 == 0  # whole groups
+    assert not np.array_equal(quarter, train[: len(quarter)])  # drawn, not the first records
+    np.testing.assert_array_equal(train_subset(train, groups, 0.25, seed=3), quarter)
+    assert len(train_subset(train, groups, 1e-9, seed=0)) == 4  # at least one group
+    assert train_subset(train, groups, 1.0, seed=0) is train
 
 
 def test_open_shards_are_bounded_and_reads_survive_eviction(tmp_path, emt_extxyz):

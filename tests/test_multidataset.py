@@ -18,19 +18,24 @@ def molecule_dataset(tmp_path_factory):
     from megagnn.data.molecules import generate
 
     raw = tmp_path_factory.mktemp("mol") / "raw.extxyz"
-    ase.io.write(raw, list(generate(16, seed=0, progress=False)))
+    ase.io.write(raw, list(generate(32, seed=0, progress=False)))
     out = raw.parent / "processed"
     preprocess([str(raw)], out, cutoff=4.0, progress=False)
     return out
 
 
-def config(tmp_path, metals, molecules, *extra):
+def config(tmp_path, metals, molecules, *extra, reverse=False):
+    entries = [
+        f"{{path: {metals}, head: metals, weight: 3}}",
+        f"{{path: {molecules}, head: molecules, weight: 1}}",
+    ]
+    if reverse:
+        entries.reverse()
     return load_config(
         None,
         [
             "model.heads=[metals, molecules]",
-            f"data.datasets=[{{path: {metals}, head: metals, weight: 3}}, "
-            f"{{path: {molecules}, head: molecules, weight: 1}}]",
+            f"data.datasets=[{', '.join(entries)}]",
             "model.hidden=8",
             "model.layers=1",
             "model.cutoff=4.0",
@@ -83,7 +88,26 @@ def test_batches_follow_the_weights_and_carry_their_head(emt_dataset, molecule_d
     draws = [b[K.HEAD][0].item() for b in again.next_batches()]
     rng = np.random.default_rng([0, 7])
     assert draws == rng.choice(2, size=4, p=[0.75, 0.25]).tolist()  # seeded by the step
-    assert torch.is_tensor(trainer.potential.scale)
+    # each head's scale is its own dataset's training-split force RMS
+    stats = {d["head"]: d for d in trainer.statistics["datasets"]}
+    scale = trainer.potential.scale.tolist()
+    assert scale[0] == pytest.approx(stats["metals"]["force_rms"])
+    assert scale[1] == pytest.approx(stats["molecules"]["force_rms"])
+    assert abs(scale[0] - scale[1]) > 0.1 * scale[0]
+
+
+def test_statistics_do_not_depend_on_the_order_of_the_datasets(
+    emt_dataset, molecule_dataset, tmp_path
+):
+    a = Trainer(config(tmp_path / "a", emt_dataset, molecule_dataset))
+    b = Trainer(config(tmp_path / "b", emt_dataset, molecule_dataset, reverse=True))
+    for name, value in a.potential.named_buffers():
+        assert torch.equal(value, dict(b.potential.named_buffers())[name]), name
+    # the neighbour normaliser pools both datasets' training atoms (~40 neighbours in the
+    # metals, far fewer in the molecules): neither dataset's own value
+    per = [d["avg_num_neighbors"] for d in a.statistics["datasets"]]
+    pooled = float(a.potential.avg_num_neighbors)
+    assert min(per) < pooled < max(per)
 
 
 def test_unknown_head_is_a_config_error(emt_dataset, tmp_path):

@@ -182,20 +182,45 @@ def test_batch_equals_singles(family, forces):
         start += len(a)
 
 
-def test_isolated_atom_energy_is_reference():
-    model = make_model("painn")
-    out = predict(model, Atoms("Cu", positions=[[0, 0, 0]]))
-    # no neighbours: energy is the readout of the embedding only, and the force is zero
+@pytest.mark.parametrize("family", FAMILIES)
+def test_isolated_atom_energy_is_reference(family):
+    """An atom with no neighbours gets its element's reference energy plus the scaled readout
+    of its own embedding (no message reaches it), and no force; atoms out of each other's
+    reach add up."""
+    model = make_model(family)
+    batch = to_device(atoms_to_graph(Atoms("Au"), CUTOFF), "cpu", torch.float64)
+    out = model(batch)
     assert torch.all(out[K.FORCES] == 0)
-    assert torch.isfinite(out[K.ENERGY]).all()
+    with torch.no_grad():
+        edges, _ = model.edges(batch, batch[K.POSITIONS], batch[K.CELL])
+        state = model.run_blocks(model.backbone.blocks, model.embed(batch[K.ATOMIC_NUMBERS]), edges)
+        y = model.energy_head(model.backbone.scalars(state), batch[K.HEAD]).item()
+    # E_ref(Au) = -2.0 and scale 0.7, as make_model sets them
+    assert out[K.ENERGY].item() == pytest.approx(-2.0 + 0.7 * y, rel=1e-12, abs=1e-12)
+    pair = predict(model, Atoms("AuCu", positions=[[0, 0, 0], [CUTOFF + 0.5, 0, 0]]))
+    alone = predict(model, Atoms("Cu"))[K.ENERGY] + out[K.ENERGY]
+    assert pair[K.ENERGY].item() == pytest.approx(alone.item(), rel=1e-12, abs=1e-12)
+    # with a zero readout the energy of any isolated atoms is exactly their references
+    with torch.no_grad():
+        for p in model.energy_head.mlps[0][-1].parameters():
+            p.zero_()
+    assert predict(model, Atoms("AuCu", positions=[[0, 0, 0], [9, 0, 0]]))[K.ENERGY].item() == (
+        -2.0 - 3.5
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smooth_at_cutoff(family):
-    """An atom crossing the cutoff changes the energy continuously."""
+    """An atom crossing the cutoff changes energy and forces continuously: both go to the
+    isolated atoms' values (forces to zero), so MD sees no kick at the cutoff."""
     model = make_model(family)
-    energies = []
-    for d in (CUTOFF - 1e-6, CUTOFF + 1e-6):
+    energies, forces = [], []
+    for d in (CUTOFF - 1e-4, CUTOFF - 1e-6, CUTOFF + 1e-6):
         atoms = Atoms("CuCu", positions=[[0, 0, 0], [d, 0, 0]])
-        energies.append(predict(model, atoms)[K.ENERGY].item())
-    assert energies[0] == pytest.approx(energies[1], abs=1e-9)
+        out = predict(model, atoms)
+        energies.append(out[K.ENERGY].item())
+        forces.append(out[K.FORCES].detach().abs().max().item())
+    assert energies[1] == pytest.approx(energies[2], abs=1e-9)
+    assert forces[2] == 0
+    # the force vanishes continuously: tiny just inside, smaller the closer to the cutoff
+    assert forces[1] < 1e-9 and forces[1] < forces[0]

@@ -1,11 +1,14 @@
 import json
 import math
+import shutil
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
 from megagnn import keys as K
-from megagnn.config import load_config
+from megagnn.config import ConfigError, load_config
 from megagnn.data.shards import ShardedDataset
 from megagnn.evaluate import main as evaluate_main
 from megagnn.pretrain import main as pretrain_main
@@ -150,10 +153,82 @@ def test_cli_train_then_evaluate(emt_dataset, tmp_path, capsys):
     assert pretrain_main(["--set", "data.path=/no/such/dir"]) == 2
 
 
-def test_resume_refuses_a_different_model(emt_dataset, tmp_path):
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ("model.hidden=8", "model.hidden"),
+        ("data.split_seed=1", "data.split_seed"),
+        ("data.split=[0.8, 0.1, 0.1]", "data.split"),
+        ("data.train_fraction=0.5", "data.train_fraction"),
+    ],
+)
+def test_resume_refuses_another_model_or_other_data(emt_dataset, tmp_path, change, field):
     Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1")).train()
-    with pytest.raises(ValueError, match="model config differs"):
-        Trainer(tiny_config(emt_dataset, tmp_path, "model.hidden=8"))
+    with pytest.raises(ConfigError, match=rf"differs from the checkpoint's in {field}:"):
+        Trainer(tiny_config(emt_dataset, tmp_path, change))
+    # the loader's worker count changes nothing the model sees
+    Trainer(tiny_config(emt_dataset, tmp_path, "data.num_workers=1"))
+
+
+def test_resume_refuses_a_dataset_whose_split_changed(emt_dataset, tmp_path):
+    Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1")).train()
+    splits = dict(np.load(tmp_path / "splits.npz"))
+    splits["test"] = splits["test"][1:]
+    np.savez(tmp_path / "splits.npz", **splits)
+    with pytest.raises(ConfigError, match="test split .* differs from the one recorded"):
+        Trainer(tiny_config(emt_dataset, tmp_path))
+
+
+def test_run_records_its_split_and_training_statistics(emt_dataset, tmp_path, capsys):
+    trainer = Trainer(tiny_config(emt_dataset, tmp_path / "run", "train.max_steps=1"))
+    trainer.train()
+    data = trainer.sources[0].data
+    with np.load(tmp_path / "run" / "splits.npz") as f:
+        assert set(f) == {"train", "val", "test"}
+        for name in f:
+            np.testing.assert_array_equal(f[name], data.indices[name])
+    stats = json.loads((tmp_path / "run" / "statistics.json").read_text())
+    assert stats == trainer.statistics == read_common(tmp_path / "run")["statistics"]
+    assert stats["datasets"][0]["n_structures"] == len(data.indices["train"])
+    model = trainer.potential
+    assert float(model.scale[0]) == pytest.approx(stats["datasets"][0]["force_rms"])
+    assert float(model.avg_num_neighbors) == pytest.approx(stats["avg_num_neighbors"])
+    # evaluation reads the recorded split, not a recomputed one
+    splits = dict(np.load(tmp_path / "run" / "splits.npz"))
+    splits["test"] = np.array([0, 1, 2])
+    np.savez(tmp_path / "run" / "splits.npz", **splits)
+    capsys.readouterr()
+    assert evaluate_main(["--run", str(tmp_path / "run"), "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["structures"] == 3
+
+
+def test_held_out_labels_never_inform_the_model(emt_dataset, tmp_path):
+    """Statistics come from the training split: changing every validation and test label
+    leaves the model's reference energies, scale and normaliser bit for bit the same."""
+    clean = Trainer(tiny_config(emt_dataset, tmp_path / "a"))
+    changed = tmp_path / "changed"
+    shutil.copytree(emt_dataset, changed)
+    held_out = np.concatenate([clean.data.indices["val"], clean.data.indices["test"]])
+    data = ShardedDataset(changed)
+    for i in held_out.tolist():
+        k, local = data._locate(i)
+        with h5py.File(changed / data.manifest["shards"][k]["file"], "r+") as f:
+            f["energy"][local] += 50.0
+            a, b = f["atom_offsets"][local : local + 2]
+            f["forces"][a:b] *= 3.0
+    other = Trainer(tiny_config(changed, tmp_path / "b"))
+    assert len(held_out) and np.array_equal(
+        other.data.indices["train"], clean.data.indices["train"]
+    )
+    for name, value in clean.potential.named_buffers():
+        assert torch.equal(value, dict(other.potential.named_buffers())[name]), name
+    # the check can fail: the same change to one training record moves the statistics
+    other.data.dataset.close()
+    k, local = data._locate(int(clean.data.indices["train"][0]))
+    with h5py.File(changed / data.manifest["shards"][k]["file"], "r+") as f:
+        f["energy"][local] += 50.0
+    moved = Trainer(tiny_config(changed, tmp_path / "c"))
+    assert not torch.equal(moved.potential.atomic_energies, clean.potential.atomic_energies)
 
 
 def test_missing_or_broken_checkpoints_are_named(tmp_path):

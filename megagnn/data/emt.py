@@ -2,6 +2,9 @@
 
 Rattled and strained bulk cells (cubic and triclinic, some with a vacancy) and snapshots
 of short Langevin MD, with energies, forces and stresses. Runs offline in seconds.
+
+Every structure carries a group (``atoms.info["group"]``): the frames of one MD trajectory
+share one, a rattled cell has its own, so splits keep near-duplicate frames together.
 """
 
 from __future__ import annotations
@@ -58,28 +61,43 @@ def labelled(atoms: Atoms) -> Atoms:
     return atoms
 
 
+FRAMES_PER_TRAJECTORY = 5
+
+
+def with_group(atoms: Atoms, group: str) -> Atoms:
+    atoms.info["group"] = group
+    return atoms
+
+
 def generate(n: int, seed: int = 0, md_fraction: float = 0.4, progress: bool = True):
-    """Yield ``n`` labelled structures; about ``md_fraction`` of them are MD snapshots."""
+    """Yield ``n`` labelled structures; about ``md_fraction`` of them are MD snapshots
+    (``FRAMES_PER_TRAJECTORY`` frames 20 fs apart per trajectory, one group each)."""
     rng = np.random.default_rng(seed)
     bar = tqdm(total=n, desc="EMT data", unit=" structures", disable=not progress)
-    made = 0
+    # a parent cell starts a trajectory with probability p: p * F / (p * F + 1 - p) of the
+    # structures are then MD frames
+    frames = FRAMES_PER_TRAJECTORY
+    p_md = md_fraction / (frames - (frames - 1) * md_fraction) if md_fraction < 1 else 1.0
+    made = parent = 0
     while made < n:
         atoms = random_cell(rng)
-        if rng.random() < md_fraction:
+        group = f"emt-s{seed}-{parent}"
+        parent += 1
+        if rng.random() < p_md:
             atoms.calc = EMT()
             temperature = rng.uniform(300, 1500)
             thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
             dyn = Langevin(
                 atoms, 2 * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng
             )
-            for _ in range(min(5, n - made)):
+            for _ in range(min(frames, n - made)):
                 dyn.run(10)
-                yield labelled(atoms)
+                yield with_group(labelled(atoms), group)
                 made += 1
                 bar.update()
         else:
             atoms.rattle(stdev=rng.uniform(0.02, 0.2), seed=int(rng.integers(2**31)))
-            yield labelled(atoms)
+            yield with_group(labelled(atoms), group)
             made += 1
             bar.update()
     bar.close()

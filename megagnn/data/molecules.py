@@ -44,12 +44,15 @@ def calculator():
 
 def generate(n: int, seed: int = 0, progress: bool = True):
     """Yield ``n`` labelled molecules: random G2 templates, every atom displaced by Gaussian
-    noise of a random width (0.02-0.15 Å), so energies and forces span near-equilibrium."""
+    noise of a random width (0.02-0.15 Å), so energies and forces span near-equilibrium.
+    The distortions of one template are near-duplicates: they share its name as group."""
     rng = np.random.default_rng(seed)
     names = templates()
     calc = calculator()
     for _ in tqdm(range(n), desc="GFN2 data", unit=" molecules", disable=not progress):
-        atoms: Atoms = molecule(names[rng.integers(len(names))])
+        name = names[rng.integers(len(names))]
+        atoms: Atoms = molecule(name)
+        atoms.info["group"] = f"g2-{name}"
         atoms.positions += rng.normal(0, rng.uniform(0.02, 0.15), atoms.positions.shape)
         atoms.calc = calc
         energy, forces = atoms.get_potential_energy(), atoms.get_forces()

@@ -1,11 +1,25 @@
-"""ASE-readable files -> validated structures -> HDF5 shards + dataset.json."""
+"""ASE-readable files -> validated structures -> HDF5 shards + dataset.json.
+
+The inputs are cut into *chunks* (a range of frames of an extxyz file, found by a fast scan
+of its frame headers, or a whole file of another format), in dataset order. Each chunk is
+validated and written to its own shards by one worker, so the work spreads over
+``--workers`` processes on one machine, or over independent cluster jobs (``--part K/N``:
+job K takes every N-th chunk and writes its own part file) joined by ``--merge``, which
+writes the one manifest. Chunks never share state, so any split of the work gives the same
+dataset, record for record.
+"""
 
 from __future__ import annotations
 
 import argparse
 import glob
+import io
+import itertools
+import json
+import multiprocessing
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ase.io
@@ -15,7 +29,17 @@ from ase.stress import voigt_6_to_full_3x3_stress
 from tqdm import tqdm
 
 from megagnn.data.neighbors import neighbor_list
-from megagnn.data.shards import DataError, ShardWriter, Structure
+from megagnn.data.shards import (
+    MANIFEST,
+    DataError,
+    ShardWriter,
+    Structure,
+    atomic_write_json,
+    write_manifest,
+)
+
+EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
+PARTS = "parts"
 
 
 def _property(atoms: Atoms, name: str, key: str | None) -> np.ndarray | float | None:
@@ -37,6 +61,7 @@ def to_structure(
     energy_key: str = "energy",
     forces_key: str = "forces",
     stress_key: str = "stress",
+    group: str | None = None,
 ) -> Structure:
     """Validate one ASE structure; raise DataError saying what is wrong."""
     n = len(atoms)
@@ -94,27 +119,167 @@ def to_structure(
             what = f"atom {i} and its periodic image" if i == j else f"atoms {i} and {j}"
             raise DataError(f"{what} overlap ({d:.3f} Å < {min_distance} Å)")
 
-    return Structure(z.astype(np.int64), pos, cell, pbc, energy, forces, stress)
+    return Structure(z.astype(np.int64), pos, cell, pbc, energy, forces, stress, group)
 
 
-def iter_inputs(patterns: list[str]) -> Iterator[tuple[str, int, Atoms]]:
-    """(file, index, atoms) for every structure of every file matched by the patterns."""
+def input_files(patterns: list[str]) -> list[str]:
+    """The files matched by the patterns, in order (globs sorted)."""
     files: list[str] = []
     for p in patterns:
         matched = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         if not matched:
             raise DataError(f"no file matches {p!r}")
+        for path in matched:
+            if not Path(path).is_file():
+                raise DataError(f"input file {path} does not exist")
         files.extend(matched)
+    return files
+
+
+def extxyz_frames(path: str) -> list[int] | None:
+    """Byte offset of every frame of an (ext)xyz file, plus the end of the last one; None if
+    the file does not look like xyz (then it is read whole by ASE, which names the error)."""
+    offsets, pos = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                pos += len(line)
+                continue
+            try:
+                n = int(line)
+            except ValueError:
+                return None
+            offsets.append(pos)
+            pos += len(line)
+            body = list(itertools.islice(f, n + 1))  # comment line + atoms
+            if len(body) < n + 1:
+                return None  # truncated frame: let ASE report it
+            pos += sum(len(b) for b in body)
+    return offsets + [pos]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of the inputs written by one worker: frames [first, first + count) of
+    ``file`` (bytes [start, stop) of an extxyz file; start None: the whole file)."""
+
+    index: int
+    file: str
+    first: int
+    count: int | None
+    start: int | None = None
+    stop: int | None = None
+
+
+def plan_chunks(files: list[str], chunk_size: int) -> list[Chunk]:
+    """Cut the input files into chunks of at most ``chunk_size`` frames, in dataset order."""
+    chunks: list[Chunk] = []
     for path in files:
-        if not Path(path).exists():
-            raise DataError(f"input file {path} does not exist")
+        frames = extxyz_frames(path) if path.endswith(EXTXYZ_SUFFIXES) else None
+        if frames is None:
+            chunks.append(Chunk(len(chunks), path, 0, None))
+            continue
+        for first in range(0, len(frames) - 1, chunk_size):
+            last = min(first + chunk_size, len(frames) - 1)
+            chunk = Chunk(len(chunks), path, first, last - first, frames[first], frames[last])
+            chunks.append(chunk)
+    return chunks
+
+
+def _read_chunk(chunk: Chunk):
+    try:
+        if chunk.start is None:
+            yield from ase.io.iread(chunk.file, index=":")
+            return
+        with open(chunk.file, "rb") as f:
+            f.seek(chunk.start)
+            text = f.read(chunk.stop - chunk.start).decode()
+        yield from ase.io.iread(io.StringIO(text), index=":", format="extxyz")
+    except DataError:
+        raise
+    except Exception as e:  # ASE raises many types for unreadable files
+        raise DataError(f"{chunk.file}: cannot read ({type(e).__name__}: {e})") from e
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every chunk is written with (part files record it; --merge checks it)."""
+
+    out_dir: str
+    shard_size: int = 10000
+    cutoff: float | None = None
+    skip_invalid: bool = False
+    min_distance: float = 0.5
+    group_key: str = "group"
+
+
+def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | None = None) -> dict:
+    """Validate and write one chunk's shards; returns the writer's summary plus the chunk
+    index, records read and the skipped records (file and index)."""
+    writer = ShardWriter(
+        opts.out_dir, opts.shard_size, opts.cutoff, prefix=f"shard-{chunk.index:05d}"
+    )
+    skipped: list[str] = []
+    records = 0
+    for offset, atoms in enumerate(_read_chunk(chunk)):
+        index = chunk.first + offset
+        records += 1
+        group = atoms.info.get(opts.group_key)
+        # without a group each structure is its own: named by file and index, so appending
+        # files or records never renames an old structure's group
+        group = f"{Path(chunk.file).name}#{index}" if group is None else str(group)
         try:
-            for index, atoms in enumerate(ase.io.iread(path, index=":")):
-                yield path, index, atoms
-        except DataError:
-            raise
-        except Exception as e:  # ASE raises many types for unreadable files
-            raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+            s = to_structure(atoms, min_distance=opts.min_distance, group=group)
+        except DataError as e:
+            where = f"{chunk.file} record {index}: {e}"
+            if not opts.skip_invalid:
+                raise DataError(f"{where} (use --skip-invalid to drop bad records)") from e
+            skipped.append(where)
+            continue
+        writer.add(s)
+        if progress:
+            progress()
+    return {"chunk": chunk.index, "records": records, "skipped": skipped, **writer.summary()}
+
+
+def _process(args: tuple[Chunk, Options]) -> dict:
+    return process_chunk(*args)
+
+
+def _run_chunks(chunks: list[Chunk], opts: Options, workers: int, progress: bool) -> list[dict]:
+    bar = tqdm(
+        total=sum(c.count or 0 for c in chunks) or None,
+        desc="preprocess",
+        unit=" structures",
+        disable=not progress,
+    )
+    if workers <= 1:
+        summaries = [process_chunk(c, opts, bar.update) for c in chunks]
+    else:
+        # spawn: no inherited h5py/torch state in the workers
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            summaries = []
+            for summary in pool.imap(_process, [(c, opts) for c in chunks]):
+                summaries.append(summary)
+                bar.update(summary["records"])
+    bar.close()
+    return summaries
+
+
+def _report_skipped(skipped: list[str]) -> None:
+    for line in skipped[:20]:
+        print(f"skipped: {line}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more skipped records", file=sys.stderr)
+
+
+def _finish(out_dir: Path, summaries: list[dict], opts: Options, sources: list[str]) -> dict:
+    summaries = sorted(summaries, key=lambda s: s["chunk"])
+    skipped = [line for s in summaries for line in s["skipped"]]
+    metadata = {"sources": sources, "skipped": len(skipped), "group_key": opts.group_key}
+    manifest = write_manifest(out_dir, summaries, opts.cutoff, metadata)
+    _report_skipped(skipped)
+    return manifest
 
 
 def preprocess(
@@ -125,38 +290,85 @@ def preprocess(
     skip_invalid: bool = False,
     min_distance: float = 0.5,
     progress: bool = True,
+    workers: int = 1,
+    group_key: str = "group",
+    part: tuple[int, int] | None = None,
 ) -> dict:
-    """Convert ASE-readable inputs into a sharded dataset; return its manifest."""
-    skipped: list[str] = []
-    writer = ShardWriter(out_dir, shard_size=shard_size, cutoff=cutoff)
-    bar = tqdm(desc="preprocess", unit=" structures", disable=not progress)
-    for path, index, atoms in iter_inputs(inputs):
-        try:
-            s = to_structure(atoms, min_distance=min_distance)
-        except DataError as e:
-            where = f"{path} record {index}: {e}"
-            if not skip_invalid:
-                raise DataError(f"{where} (use --skip-invalid to drop bad records)") from e
-            skipped.append(where)
-            continue
-        writer.add(s)
-        bar.update()
-    bar.close()
-    writer.metadata = {"sources": inputs, "skipped": len(skipped)}
-    manifest = writer.close()
-    for line in skipped[:20]:
-        print(f"skipped: {line}", file=sys.stderr)
-    if len(skipped) > 20:
-        print(f"... and {len(skipped) - 20} more skipped records", file=sys.stderr)
-    return manifest
+    """Convert ASE-readable inputs into a sharded dataset; return its manifest.
+
+    ``part=(k, n)`` writes only every n-th chunk from the k-th on, and a part file instead
+    of the manifest; ``merge(out_dir)`` joins the n parts. Returns the part file's content
+    then.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).exists():
+        raise DataError(f"{out_dir} already holds a dataset; choose an empty folder")
+    opts = Options(str(out_dir), shard_size, cutoff, skip_invalid, min_distance, group_key)
+    files = input_files(inputs)
+    chunks = plan_chunks(files, shard_size)
+    if part is None:
+        return _finish(out_dir, _run_chunks(chunks, opts, workers, progress), opts, inputs)
+    k, n = part
+    if not 0 <= k < n:
+        raise DataError(f"--part {k}/{n}: K must lie in 0..N-1")
+    mine = [c for c in chunks if c.index % n == k]
+    summaries = _run_chunks(mine, opts, workers, progress)
+    record = {
+        "part": k,
+        "parts": n,
+        "chunks": len(chunks),
+        "options": asdict(opts),
+        "sources": inputs,
+        "summaries": summaries,
+    }
+    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / PARTS / f"part-{k:05d}-of-{n:05d}.json", record)
+    return record
+
+
+def merge(out_dir: str | Path) -> dict:
+    """Write the manifest of a dataset preprocessed as independent parts (``--part K/N``),
+    once every part has finished; refuses missing or inconsistent parts."""
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).exists():
+        raise DataError(f"{out_dir} already holds a dataset (merged already?)")
+    files = sorted((out_dir / PARTS).glob("part-*-of-*.json"))
+    if not files:
+        raise DataError(f"{out_dir / PARTS} holds no part files; run --part K/N jobs first")
+    parts = [json.loads(f.read_text()) for f in files]
+    first = parts[0]
+    n = first["parts"]
+    for p in parts:
+        for key in ("parts", "chunks", "options", "sources"):
+            if p[key] != first[key]:
+                raise DataError(
+                    f"part {p['part']} was run with {key}={p[key]!r}, part {first['part']} "
+                    f"with {first[key]!r}: rerun the parts with the same inputs and options"
+                )
+    missing = sorted(set(range(n)) - {p["part"] for p in parts})
+    if missing:
+        raise DataError(f"parts {missing} of {n} have not finished; run them, then merge")
+    summaries = [s for p in parts for s in p["summaries"]]
+    opts = Options(**first["options"])
+    return _finish(out_dir, summaries, opts, first["sources"])
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: write it as K/N, e.g. 3/16") from e
+    return k, n
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Validate ASE-readable structures (extxyz, ASE db, ...) and write them "
-        "as HDF5 shards plus a dataset.json manifest with per-element reference energies.",
+        "as HDF5 shards plus a dataset.json manifest. Records sharing a group (--group-key) "
+        "always land in the same train/val/test split. In parallel: --workers N on one "
+        "machine; on a cluster, N independent jobs with --part K/N, then one --merge.",
     )
-    p.add_argument("inputs", nargs="+", help="input files or glob patterns (quote globs)")
+    p.add_argument("inputs", nargs="*", help="input files or glob patterns (quote globs)")
     p.add_argument("-o", "--out", required=True, help="output folder (must not hold a dataset)")
     p.add_argument("--shard-size", type=int, default=10000, help="structures per shard")
     p.add_argument(
@@ -166,26 +378,53 @@ def main(argv: list[str] | None = None) -> int:
         help="also store edge counts for this cutoff (Å), enabling edge-budget batching",
     )
     p.add_argument(
+        "--group-key",
+        default="group",
+        help="atoms.info key naming a record's group (MD trajectory, parent structure); "
+        "records without it are each their own group (default: %(default)s)",
+    )
+    p.add_argument(
         "--skip-invalid", action="store_true", help="drop and count bad records instead of failing"
     )
     p.add_argument(
         "--min-distance", type=float, default=0.5, help="reject atoms closer than this (Å)"
     )
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument(
+        "--part",
+        type=_part,
+        help="K/N: write only part K of N (an independent cluster job); then run --merge",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="join the finished --part jobs into one manifest"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
+    if args.merge == bool(args.inputs):
+        p.error("give input files, or --merge without inputs")
     try:
-        m = preprocess(
-            args.inputs,
-            args.out,
-            shard_size=args.shard_size,
-            cutoff=args.cutoff,
-            skip_invalid=args.skip_invalid,
-            min_distance=args.min_distance,
-            progress=not args.no_progress,
-        )
+        if args.merge:
+            m = merge(args.out)
+        else:
+            m = preprocess(
+                args.inputs,
+                args.out,
+                shard_size=args.shard_size,
+                cutoff=args.cutoff,
+                skip_invalid=args.skip_invalid,
+                min_distance=args.min_distance,
+                progress=not args.no_progress,
+                workers=args.workers,
+                group_key=args.group_key,
+                part=args.part,
+            )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.part is not None:
+        done = sum(len(s["shards"]) for s in m["summaries"])
+        print(f"part {m['part']}/{m['parts']}: wrote {done} shard(s); run --merge when all end")
+        return 0
     print(
         f"wrote {m['n_structures']} structures ({m['n_atoms']} atoms) in {len(m['shards'])} "
         f"shard(s) to {args.out}; skipped {m['skipped']}; elements {m['elements']}"

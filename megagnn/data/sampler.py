@@ -1,4 +1,4 @@
-"""Seeded splits and batches packed to an atom/edge budget, deterministic and resumable."""
+"""Batches packed to an atom/edge budget, deterministic and resumable (splits: splits.py)."""
 
 from __future__ import annotations
 
@@ -10,29 +10,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from megagnn.data.graph import collate, structure_to_graph
 from megagnn.data.shards import ShardedDataset
-
-
-def split_indices(n: int, fractions: list[float], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint train/val/test index sets drawn by a seeded permutation."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(fractions[1] * n))
-    n_test = int(round(fractions[2] * n))
-    n_train = n - n_val - n_test
-    return {
-        "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train : n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val :]),
-    }
-
-
-def train_subset(train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A seeded ``fraction`` of the train indices (at least one); for one seed the subsets
-    are nested, so a larger fraction adds structures and drops none."""
-    if fraction >= 1:
-        return train
-    keep = max(1, int(round(fraction * len(train))))
-    order = np.random.default_rng([seed, 1]).permutation(len(train))
-    return np.sort(train[order[:keep]])
 
 
 def pack_batches(

@@ -9,7 +9,11 @@ A shard holds contiguous arrays so that one read fetches a whole batch:
     pbc             [S, 3] bool
     energy          [S] float64 eV
     stress          [S, 3, 3] float64 eV/Å^3 (NaN where a structure has none)
+    group_hash      [S] uint64, hash of the structure's group id (megagnn.data.splits)
     n_edges         [S] int64, directed edges within manifest["cutoff"] (if preprocessed with one)
+
+The manifest describes the data (counts, elements, labels present) but fits nothing to it:
+reference energies and scales come from a run's training split (megagnn.data.statistics).
 
 A shard is written under a temporary name and renamed when complete, and the manifest is
 written last the same way, so a crash never leaves files that look complete.
@@ -20,14 +24,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_Z = 118
+READABLE_VERSIONS = (1, 2)  # 1: no group_hash (each structure its own group)
 MANIFEST = "dataset.json"
 
 
@@ -46,6 +52,7 @@ class Structure:
     energy: float  # eV
     forces: np.ndarray | None = None  # [n, 3] eV/Å
     stress: np.ndarray | None = None  # [3, 3] eV/Å^3
+    group: str | None = None  # near-duplicates (one MD trajectory, one parent) share one
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -72,67 +79,14 @@ def atomic_write_extxyz(path: str | Path, structures: Iterable) -> int:
     return count
 
 
-@dataclass
-class _Stats:
-    """One-pass statistics: least-squares reference energies and residual scales.
-
-    Accumulates the normal equations of E_s ≈ Σ_z c_sz e_z, plus the moments needed to get
-    the per-atom residual variance after solving, so memory does not grow with the data.
-    """
-
-    size: int = 119
-    ata: np.ndarray = field(default_factory=lambda: np.zeros((119, 119)))
-    atb: np.ndarray = field(default_factory=lambda: np.zeros(119))
-    # moments of the per-atom residual (E - c.e) / n
-    m_ee: float = 0.0
-    m_ce: np.ndarray = field(default_factory=lambda: np.zeros(119))
-    m_cc: np.ndarray = field(default_factory=lambda: np.zeros((119, 119)))
-    n_structures: int = 0
-    n_atoms: int = 0
-    force_sq: float = 0.0
-    force_count: int = 0
-    n_edges: int = 0
-
-    def add(self, s: Structure) -> None:
-        c = np.bincount(s.atomic_numbers, minlength=self.size).astype(np.float64)
-        n = len(s.atomic_numbers)
-        self.ata += np.outer(c, c)
-        self.atb += c * s.energy
-        self.m_ee += (s.energy / n) ** 2
-        self.m_ce += c * s.energy / n**2
-        self.m_cc += np.outer(c, c) / n**2
-        self.n_structures += 1
-        self.n_atoms += n
-        if s.forces is not None:
-            self.force_sq += float((s.forces**2).sum())
-            self.force_count += s.forces.size
-
-    def finish(self) -> dict:
-        present = np.flatnonzero(np.diag(self.ata) > 0)
-        a = self.ata[np.ix_(present, present)]
-        # a tiny ridge keeps collinear compositions (e.g. only one alloy ratio) solvable
-        ridge = 1e-8 * np.trace(a) / max(len(present), 1)
-        e = np.linalg.solve(a + ridge * np.eye(len(present)), self.atb[present])
-        full = np.zeros(self.size)
-        full[present] = e
-        var = (self.m_ee - 2 * full @ self.m_ce + full @ self.m_cc @ full) / max(
-            self.n_structures, 1
-        )
-        return {
-            "elements": [int(z) for z in present],
-            "atomic_energies": {str(int(z)): float(v) for z, v in zip(present, e, strict=True)},
-            "energy_per_atom_residual_rms": float(np.sqrt(max(var, 0.0))),
-            "force_rms": float(np.sqrt(self.force_sq / self.force_count))
-            if self.force_count
-            else None,
-        }
-
-
 class ShardWriter:
     """Writes structures into HDF5 shards of at most ``shard_size`` structures.
 
-    Use as a context manager; the manifest is written by ``close()`` only if no error
-    escaped, so an interrupted run leaves no ``dataset.json`` and no complete-looking shard.
+    ``prefix`` names the shards (``<prefix>-00000.h5``, ...), so several writers (the chunks
+    of a parallel preprocessing) can share a folder. ``summary()`` describes what was written;
+    ``close()`` also writes the manifest. As a context manager the manifest is written only
+    if no error escaped, so an interrupted run leaves no ``dataset.json`` and no
+    complete-looking shard.
     """
 
     def __init__(
@@ -141,6 +95,7 @@ class ShardWriter:
         shard_size: int = 10000,
         cutoff: float | None = None,
         metadata: dict | None = None,
+        prefix: str = "shard",
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,15 +104,19 @@ class ShardWriter:
         self.shard_size = shard_size
         self.cutoff = cutoff
         self.metadata = metadata or {}
+        self.prefix = prefix
         self.buffer: list[Structure] = []
         self.shards: list[dict] = []
-        self.stats = _Stats()
+        self.count = 0
+        self.elements = np.zeros(MAX_Z + 1, dtype=bool)
         self.has_forces = False
         self.has_stress = False
 
     def add(self, s: Structure) -> None:
+        if s.group is None:  # no group given: the structure is its own group
+            s.group = f"{self.prefix}#{self.count}"
         self.buffer.append(s)
-        self.stats.add(s)
+        self.count += 1
         if len(self.buffer) >= self.shard_size:
             self._flush()
 
@@ -165,17 +124,17 @@ class ShardWriter:
         if not self.buffer:
             return
         from megagnn.data.neighbors import neighbor_list
+        from megagnn.data.splits import group_hash
 
-        name = f"shard-{len(self.shards):05d}.h5"
+        name = f"{self.prefix}-{len(self.shards):05d}.h5"
         tmp = self.out_dir / (name + ".tmp")
         structs, self.buffer = self.buffer, []
         counts = np.array([len(s.atomic_numbers) for s in structs])
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        numbers = np.concatenate([s.atomic_numbers for s in structs])
         nan3 = np.full((3, 3), np.nan)
         with h5py.File(tmp, "w") as f:
-            f["atomic_numbers"] = np.concatenate([s.atomic_numbers for s in structs]).astype(
-                np.uint8
-            )
+            f["atomic_numbers"] = numbers.astype(np.uint8)
             f["positions"] = np.concatenate([s.positions for s in structs])
             f["forces"] = np.concatenate(
                 [
@@ -188,46 +147,37 @@ class ShardWriter:
             f["pbc"] = np.stack([s.pbc for s in structs])
             f["energy"] = np.array([s.energy for s in structs])
             f["stress"] = np.stack([s.stress if s.stress is not None else nan3 for s in structs])
+            f["group_hash"] = np.array([group_hash(s.group) for s in structs], dtype=np.uint64)
             if self.cutoff is not None:
-                n_edges = np.array(
+                f["n_edges"] = np.array(
                     [
                         neighbor_list(s.positions, s.cell, s.pbc, self.cutoff)[0].shape[1]
                         for s in structs
                     ],
                     dtype=np.int64,
                 )
-                f["n_edges"] = n_edges
-                self.stats.n_edges += int(n_edges.sum())
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["n_structures"] = len(structs)
         os.replace(tmp, self.out_dir / name)
+        self.elements[numbers] = True
         self.has_forces |= any(s.forces is not None for s in structs)
         self.has_stress |= any(s.stress is not None for s in structs)
         self.shards.append(
             {"file": name, "n_structures": len(structs), "n_atoms": int(offsets[-1])}
         )
 
-    def close(self) -> dict:
+    def summary(self) -> dict:
+        """Flush, then describe the shards written (the input of ``write_manifest``)."""
         self._flush()
-        if not self.shards:
-            raise DataError("no valid structures to write")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "units": {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å^3"},
-            "n_structures": self.stats.n_structures,
-            "n_atoms": self.stats.n_atoms,
+        return {
             "shards": self.shards,
-            "cutoff": self.cutoff,
-            "avg_num_neighbors": self.stats.n_edges / self.stats.n_atoms
-            if self.cutoff is not None
-            else None,
+            "elements": np.flatnonzero(self.elements).tolist(),
             "has_forces": self.has_forces,
             "has_stress": self.has_stress,
-            **self.stats.finish(),
-            **self.metadata,
         }
-        atomic_write_json(self.out_dir / MANIFEST, manifest)
-        return manifest
+
+    def close(self) -> dict:
+        return write_manifest(self.out_dir, [self.summary()], self.cutoff, self.metadata)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -235,6 +185,30 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+
+
+def write_manifest(
+    out_dir: str | Path, summaries: list[dict], cutoff: float | None, metadata: dict
+) -> dict:
+    """Join the summaries of one or more writers, in dataset order, into ``dataset.json``
+    (written last and atomically: its presence marks the dataset complete)."""
+    shards = [shard for s in summaries for shard in s["shards"]]
+    if not shards:
+        raise DataError("no valid structures to write")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "units": {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å^3"},
+        "n_structures": sum(s["n_structures"] for s in shards),
+        "n_atoms": sum(s["n_atoms"] for s in shards),
+        "shards": shards,
+        "cutoff": cutoff,
+        "elements": sorted(set().union(*(s["elements"] for s in summaries))),
+        "has_forces": any(s["has_forces"] for s in summaries),
+        "has_stress": any(s["has_stress"] for s in summaries),
+        **metadata,
+    }
+    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest
 
 
 def generate_extxyz_main(
@@ -269,9 +243,10 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{file} is corrupt: {e}") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise DataError(
-            f"{file}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}"
+            f"{file}: format_version {manifest.get('format_version')} is not one of "
+            f"{READABLE_VERSIONS}; preprocess the data again"
         )
     for shard in manifest["shards"]:
         if not (file.parent / shard["file"]).is_file():
@@ -340,6 +315,27 @@ class ShardedDataset:
                     raise DataError(f"{self.root}: shards have no {key}; preprocess with --cutoff")
                 out.append(self._file(k)[key][:])
         return np.concatenate(out).astype(np.int64)
+
+    def groups(self) -> np.ndarray:
+        """Group hash of every structure [S] uint64 (megagnn.data.splits). Datasets written
+        before groups existed (format 1) make each structure its own group."""
+        out = []
+        for k, shard in enumerate(self.manifest["shards"]):
+            f = self._file(k)
+            if "group_hash" in f:
+                out.append(f["group_hash"][:].astype(np.uint64))
+            else:
+                start = self.shard_starts[k]
+                out.append(np.arange(start, start + shard["n_structures"], dtype=np.uint64))
+        return np.concatenate(out)
+
+    def read_shard(self, k: int, keys: list[str]) -> dict[str, np.ndarray]:
+        """Whole arrays of shard ``k`` (one contiguous read each; for streaming passes)."""
+        f = self._file(k)
+        try:
+            return {key: f[key][:] for key in keys}
+        except (OSError, KeyError) as e:
+            raise DataError(f"shard {f.filename} is corrupt or truncated: {e}") from e
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         k, local = self._locate(int(index))

@@ -1,23 +1,30 @@
-"""A run's datasets: each one's seeded train/val/test split, graphs at the model's cutoff,
-head, sampling weight and position in its epochs (multi-head pretraining reads several)."""
+"""A run's datasets: each one's train/val/test split by group, its training statistics,
+graphs at the model's cutoff, head, sampling weight and position in its epochs (multi-head
+pretraining reads several)."""
 
 from __future__ import annotations
 
-from megagnn import keys as K
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
 from megagnn.config import Config
-from megagnn.data.sampler import (
-    BudgetBatchSampler,
-    GraphDataset,
-    iterate_batches,
-    split_indices,
-    train_subset,
-)
+from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches
 from megagnn.data.shards import DataError, ShardedDataset
+from megagnn.data.splits import split_by_group, train_subset
+from megagnn.data.statistics import pooled_avg_num_neighbors, scale_of, training_statistics
 from megagnn.models import Potential
+
+SPLITS = "splits.npz"
+STATISTICS = "statistics.json"
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataSplits:
-    """The dataset, its graphs at the model's cutoff and the seeded train/val/test split."""
+    """The dataset, its graphs at the model's cutoff and its train/val/test split by group
+    (``indices``: record indices in dataset order; ``recorded`` replaces the computed split
+    with a run's own, from its splits.npz)."""
 
     def __init__(
         self,
@@ -26,14 +33,25 @@ class DataSplits:
         world_size: int = 1,
         path: str | None = None,
         head: int = 0,
+        recorded: dict[str, np.ndarray] | None = None,
     ):
         path = path or cfg.data.path
+        self.path = path
         self.dataset = ShardedDataset(path)
         self.graphs = GraphDataset(self.dataset, cfg.model.cutoff, head)
-        self.indices = split_indices(len(self.dataset), cfg.data.split, cfg.data.split_seed)
-        self.indices["train"] = train_subset(
-            self.indices["train"], cfg.data.train_fraction, cfg.data.split_seed
-        )
+        if recorded is not None:
+            self.indices = {name: np.asarray(recorded[name], np.int64) for name in SPLIT_NAMES}
+            if max((int(v.max()) for v in self.indices.values() if len(v)), default=-1) >= len(
+                self.dataset
+            ):
+                raise DataError(f"{path}: the recorded split names records it does not have")
+        else:
+            groups = self.dataset.groups()
+            self.indices = split_by_group(groups, cfg.data.split, cfg.data.split_seed)
+            train = self.indices["train"]
+            self.indices["train"] = train_subset(
+                train, groups[train], cfg.data.train_fraction, cfg.data.split_seed
+            )
         if len(self.indices["train"]) == 0:
             raise DataError(f"{path}: the train split is empty")
         self.n_atoms = self.dataset.sizes("n_atoms")
@@ -62,24 +80,52 @@ class DataSplits:
             world_size=self.world_size if split == "train" else 1,
         )
 
-    def avg_num_neighbors(self, limit: int = 200) -> float:
-        manifest = self.dataset.manifest
-        if manifest.get("cutoff") == self.cfg.model.cutoff and manifest.get("avg_num_neighbors"):
-            return float(manifest["avg_num_neighbors"])
-        idx = self.indices["train"][:limit]
-        edges = sum(self.graphs[int(i)][K.EDGE_INDEX].shape[1] for i in idx)
-        return max(edges / max(int(self.n_atoms[idx].sum()), 1), 1.0)
+    def statistics(self) -> dict:
+        """Normalisation statistics of the training split (one streaming pass)."""
+        return training_statistics(
+            self.dataset, self.indices["train"], self.cfg.model.cutoff, self.cfg.data.split_seed
+        )
 
 
-def set_model_statistics(model: Potential, data: DataSplits, head: int | None = None) -> None:
-    """Reference energies and scale of ``head`` (every head if None) from the dataset's
-    manifest; the neighbour-count normaliser from the dataset too."""
-    manifest = data.dataset.manifest
-    scale = manifest.get("force_rms") or manifest.get("energy_per_atom_residual_rms") or 1.0
-    energies = {int(z): e for z, e in manifest["atomic_energies"].items()}
-    avg_neighbors = data.avg_num_neighbors()
-    for h in range(len(model.cfg.heads)) if head is None else [head]:
-        model.set_statistics(h, energies, max(scale, 1e-6), avg_neighbors)
+def run_statistics(sources: list[Source]) -> dict:
+    """Each dataset's training statistics and the neighbour normaliser pooled over all."""
+    per_dataset = [
+        {"path": str(s.data.path), "head": s.name, **s.data.statistics()} for s in sources
+    ]
+    return {"datasets": per_dataset, "avg_num_neighbors": pooled_avg_num_neighbors(per_dataset)}
+
+
+def set_model_statistics(model: Potential, statistics: dict) -> None:
+    """Reference energies and scale of each dataset's head (one dataset alone sets every
+    head) and the shared neighbour normaliser, from ``run_statistics``."""
+    heads = list(model.cfg.heads)
+    entries = statistics["datasets"]
+    for entry in entries:
+        energies = {int(z): e for z, e in entry["atomic_energies"].items()}
+        targets = range(len(heads)) if len(entries) == 1 else [heads.index(entry["head"])]
+        for h in targets:
+            model.set_statistics(h, energies, scale_of(entry), statistics["avg_num_neighbors"])
+
+
+def split_arrays(sources: list[Source]) -> dict[str, np.ndarray]:
+    """The run's splits as splits.npz stores them: ``train``/``val``/``test`` for one dataset,
+    ``<head>/<split>`` for several."""
+    out = {}
+    for s in sources:
+        prefix = f"{s.name}/" if len(sources) > 1 else ""
+        out.update({prefix + name: s.data.indices[name] for name in SPLIT_NAMES})
+    return out
+
+
+def read_splits(run_dir: str | Path, head: str | None = None) -> dict[str, np.ndarray] | None:
+    """One dataset's recorded split from a run folder's splits.npz (``head`` for a
+    multi-dataset run), or None if the run has none."""
+    path = Path(run_dir) / SPLITS
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        prefix = f"{head}/" if head is not None and f"{head}/train" in f else ""
+        return {name: f[prefix + name] for name in SPLIT_NAMES}
 
 
 class Source:
@@ -114,3 +160,12 @@ def dataset_entries(cfg: Config) -> list[tuple[str, int, float]]:
 def data_sources(cfg: Config, rank: int = 0, world: int = 1) -> list[Source]:
     """The run's training datasets, each with its sampler for this data-parallel rank."""
     return [Source(cfg, path, head, w, rank, world) for path, head, w in dataset_entries(cfg)]
+
+
+def config_changes(saved: object, now: object, prefix: str, ignore: tuple = ()) -> list[str]:
+    """'prefix.field: old -> new' for every field of two config dataclasses that differs."""
+    return [
+        f"{prefix}.{f.name}: {getattr(saved, f.name)!r} -> {getattr(now, f.name)!r}"
+        for f in dataclasses.fields(now)
+        if f.name not in ignore and getattr(saved, f.name) != getattr(now, f.name)
+    ]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from megagnn import keys as K
 from megagnn import ops
-from megagnn.config import Config, config_from_dict, config_to_dict
+from megagnn.config import Config, ConfigError, config_from_dict, config_to_dict
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import (
     BudgetBatchSampler,
@@ -40,7 +40,17 @@ from megagnn.training import checkpoint
 from megagnn.training.checkpoint import rng_state
 from megagnn.training.loss import ErrorMeter, loss_terms
 from megagnn.training.schedule import warmup_cosine
-from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
+from megagnn.training.sources import (
+    SPLITS,
+    STATISTICS,
+    DataSplits,
+    config_changes,
+    data_sources,
+    read_splits,
+    run_statistics,
+    set_model_statistics,
+    split_arrays,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
 
@@ -139,17 +149,20 @@ class Trainer:
         self.sources = data_sources(cfg, self.par.dp_rank, self.par.dp_size)
         self.data = self.sources[0].data
         self._streams = None
+        found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
+        saved = checkpoint.read_common(found) if found is not None else None
+        if saved is not None:
+            self._check_resumable(saved, found)
+        self.statistics = self._training_statistics(saved)
         self.potential, self.pipeline = build_rank_model(cfg, self.par, self.dtype)
-        for source in self.sources:  # one dataset sets every head; several, each its own
-            head = None if len(self.sources) == 1 else source.head
-            set_model_statistics(self.potential, source.data, head)
+        set_model_statistics(self.potential, self.statistics)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         self.optimizer = build_rank_optimizer(cfg, self.model, self.par)
         self.scheduler = warmup_cosine(self.optimizer, cfg.train)
         self.step = 0
         self.bad_steps = 0
+        self._record_run()
 
-        found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
         if found is not None:
             self.resume(found)
             self.log(f"resumed from {found} at step {self.step}")
@@ -171,18 +184,62 @@ class Trainer:
                 ]
             },
             "rng": rng_state(),  # rank 0's; training draws no random numbers after init
+            "statistics": self.statistics,
             "config": config_to_dict(self.cfg),
         }
 
-    def resume(self, path: Path) -> None:
-        """Continue from a checkpoint of the same model saved under any parallel layout
-        (a different data-parallel size resumes the data order approximately)."""
-        saved = config_from_dict(checkpoint.read_common(path)["config"])
-        if saved.model != self.cfg.model:
-            raise ValueError(
-                f"checkpoint model config differs from this run's ({saved.model} vs "
-                f"{self.cfg.model}); use another train.out_dir or train.resume=false"
+    def _check_resumable(self, common: dict, path: Path) -> None:
+        """Refuse to resume a checkpoint of another model or other data: a changed split,
+        split seed or dataset list would silently mix the held-out data into training."""
+        saved = config_from_dict(common["config"])
+        changes = config_changes(saved.model, self.cfg.model, "model")
+        # the loader's worker count changes nothing the model sees
+        changes += config_changes(saved.data, self.cfg.data, "data", ignore=("num_workers",))
+        if changes:
+            raise ConfigError(
+                f"cannot resume {path}: this run's config differs from the checkpoint's in "
+                + "; ".join(changes)
+                + ". Use another train.out_dir, or train.resume=false to start over"
             )
+        recorded = self.out_dir / SPLITS
+        if recorded.is_file():
+            for source in self.sources:
+                head = source.name if len(self.sources) > 1 else None
+                old = read_splits(self.out_dir, head)
+                for name, idx in source.data.indices.items():
+                    if not np.array_equal(old[name], idx):
+                        raise ConfigError(
+                            f"cannot resume {path}: the {name} split of {source.data.path} "
+                            f"differs from the one recorded in {recorded} (the dataset changed "
+                            "since the run started). Use another train.out_dir"
+                        )
+
+    def _training_statistics(self, saved: dict | None) -> dict:
+        """The run's normalisation statistics: a resumed run's own, else computed from the
+        training splits on rank 0 (one streaming pass) and sent to every rank."""
+        if saved is not None and "statistics" in saved:
+            return saved["statistics"]
+        box = [run_statistics(self.sources) if self.par.rank == 0 else None]
+        if torch.distributed.is_initialized() and self.par.world_size > 1:
+            torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def _record_run(self) -> None:
+        """The run folder records its split (splits.npz: dataset record indices) and its
+        training statistics (statistics.json), before the first step."""
+        if not self.par.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / (SPLITS + ".tmp.npz")
+        np.savez(tmp, **split_arrays(self.sources))
+        os.replace(tmp, self.out_dir / SPLITS)
+        tmp = self.out_dir / (STATISTICS + ".tmp")
+        tmp.write_text(json.dumps(self.statistics, indent=2))
+        os.replace(tmp, self.out_dir / STATISTICS)
+
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of the same model and data saved under any parallel
+        layout (a different data-parallel size resumes the data order approximately)."""
         common = checkpoint.load(path, self.model, self.optimizer, self.par)
         self.scheduler.load_state_dict(common["scheduler"])
         self.step = common["step"]
