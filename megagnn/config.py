@@ -129,7 +129,17 @@ class TrainConfig:
     out_dir: str = "runs/default"
     """Run folder: checkpoints/, tensorboard/ and the resolved config.yaml."""
     max_steps: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (unless train.epochs or train.flops_budget is set)."""
+    epochs: float | None = None
+    """Passes over the training split instead of max_steps: the schedule grows with the data
+    (a data-scaling point trained as long per structure as any other)."""
+    flops_budget: float | None = None
+    """Training compute instead of max_steps: FLOPs summed over ranks, forward and backward
+    (the force loss's double backward included), from torch's FlopCounterMode count of one
+    step per atom; the learning-rate schedule spans the budget."""
+    patience: int = 0
+    """Stop when the validation loss has not improved for this many validations (0: never);
+    the best checkpoint is kept (checkpoints/best) and is what megagnn.evaluate reads."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.01
@@ -188,6 +198,14 @@ class TrainConfig:
             raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
         if self.microbatches < 1:
             raise ConfigError("train.microbatches must be >= 1")
+        if self.epochs is not None and self.flops_budget is not None:
+            raise ConfigError("train.epochs and train.flops_budget both set: keep one")
+        if (self.epochs is not None and self.epochs <= 0) or (
+            self.flops_budget is not None and self.flops_budget <= 0
+        ):
+            raise ConfigError("train.epochs and train.flops_budget must be > 0 (or null)")
+        if self.patience < 0:
+            raise ConfigError("train.patience must be >= 0 (0 disables early stopping)")
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,7 @@ import torch
 from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError
 from megagnn.inference.calculator import load_model
-from megagnn.training.checkpoint import CheckpointError, read_common
+from megagnn.training.checkpoint import CheckpointError, read_common, resolve
 from megagnn.training.sources import SPLITS, dataset_entries, read_splits
 from megagnn.training.trainer import DTYPES, DataSplits, default_device, evaluate
 
@@ -42,14 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "latest"],
+        default="best",
+        help="which checkpoint of a run folder: best (lowest validation loss, kept by runs "
+        "with train.patience; otherwise the latest) or latest (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     try:
-        state = read_common(args.run)
+        checkpoint = resolve(args.run, args.checkpoint)
+        state = read_common(checkpoint)
         cfg = config_from_dict(state["config"])
         if args.data:
             cfg.data.path = args.data
         device, dtype = default_device(), DTYPES[cfg.train.precision]
-        model = load_model(args.run, device, dtype)
+        model = load_model(checkpoint, device, dtype)
         # a multi-dataset run is evaluated on each of its datasets, through its own head
         entries = [(cfg.data.path, 0, 1.0)] if args.data else dataset_entries(cfg)
         metrics = {"split": args.split, "step": state["step"]}

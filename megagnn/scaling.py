@@ -87,3 +87,74 @@ def fit_power_law(
         intervals[k] = (float(np.percentile(values, lo)), float(np.percentile(values, hi)))
     rmse = float(np.sqrt(np.mean((np.log(_predict(best, x, d)) - np.log(loss)) ** 2)))
     return PowerLawFit({k: float(v) for k, v in best.items()}, intervals, rmse, len(x))
+
+
+# -- compute-optimal frontier (IsoFLOP profiles, approach 2 of Hoffmann et al. 2022) ---------
+def isoflop_minimum(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> tuple[float, float]:
+    """(N_opt, D_opt) of one compute budget: the minimum of a parabola in log N through the
+    points (the best point if the parabola opens downwards), kept inside the sizes tried;
+    D_opt interpolated log-linearly in N from the points' data (atoms processed)."""
+    x, y = np.log(n), np.log(loss)
+    if len(np.unique(x)) < 3:
+        raise ValueError("an IsoFLOP profile needs at least three model sizes")
+    c2, c1, _ = np.polyfit(x, y, 2)
+    best = x[np.argmin(y)] if c2 <= 0 else float(np.clip(-c1 / (2 * c2), x.min(), x.max()))
+    slope, icept = np.polyfit(x, np.log(d), 1)
+    return float(np.exp(best)), float(np.exp(icept + slope * best))
+
+
+@dataclass
+class Frontier:
+    """N_opt(C) ∝ C^a and D_opt(C) ∝ C^b from the minima of IsoFLOP profiles, with
+    bootstrap percentile intervals of the exponents (points resampled within budgets)."""
+
+    budgets: list[float]
+    n_opt: list[float]
+    d_opt: list[float]
+    a: float
+    b: float
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def compute_optimal_frontier(
+    c: np.ndarray,
+    n: np.ndarray,
+    d: np.ndarray,
+    loss: np.ndarray,
+    bootstrap: int = 200,
+    level: float = 0.9,
+    seed: int = 0,
+) -> Frontier:
+    """The frontier of points (budget c, parameters n, data d, loss) on two or more budgets,
+    each with three or more model sizes."""
+    c, n, d, loss = (np.asarray(v, float) for v in (c, n, d, loss))
+    budgets = np.unique(c)
+    if len(budgets) < 2:
+        raise ValueError("a compute-optimal frontier needs at least two budgets")
+    groups = [np.flatnonzero(c == b) for b in budgets]
+
+    def frontier(choice):
+        opt = np.array([isoflop_minimum(n[g], d[g], loss[g]) for g in choice])
+        a = np.polyfit(np.log(budgets), np.log(opt[:, 0]), 1)[0]
+        b = np.polyfit(np.log(budgets), np.log(opt[:, 1]), 1)[0]
+        return opt, float(a), float(b)
+
+    opt, a, b = frontier(groups)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        choice = [rng.choice(g, len(g)) for g in groups]
+        try:
+            samples.append(frontier(choice)[1:])
+        except (ValueError, np.linalg.LinAlgError):
+            continue  # a resample with fewer than three sizes in some budget
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    intervals = {}
+    if samples:
+        s = np.array(samples)
+        for k, col in (("a", 0), ("b", 1)):
+            intervals[k] = (
+                float(np.percentile(s[:, col], lo)),
+                float(np.percentile(s[:, col], hi)),
+            )
+    return Frontier(budgets.tolist(), opt[:, 0].tolist(), opt[:, 1].tolist(), a, b, intervals)

@@ -121,3 +121,58 @@ def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path
     stamp = [(r / "val_metrics.json").stat().st_mtime for r in runs]
     assert tool.main(common) == 0  # finished points are not rerun
     assert [(r / "val_metrics.json").stat().st_mtime for r in runs] == stamp
+
+
+def test_compute_optimal_frontier_recovers_chinchilla_exponents():
+    """On L = E + A N^-alpha + B D^-beta with C = 6 N D, the IsoFLOP minima follow
+    N_opt ∝ C^(beta / (alpha + beta)) and D_opt ∝ C^(alpha / (alpha + beta))."""
+    from megagnn.scaling import compute_optimal_frontier
+
+    alpha, beta = 0.34, 0.28
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in [1e13, 1e14, 1e15, 1e16]:  # optima from 2e7 to 4e8 parameters: inside the grid
+        for n in np.geomspace(1e5, 1e10, 16):
+            d = c / (6 * n)
+            loss = 0.05 + 4000 * n**-alpha + 400 * d**-beta
+            rows.append((c, n, d, loss * np.exp(rng.normal(0, 0.01))))
+    c, n, d, loss = map(np.array, zip(*rows, strict=True))
+    f = compute_optimal_frontier(c, n, d, loss, bootstrap=50)
+    assert f.a == pytest.approx(beta / (alpha + beta), abs=0.05)
+    assert f.b == pytest.approx(alpha / (alpha + beta), abs=0.05)
+    assert f.intervals["a"][0] <= f.a <= f.intervals["a"][1]
+    assert np.all(np.diff(f.n_opt) > 0) and len(f.budgets) == 4
+    with pytest.raises(ValueError, match="two budgets"):
+        compute_optimal_frontier(c[:16], n[:16], d[:16], loss[:16])
+
+
+def test_budget_sweep_points_and_the_frontier_of_their_results(tmp_path):
+    """--budgets adds a compute axis (one train.flops_budget per point); fit reads each
+    point's compute.json and fits the frontier from the IsoFLOP minima."""
+    import json
+
+    tool = _tool()
+    args = ["sweep", "--config", "configs/quickstart.yaml", "--models", "model.hidden=8"]
+    args += ["model.hidden=16", "--budgets", "1e9", "3e9", "--out", str(tmp_path / "plan")]
+    assert tool.main([*args, "--launch", "print"]) == 0
+    script = (tmp_path / "plan" / "commands.sh").read_text()
+    assert script.count("train.flops_budget=") == 4 and "hidden16-f1-c3e+09" in script
+    # finished points made from a known law: at budget C a model of N parameters sees
+    # D = C / (6 N) atoms
+    for c in (1e13, 1e14, 1e15):
+        for n in np.geomspace(1e5, 1e10, 11):
+            run = tmp_path / "sweep" / f"n{n:.3g}-c{c:g}"
+            run.mkdir(parents=True)
+            d = c / (6 * n)
+            point = {"model": f"n{n:.3g}", "fraction": 1.0, "budget": c, "parameters": int(n)}
+            point.update(train_structures=100, train_atoms=3000)
+            (run / "point.json").write_text(json.dumps(point))
+            loss = 0.05 + 4000 * n**-0.34 + 400 * d**-0.28
+            (run / "val_metrics.json").write_text(json.dumps({"forces_mae": loss}))
+            spent = {"flops": c, "wall_s": 1.0, "atoms": d, "steps": 10}
+            (run / "compute.json").write_text(json.dumps(spent))
+    stem = tmp_path / "out" / "budgets"
+    assert tool.main(["fit", str(tmp_path / "sweep"), "--results", str(stem)]) == 0
+    frontier = json.loads(stem.with_suffix(".json").read_text())["frontier"]["forces"]
+    assert frontier["a"] == pytest.approx(0.28 / 0.62, abs=0.05)
+    assert "N_opt ∝ C^" in stem.with_suffix(".md").read_text()

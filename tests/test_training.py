@@ -67,6 +67,9 @@ def test_resume_reproduces_uninterrupted_run(emt_dataset, tmp_path, family):
     assert resumed.step == 3
     tail = run_losses(resumed)
     assert tail == ref_losses[3:]  # bit-for-bit
+    # the compute count continues where the checkpoint left it
+    assert resumed.compute.atoms == ref.compute.atoms and resumed.compute.steps == 6
+    assert resumed.compute.flops_per_atom == ref.compute.flops_per_atom
     # the losses above are exact; the weights after the last update differ by up to ~3e-9
     # when the machine is loaded (thread-timing-dependent CPU reductions), hence atol 1e-7:
     # a resume that lost optimizer or schedule state is off by the order of the lr (1e-3)

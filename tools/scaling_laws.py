@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Scaling-law studies: a grid of model sizes x dataset fractions, then power-law fits.
+"""Scaling-law studies: a grid of model sizes x dataset fractions (x compute budgets), then
+power-law fits and the compute-optimal frontier.
 
     python tools/scaling_laws.py sweep --config configs/scaling/emt-cpu.yaml \\
         --models model.hidden=8 model.hidden=16 mgnn-100k --fractions 0.25 0.5 1 \\
@@ -7,7 +8,11 @@
     python tools/scaling_laws.py fit runs/scaling --results benchmarks/results/scaling-emt
 
 sweep: every (model, fraction) point is an ordinary pretraining run in OUT/<model>-f<fraction>
-with data.train_fraction set, evaluated on the validation split when it ends. A model is a
+with data.train_fraction set, evaluated on the validation split when it ends (on its best
+checkpoint when the base config early-stops with train.patience). Train each point to its
+own end: train.epochs (steps grow with the data) or train.patience, never one step count
+for all. --budgets C1 C2 ... adds a compute axis: each point trains for train.flops_budget=C
+(OUT/<model>-f<fraction>-c<C>). A model is a
 size name from configs/model/, a model YAML, or comma-separated overrides
 (model.hidden=32,model.layers=3). --launch local runs the points one after another (an
 interrupted point resumes from its checkpoint; finished points are skipped, so rerunning the
@@ -18,6 +23,9 @@ fit: reads each finished point (parameters counted from the model, training stru
 atoms from the data split, validation energy and force MAE) and fits, for each metric,
 L(N) = E + A N^-alpha at the largest data fraction, L(D) = E + B D^-beta for the largest
 model, and L(N, D) = E + A N^-alpha + B D^-beta on all points, with bootstrap intervals.
+With two or more budgets of three or more sizes each, it also fits the compute-optimal
+frontier N_opt(C) ∝ C^a, D_opt(C) ∝ C^b (D: atoms processed) from the minima of the IsoFLOP
+profiles. Every point reports its compute (FLOPs and wall time, from its compute.json).
 Writes RESULTS.json, RESULTS.md (table of points and fits) and RESULTS-<metric>.png.
 """
 
@@ -48,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--config", required=True, help="base pretraining config YAML")
     s.add_argument("--models", nargs="+", required=True, help="size names, YAMLs or overrides")
     s.add_argument("--fractions", nargs="+", type=float, default=[1.0], help="train fractions")
+    s.add_argument("--budgets", nargs="+", type=float, default=[], help="compute budgets in FLOPs")
     s.add_argument("--out", required=True, help="sweep folder: one run folder per point")
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every point")
     s.add_argument("--launch", choices=["local", "print", "slurm"], default="local")
@@ -99,9 +108,21 @@ def points(args: argparse.Namespace) -> list[dict]:
         for fraction in args.fractions:
             if not 0 < fraction <= 1:
                 sys.exit(f"--fractions {fraction}: must lie in (0, 1]")
-            run = Path(args.out) / f"{name}-f{fraction:g}"
-            sets = [*args.set, *overrides, f"data.train_fraction={fraction}"]
-            out.append({"model": name, "fraction": fraction, "run": str(run), "set": sets})
+            for budget in args.budgets or [None]:
+                run = Path(args.out) / f"{name}-f{fraction:g}"
+                sets = [*args.set, *overrides, f"data.train_fraction={fraction}"]
+                if budget is not None:
+                    run = run.with_name(f"{run.name}-c{budget:.3g}")
+                    sets.append(f"train.flops_budget={budget:g}")
+                out.append(
+                    {
+                        "model": name,
+                        "fraction": fraction,
+                        "budget": budget,
+                        "run": str(run),
+                        "set": sets,
+                    }
+                )
     return out
 
 
@@ -128,6 +149,7 @@ def describe(point: dict, args: argparse.Namespace) -> dict:
     return {
         "model": point["model"],
         "fraction": point["fraction"],
+        "budget": point.get("budget"),
         "parameters": count_parameters(build_model(cfg.model, device="meta")),
         "train_structures": len(train),
         "train_atoms": int(data.n_atoms[train].sum()),
@@ -187,6 +209,10 @@ def collect(folder: Path) -> list[dict]:
             continue
         row = json.loads(info.read_text())
         row.update(json.loads(metrics.read_text()))
+        if (run / "compute.json").is_file():  # what the point spent
+            spent = json.loads((run / "compute.json").read_text())
+            row.update(flops=spent["flops"], wall_s=spent["wall_s"], atoms_seen=spent["atoms"])
+            row["steps"] = spent["steps"]
         rows.append(row)
     return rows
 
@@ -267,24 +293,62 @@ def plot(rows: list[dict], name: str, key: str, fits: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def frontier_lines(rows: list[dict], name: str, key: str, bootstrap: int, doc: dict) -> list:
+    """The compute-optimal frontier of the points trained to a budget, as markdown lines."""
+    import numpy as np
+
+    from megagnn.scaling import compute_optimal_frontier
+
+    budgeted = [r for r in rows if r.get("budget") and "atoms_seen" in r]
+    if len({r["budget"] for r in budgeted}) < 2:
+        return []
+    c, n, d, loss = (
+        np.array([r[k] for r in budgeted], float)
+        for k in ("budget", "parameters", "atoms_seen", key)
+    )
+    try:
+        f = compute_optimal_frontier(c, n, d, loss, bootstrap=bootstrap)
+    except ValueError as e:
+        return ["", f"Compute-optimal frontier ({name}): not fitted: {e}"]
+    doc.setdefault("frontier", {})[name] = f.__dict__
+    ci = {k: f"[{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in f.intervals.items()}
+    return [
+        "",
+        f"Compute-optimal frontier of the validation {name} MAE (IsoFLOP minima; D = atoms "
+        f"processed): N_opt ∝ C^{f.a:.3g} {ci.get('a', '')}, D_opt ∝ C^{f.b:.3g} "
+        f"{ci.get('b', '')} (90% bootstrap)",
+        "",
+        "| budget C FLOPs | N_opt | D_opt atoms |",
+        "|---|---|---|",
+        *(
+            f"| {b:.3g} | {no:.3g} | {do:.3g} |"
+            for b, no, do in zip(f.budgets, f.n_opt, f.d_opt, strict=True)
+        ),
+    ]
+
+
 def fit(args: argparse.Namespace) -> int:
     rows = collect(Path(args.sweep))
     if not rows:
         print(f"error: no finished points in {args.sweep}", file=sys.stderr)
         return 2
+    for r in rows:
+        r.setdefault("flops", float("nan"))
     stem = Path(args.results)
     stem.parent.mkdir(parents=True, exist_ok=True)
     doc = {"sweep": args.sweep, "points": rows, "fits": {}}
     lines = [
-        "| model | parameters N | fraction | structures D | atoms | energy MAE eV/atom "
-        "| force MAE eV/Å |",
-        "|---|---|---|---|---|---|---|",
+        "| model | parameters N | fraction | structures D | atoms | steps | compute C FLOPs "
+        "| wall s | energy MAE eV/atom | force MAE eV/Å |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["parameters"], r["train_structures"])):
+    nan = float("nan")
+    for r in sorted(rows, key=lambda r: (r["parameters"], r["train_structures"], r["flops"])):
         lines.append(
             f"| {r['model']} | {r['parameters']} | {r['fraction']:g} | {r['train_structures']} "
-            f"| {r['train_atoms']} | {r.get(METRICS['energy'], float('nan')):.5f} "
-            f"| {r.get(METRICS['forces'], float('nan')):.5f} |"
+            f"| {r['train_atoms']} | {r.get('steps', '')} | {r.get('flops', nan):.3g} "
+            f"| {r.get('wall_s', nan):.0f} | {r.get(METRICS['energy'], nan):.5f} "
+            f"| {r.get(METRICS['forces'], nan):.5f} |"
         )
     for name, key in METRICS.items():
         if not all(key in r for r in rows):
@@ -311,6 +375,7 @@ def fit(args: argparse.Namespace) -> int:
             *(_fit_row(law, f, where) for law, (f, where) in fits.items()),
         ]
         plot(rows, name, key, fits, stem.parent / f"{stem.name}-{name}.png")
+        lines += frontier_lines(rows, name, key, args.bootstrap, doc)
     text = "\n".join(lines)
     print(text)
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))

@@ -36,6 +36,7 @@ from megagnn.parallel.pipeline import global_named_tensors
 from megagnn.parallel.state import ParallelState
 
 LATEST = "latest"
+BEST = "best"  # the checkpoint of the lowest validation loss (runs with train.patience)
 
 
 class CheckpointError(RuntimeError):
@@ -139,8 +140,10 @@ def save(
     common: dict[str, Any],
     par: ParallelState,
     keep: int = 2,
+    best: bool = False,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+    """Collective: every rank calls it. Returns the committed checkpoint folder; ``best``
+    also points ``best`` at it (pruning never removes the best checkpoint)."""
     dc = dist_checkpointing()
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / _tag(step)
@@ -161,9 +164,10 @@ def save(
     if par.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer = ckpt_dir / (LATEST + ".tmp")
-        pointer.write_text(_tag(step))
-        os.replace(pointer, ckpt_dir / LATEST)
+        for name in (BEST, LATEST) if best else (LATEST,):
+            pointer = ckpt_dir / (name + ".tmp")
+            pointer.write_text(_tag(step))
+            os.replace(pointer, ckpt_dir / name)
         _prune(ckpt_dir, keep)
     dist.barrier()
     return final
@@ -171,14 +175,17 @@ def save(
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
     done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.suffix != ".tmp")
+    best = ckpt_dir / BEST
+    kept = {best.read_text().strip()} if best.is_file() else set()
     for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # -- find and load ---------------------------------------------------------------------------
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` points at, or None if no save was ever completed."""
-    pointer = Path(ckpt_dir) / LATEST
+def latest_checkpoint(ckpt_dir: str | Path, which: str = LATEST) -> Path | None:
+    """The checkpoint ``latest`` (or ``best``) points at, or None if there is none."""
+    pointer = Path(ckpt_dir) / which
     if not pointer.is_file():
         return None
     path = Path(ckpt_dir) / pointer.read_text().strip()
@@ -187,14 +194,17 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from itself, a run folder or a checkpoints folder."""
+def resolve(path: str | Path, which: str = LATEST) -> Path:
+    """A checkpoint folder from itself, a run folder or a checkpoints folder (its ``latest``,
+    or its ``best`` where it has one)."""
     path = Path(path)
     if (path / "metadata.json").is_file():
         return path
     for candidate in (path / "checkpoints", path):
-        if (candidate / LATEST).is_file():
-            return latest_checkpoint(candidate)
+        if (candidate / which).is_file():
+            return latest_checkpoint(candidate, which)
+        if which == BEST and (candidate / LATEST).is_file():
+            return latest_checkpoint(candidate)  # no validation-selected checkpoint
     if path.exists():
         raise CheckpointError(f"no complete checkpoint under {path}")
     raise CheckpointError(f"checkpoint {path} does not exist")

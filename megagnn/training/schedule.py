@@ -9,9 +9,10 @@ import torch
 from megagnn.config import TrainConfig
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: TrainConfig, max_steps: int | None = None):
+    """The schedule over ``max_steps`` (default train.max_steps)."""
     warmup = max(cfg.warmup_steps, 0)
-    decay = max(cfg.max_steps - warmup, 1)
+    decay = max((max_steps or cfg.max_steps) - warmup, 1)
 
     def factor(step: int) -> float:
         if step < warmup:

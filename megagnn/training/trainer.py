@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from megagnn import keys as K
 from megagnn import ops
-from megagnn.config import Config, ConfigError, config_from_dict, config_to_dict
+from megagnn.config import Config, TrainConfig, config_to_dict
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import (
     BudgetBatchSampler,
@@ -36,21 +35,11 @@ from megagnn.parallel.pipeline import PipelineStage
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
-from megagnn.training import checkpoint
+from megagnn.training import budget, checkpoint, records
 from megagnn.training.checkpoint import rng_state
 from megagnn.training.loss import ErrorMeter, loss_terms
 from megagnn.training.schedule import warmup_cosine
-from megagnn.training.sources import (
-    SPLITS,
-    STATISTICS,
-    DataSplits,
-    config_changes,
-    data_sources,
-    read_splits,
-    run_statistics,
-    set_model_statistics,
-    split_arrays,
-)
+from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
 
@@ -67,8 +56,10 @@ def evaluate(
     dtype: torch.dtype,
     progress: bool = False,
     predict: Callable[[dict], dict | None] | None = None,
+    loss_cfg: TrainConfig | None = None,
 ) -> dict[str, float]:
-    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines.
+    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines,
+    and with ``loss_cfg`` the training loss (``loss``: mean over structures).
 
     ``predict`` (default: ``model``) may return None on ranks that hold no predictions (the
     pipeline's first stages); they return an empty dict.
@@ -77,6 +68,7 @@ def evaluate(
     model.eval()
     predict = predict or model
     meter = ErrorMeter()
+    loss_sum, structures = 0.0, 0
     batches = iterate_batches(graphs, sampler, epoch=0)
     for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
         batch = to_device(batch, device, dtype)
@@ -86,8 +78,15 @@ def evaluate(
         atom_ref = model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]]
         ref = segment_sum(atom_ref.to(dtype), batch[K.BATCH], len(batch[K.ENERGY]))
         meter.update(pred, batch, ref)
+        if loss_cfg is not None:
+            total = loss_terms(pred, batch, model.scale, loss_cfg)["total"]
+            loss_sum += float(total.detach()) * len(batch[K.ENERGY])
+            structures += len(batch[K.ENERGY])
     model.train(was_training)
-    return meter.result()
+    result = meter.result()
+    if structures:
+        result["loss"] = loss_sum / structures
+    return result
 
 
 def build_rank_model(
@@ -152,16 +151,28 @@ class Trainer:
         found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
         saved = checkpoint.read_common(found) if found is not None else None
         if saved is not None:
-            self._check_resumable(saved, found)
-        self.statistics = self._training_statistics(saved)
+            records.check_resumable(cfg, saved, found, self.sources, self.out_dir)
+        self.statistics = records.training_statistics(self.sources, self.par, saved)
         self.potential, self.pipeline = build_rank_model(cfg, self.par, self.dtype)
         set_model_statistics(self.potential, self.statistics)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         self.optimizer = build_rank_optimizer(cfg, self.model, self.par)
-        self.scheduler = warmup_cosine(self.optimizer, cfg.train)
+        saved = saved or {}
+        self.compute = budget.Compute.from_state(saved.get("compute"))
+        self.early = budget.EarlyStopping(
+            cfg.train.patience,
+            **{k: v for k, v in saved.get("early", {}).items() if k != "patience"},
+        )
+        if cfg.train.flops_budget is not None and self.compute.flops_per_atom is None:
+            self._measure_flops()  # the schedule's length depends on it
+        self.max_steps = budget.planned_steps(
+            cfg.train, self._epoch_batch_atoms(), self.par.dp_size, self.compute.flops_per_atom
+        )
+        self.scheduler = warmup_cosine(self.optimizer, cfg.train, self.max_steps)
         self.step = 0
         self.bad_steps = 0
-        self._record_run()
+        if self.par.is_main:
+            records.record_run(self.out_dir, self.sources, self.statistics)
 
         if found is not None:
             self.resume(found)
@@ -185,57 +196,33 @@ class Trainer:
             },
             "rng": rng_state(),  # rank 0's; training draws no random numbers after init
             "statistics": self.statistics,
+            "compute": self.compute.state_dict(),
+            "early": self.early.state_dict(),
             "config": config_to_dict(self.cfg),
         }
 
-    def _check_resumable(self, common: dict, path: Path) -> None:
-        """Refuse to resume a checkpoint of another model or other data: a changed split,
-        split seed or dataset list would silently mix the held-out data into training."""
-        saved = config_from_dict(common["config"])
-        changes = config_changes(saved.model, self.cfg.model, "model")
-        # the loader's worker count changes nothing the model sees
-        changes += config_changes(saved.data, self.cfg.data, "data", ignore=("num_workers",))
-        if changes:
-            raise ConfigError(
-                f"cannot resume {path}: this run's config differs from the checkpoint's in "
-                + "; ".join(changes)
-                + ". Use another train.out_dir, or train.resume=false to start over"
-            )
-        recorded = self.out_dir / SPLITS
-        if recorded.is_file():
-            for source in self.sources:
-                head = source.name if len(self.sources) > 1 else None
-                old = read_splits(self.out_dir, head)
-                for name, idx in source.data.indices.items():
-                    if not np.array_equal(old[name], idx):
-                        raise ConfigError(
-                            f"cannot resume {path}: the {name} split of {source.data.path} "
-                            f"differs from the one recorded in {recorded} (the dataset changed "
-                            "since the run started). Use another train.out_dir"
-                        )
+    def _epoch_batch_atoms(self) -> list[int]:
+        """Atoms of every training batch of this rank's first epoch, every dataset's."""
+        return [int(s.data.n_atoms[b].sum()) for s in self.sources for b in s.sampler.batches(0)]
 
-    def _training_statistics(self, saved: dict | None) -> dict:
-        """The run's normalisation statistics: a resumed run's own, else computed from the
-        training splits on rank 0 (one streaming pass) and sent to every rank."""
-        if saved is not None and "statistics" in saved:
-            return saved["statistics"]
-        box = [run_statistics(self.sources) if self.par.rank == 0 else None]
-        if torch.distributed.is_initialized() and self.par.world_size > 1:
-            torch.distributed.broadcast_object_list(box, src=0, device=self.device)
-        return box[0]
-
-    def _record_run(self) -> None:
-        """The run folder records its split (splits.npz: dataset record indices) and its
-        training statistics (statistics.json), before the first step."""
-        if not self.par.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / (SPLITS + ".tmp.npz")
-        np.savez(tmp, **split_arrays(self.sources))
-        os.replace(tmp, self.out_dir / SPLITS)
-        tmp = self.out_dir / (STATISTICS + ".tmp")
-        tmp.write_text(json.dumps(self.statistics, indent=2))
-        os.replace(tmp, self.out_dir / STATISTICS)
+    def _measure_flops(self, micro: list[dict] | None = None) -> dict | None:
+        """FLOPs per atom of the job, from a FlopCounterMode count of one step on every rank
+        (collective). ``micro``: count this real training step and return its metrics;
+        without it, count a forward and backward on the first batch and change nothing."""
+        if micro is None:
+            source = self.sources[0]
+            first = next(iter(iterate_batches(source.data.graphs, source.sampler, 0)))
+            batches = [to_device(first, self.device, self.dtype)] * self.cfg.train.microbatches
+            self.model.train()
+            _, flops = budget.count_flops(lambda: self.forward_backward(batches))
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics = None
+        else:
+            batches = micro
+            metrics, flops = budget.count_flops(lambda: self.train_step(micro))
+        atoms = sum(int(b[K.N_ATOMS].sum()) for b in batches)
+        self.compute.flops_per_atom = budget.flops_per_atom(flops, atoms, self.par, self.device)
+        return metrics
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of the same model and data saved under any parallel
@@ -253,27 +240,11 @@ class Trainer:
             source.epoch, source.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
         checkpoint.set_rng_state(common["rng"])
         if self.par.is_main:
-            self._trim_metrics()
+            records.trim_metrics(self.out_dir, self.step)
 
-    def _trim_metrics(self) -> None:
-        """Drop the metrics.jsonl lines logged after the checkpoint being resumed (and a line a
-        crash cut short): the resumed run logs those steps again, so the file stays one curve."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
-
-    def save(self) -> None:
-        """Collective sharded save; ``latest`` moves only once every rank has written."""
+    def save(self, best: bool = False) -> None:
+        """Collective sharded save; ``latest`` (and with ``best``, ``best``) moves only once
+        every rank has written. The run's compute so far goes to compute.json."""
         checkpoint.save(
             self.ckpt_dir,
             self.step,
@@ -282,7 +253,12 @@ class Trainer:
             self.common_state(),
             self.par,
             keep=self.cfg.train.keep_checkpoints,
+            best=best,
         )
+        if self.par.is_main:
+            state = {**self.compute.state_dict(), "step": self.step, "max_steps": self.max_steps}
+            state["best"] = self.early.state_dict() if self.cfg.train.patience else None
+            records.write_json(self.out_dir / records.COMPUTE, state)
 
     # -- loop ----------------------------------------------------------------------------
     def next_batches(self) -> list[dict]:
@@ -392,15 +368,17 @@ class Trainer:
             )
         )
         bar = tqdm(
-            total=cfg.max_steps,
+            total=self.max_steps,
             initial=self.step,
             desc="train",
             disable=not (cfg.progress and main),
         )
         t0, atoms_seen, last = time.perf_counter(), 0, {}
-        saved_at = self.step
+        saved_at, tick = self.step, time.perf_counter()
         with self._catch_stop_signals():
-            while self.step < cfg.max_steps:
+            while self.step < self.max_steps:
+                now = time.perf_counter()  # wall time of everything: steps, validation, saves
+                self.compute.wall_s, tick = self.compute.wall_s + now - tick, now
                 if self._stop_requested():
                     if saved_at != self.step:
                         self.save()
@@ -410,32 +388,49 @@ class Trainer:
                     )
                     break
                 micro = self.next_batches()
-                metrics = self.train_step(micro)
+                if self.compute.flops_per_atom is None:  # the first step is counted
+                    metrics = self._measure_flops(micro)
+                else:
+                    metrics = self.train_step(micro)
                 self.scheduler.step()
                 self.step += 1
                 # all replicas, about: each replica's batches have about as many atoms
-                atoms_seen += sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size
+                atoms = sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size
+                atoms_seen += atoms
+                self.compute.atoms += atoms
+                self.compute.steps += 1
                 if metrics is None:
                     self._skipped_step()
                     continue
                 self.bad_steps = 0
                 last = metrics
+                final = self.step == self.max_steps
                 bar.update(self.step - bar.n)
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4g}")
-                if writer and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                if writer and (self.step % cfg.log_every == 0 or final):
                     metrics["lr"] = self.scheduler.get_last_lr()[0]
                     metrics["throughput/atoms_per_s"] = atoms_seen / (time.perf_counter() - t0)
+                    metrics["compute/flops"] = self.compute.flops
+                    metrics["compute/wall_s"] = self.compute.wall_s
                     for k, v in metrics.items():
                         writer.add_scalar(k, v, self.step)
                     self._append_metrics(metrics)
                     t0, atoms_seen = time.perf_counter(), 0
-                if cfg.eval_every and (
-                    self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-                ):
-                    self._validate_and_log(writer, bar)
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                    self.save()
+                improved = False
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
+                    val = self._validate_and_log(writer, bar)
+                    if val is not None and "loss" in val and cfg.patience:
+                        improved = self.early.update(val["loss"], self.step)
+                if improved or self.early.stop or self.step % cfg.save_every == 0 or final:
+                    self.save(best=improved)
                     saved_at = self.step
+                if self.early.stop:
+                    self.log(
+                        f"early stop at step {self.step}: the validation loss has not improved "
+                        f"for {cfg.patience} validations since step {self.early.best_step} "
+                        f"({self.early.best_loss:.4g}); checkpoints/best holds that step"
+                    )
+                    break
         bar.close()
         if writer:
             writer.close()
@@ -452,15 +447,16 @@ class Trainer:
                 f"{self.bad_steps} consecutive non-finite steps; lower train.lr or check the data"
             )
 
-    def _validate_and_log(self, writer, bar) -> None:
+    def _validate_and_log(self, writer, bar) -> dict[str, float] | None:
         if not any(len(s.data.indices["val"]) for s in self.sources):
-            return
+            return None
         val = self.validate()  # every rank takes part (tensor parallel needs it)
         if writer:
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, self.step)
             self._append_metrics({f"val/{k}": v for k, v in val.items()})
             bar.write(f"step {self.step}: " + _format(val))
+        return val
 
     @contextlib.contextmanager
     def _catch_stop_signals(self):
@@ -492,13 +488,12 @@ class Trainer:
         return bool(flag)
 
     def _append_metrics(self, metrics: dict[str, float]) -> None:
-        """One JSON line per log event in out_dir/metrics.jsonl (train and val/ keys)."""
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        records.append_metrics(self.out_dir, self.step, metrics)
 
     def validate(self) -> dict[str, float]:
-        """Validation errors; with several datasets, per dataset as ``<head>/<metric>``."""
-        metrics = {}
+        """Validation errors and loss; with several datasets, per dataset as
+        ``<head>/<metric>``, and ``loss`` their mean (what early stopping watches)."""
+        metrics, losses = {}, []
         for source in self.sources:
             if not len(source.data.indices["val"]):
                 continue
@@ -509,9 +504,13 @@ class Trainer:
                 self.device,
                 self.dtype,
                 predict=self.predict,
+                loss_cfg=self.cfg.train,
             )
             prefix = f"{source.name}/" if len(self.sources) > 1 else ""
             metrics.update({prefix + k: v for k, v in result.items()})
+            losses += [result["loss"]] if "loss" in result else []
+        if len(self.sources) > 1 and losses:
+            metrics["loss"] = sum(losses) / len(losses)
         return self.from_last_stage(metrics)
 
 
