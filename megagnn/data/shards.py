@@ -212,21 +212,32 @@ def write_manifest(
 
 
 def generate_extxyz_main(
-    argv: list[str] | None, generate, *, description: str, default_num: int, noun: str
+    argv: list[str] | None,
+    generate,
+    *,
+    description: str,
+    default_num: int,
+    noun: str,
+    parallel: bool = False,
 ) -> int:
     """The command line of a reference-data generator: ``generate(n, seed, progress=...)``
-    yields labelled structures, written atomically to ``--out`` as extxyz."""
+    (and ``workers=`` if ``parallel``) yields labelled structures, written atomically to
+    ``--out`` as extxyz."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("-o", "--out", required=True, help="output .extxyz file")
     p.add_argument("-n", "--num", type=int, default=default_num, help=f"number of {noun}")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    if parallel:
+        p.add_argument(
+            "--workers", type=int, default=1, help="worker processes (same data for any count)"
+        )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    count = atomic_write_extxyz(
-        args.out, generate(args.num, args.seed, progress=not args.no_progress)
-    )
+    extra = {"workers": args.workers} if parallel else {}
+    structures = generate(args.num, args.seed, progress=not args.no_progress, **extra)
+    count = atomic_write_extxyz(args.out, structures)
     print(f"wrote {count} {noun} to {args.out}")
     return 0
 

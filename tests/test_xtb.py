@@ -1,0 +1,40 @@
+"""The harder built-in dataset: GFN1-xTB molecules, clusters and crystals."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tblite", reason="the xTB data needs tblite (pip install tblite)")
+
+from megagnn.data import xtb  # noqa: E402
+
+
+def test_generation_is_the_same_for_any_number_of_workers(monkeypatch):
+    monkeypatch.setattr(xtb, "CHUNK", 3)  # 3 chunks over 2 workers
+    one = list(xtb.generate(8, seed=5, progress=False, workers=1))
+    two = list(xtb.generate(8, seed=5, progress=False, workers=2))
+    assert len(one) == len(two) == 8
+    for a, b in zip(one, two, strict=True):
+        assert a.info["group"] == b.info["group"]
+        np.testing.assert_array_equal(a.numbers, b.numbers)
+        np.testing.assert_allclose(a.positions, b.positions, rtol=0, atol=1e-7)
+        assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-6)
+
+
+def test_structures_are_labelled_grouped_and_plausible():
+    structures, _ = xtb.generate_chunk(seed=1, chunk=0, size=30)
+    assert len(structures) == 30
+    kinds = {s.info["group"].split("-")[0] for s in structures}
+    assert kinds <= {"mol", "cluster", "crystal"} and len(kinds) >= 2
+    for s in structures:
+        assert np.isfinite(s.get_potential_energy()) and not xtb.too_close(s)
+        assert np.abs(s.get_forces()).max() <= xtb.MAX_FORCE
+        if s.pbc.all():
+            assert s.get_stress().shape == (6,)
+            assert xtb.heights(s.cell[:]).min() >= xtb.MIN_WIDTH or len(s) * 2 > xtb.MAX_CELL_ATOMS
+
+
+def test_crystals_are_widened_until_gamma_point_sampling_is_sane():
+    from ase.build import bulk
+
+    wide = xtb._widened(bulk("Al", "fcc", a=4.05))  # 1-atom primitive cell, 2.9 Å wide
+    assert xtb.heights(wide.cell[:]).min() >= xtb.MIN_WIDTH and len(wide) == 8
