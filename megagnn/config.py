@@ -48,6 +48,12 @@ class ModelConfig:
     """Predict stress from the strain derivative for periodic cells (conservative only)."""
     heads: list[str] = field(default_factory=lambda: ["default"])
     """Names of the energy heads, one per dataset family, on a shared trunk."""
+    parametrization: str = "sp"
+    """'sp' (torch's default initialisation, one learning rate) or 'mup' (maximal update
+    parametrisation: hidden and output weights train at lr x mup_base_width/width and output
+    weights start smaller, so a learning rate tuned at the base width holds at any width)."""
+    mup_base_width: int = 64
+    """Under model.parametrization=mup, the width at which μP equals the standard one."""
 
     def __post_init__(self) -> None:
         if self.family not in ("schnet", "painn"):
@@ -69,6 +75,10 @@ class ModelConfig:
                 "model.stress=true needs model.forces=conservative (stress is dE/dstrain); "
                 "set model.stress=false for direct or no forces"
             )
+        if self.parametrization not in ("sp", "mup"):
+            raise ConfigError(f"model.parametrization={self.parametrization!r}: use 'sp' or 'mup'")
+        if self.mup_base_width < 1:
+            raise ConfigError("model.mup_base_width must be >= 1")
         if not self.heads or len(set(self.heads)) != len(self.heads):
             raise ConfigError(f"model.heads={self.heads}: give one or more distinct names")
 

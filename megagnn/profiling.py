@@ -86,9 +86,12 @@ def count_communication() -> Iterator[dict[str, int]]:
     originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
 
     def counting(name, fn):
-        def wrapper(first, *args, **kwargs):
-            counts[name] = counts.get(name, 0) + _payload(name, first, args)
-            return fn(first, *args, **kwargs)
+        def wrapper(*args, **kwargs):
+            # torch's ZeroRedundancyOptimizer passes the tensor by keyword (tensor=...)
+            values = [*args, *kwargs.values()]
+            first, rest = (values[0], tuple(values[1:])) if values else (None, ())
+            counts[name] = counts.get(name, 0) + _payload(name, first, rest)
+            return fn(*args, **kwargs)
 
         return wrapper
 
@@ -196,6 +199,18 @@ def top_operators(step, device: torch.device, top: int) -> list[dict]:
     ]
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer state this rank holds (its shard, under ZeRO-1)."""
+    from megagnn.parallel.data import local_optimizer
+
+    return sum(
+        v.numel() * v.element_size()
+        for state in local_optimizer(optimizer).state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
+
+
 def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top: int = 0) -> dict:
     """Time ``steps`` training steps (after one warm-up) on a fixed batch; measure the rest
     on one extra step (and the ``top`` operators by self time on another). Returns this
@@ -234,6 +249,7 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top:
         "parameters": sum(p.numel() for p in params),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
         "activation_bytes": act["bytes"],
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "communication_bytes": comm,
         "matmul_flops": flops.get_total_flops(),
         "peak_host_memory_bytes": peak_host_memory(),

@@ -75,3 +75,49 @@ def test_early_stopping_counts_validations_without_improvement():
     assert not early.update(1.0, 20) and not early.stop  # equal is no improvement
     assert not early.update(1.5, 30) and early.stop
     assert not EarlyStopping(patience=0, waited=100).stop
+
+
+def test_mup_equals_the_standard_parametrisation_at_the_base_width(emt_dataset, tmp_path):
+    sp = Trainer(tiny_config(emt_dataset, tmp_path / "sp", "train.precision=fp64"))
+    mup = Trainer(
+        tiny_config(
+            emt_dataset,
+            tmp_path / "mup",
+            "train.precision=fp64",
+            "model.parametrization=mup",
+            "model.mup_base_width=16",  # = model.hidden
+        )
+    )
+    losses = [[t.train_step(t.next_batches())["loss/total"] for _ in range(3)] for t in (sp, mup)]
+    assert losses[0] == losses[1]
+
+
+def test_mup_scales_hidden_and_output_weights_with_the_width(emt_dataset, tmp_path):
+    import torch
+
+    sets = ["model.hidden=32", "train.lr=1e-3"]
+    sp = Trainer(tiny_config(emt_dataset, tmp_path / "sp", *sets))
+    mup = Trainer(
+        tiny_config(
+            emt_dataset,
+            tmp_path / "mup",
+            *sets,
+            "model.parametrization=mup",
+            "model.mup_base_width=8",
+        )
+    )
+    groups = mup.optimizer.param_groups  # initial_lr: before the warmup factor
+    lr = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+    assert groups[0]["initial_lr"] == 1e-3  # the base group comes first
+    weights = dict(mup.potential.named_parameters())
+    reference = dict(sp.potential.named_parameters())
+    hidden = "backbone.blocks.0.update.U.weight"  # [H, H]
+    output = "energy_head.mlps.0.2.weight"  # [1, H/2]
+    embedding = "backbone.embedding.weight"  # [max_z + 1, H]: input
+    assert lr[id(weights[hidden])] == pytest.approx(1e-3 / 4)  # width multiplier 32 / 8
+    assert lr[id(weights[output])] == pytest.approx(1e-3 / 4)
+    assert lr[id(weights[embedding])] == 1e-3
+    assert lr[id(weights["energy_head.mlps.0.2.bias"])] == 1e-3
+    torch.testing.assert_close(weights[output], reference[output] / 2)  # 1/sqrt(4)
+    assert torch.equal(weights[hidden], reference[hidden])
+    assert torch.equal(weights[embedding], reference[embedding])

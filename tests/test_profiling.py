@@ -19,6 +19,22 @@ def test_profile_step_reports_a_training_step():
     assert out["parameter_bytes"] == 4 * out["parameters"] > 0
     assert out["activation_bytes"] > 0 and out["matmul_flops"] > 0
     assert out["communication_bytes"] == {}  # one process talks to nobody
+    # AdamW: two moments per parameter (plus a step count per tensor)
+    assert 2 * out["parameter_bytes"] <= out["optimizer_state_bytes"] < 3 * out["parameter_bytes"]
+
+
+def test_communication_counter_sees_tensors_passed_by_keyword():
+    import torch.distributed as dist
+
+    from megagnn.profiling import count_communication
+    from megagnn.training.checkpoint import dist_checkpointing
+
+    dist_checkpointing()  # a one-rank gloo group
+    t = torch.zeros(10)
+    with count_communication() as counts:
+        dist.broadcast(tensor=t, src=0)  # as torch's ZeroRedundancyOptimizer calls it
+        dist.all_reduce(t)
+    assert counts == {"broadcast": 40, "all_reduce": 40}
 
 
 def test_activation_counter_tracks_the_peak_not_the_sum():

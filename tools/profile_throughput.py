@@ -16,9 +16,10 @@ with its first layout.
     python tools/profile_throughput.py --model schnet-1m --layouts 1x1 --compare pyg \\
         --set model.rbf=gaussian model.stress=false
 
-A layout is TENSORxPIPELINE (2x1: two tensor-parallel ranks), with a trailing n for
-node-parallel regions (2x1n: the atoms are split over the tensor-parallel ranks between
-blocks too). Pipeline stages need model.forces=direct or none.
+A layout is TENSORxPIPELINE[xDATA] (2x1: two tensor-parallel ranks; 1x1x2: two
+data-parallel replicas, whose optimizer state is sharded under train.shard_optimizer), with a
+trailing n for node-parallel regions (2x1n: the atoms are split over the tensor-parallel
+ranks between blocks too). Pipeline stages need model.forces=direct or none.
 
 --compare pyg adds a baseline row per model: SchNet of the same width, depth and radial
 basis built from PyTorch Geometric's interaction blocks, trained on the same batch with
@@ -109,9 +110,12 @@ def run_layout(args: argparse.Namespace, model: str, layout: str) -> list[dict]:
     spec = layout.lower()
     nodes = spec.endswith("n")
     try:
-        tensor, pipeline = (int(x) for x in spec.removesuffix("n").split("x"))
+        sizes = [int(x) for x in spec.removesuffix("n").split("x")]
+        tensor, pipeline, data = (sizes + [1])[:3] if len(sizes) in (2, 3) else [0, 0, 0]
     except ValueError:
-        sys.exit(f"layout {layout!r} is not TENSORxPIPELINE[n], e.g. 2x1 or 2x1n")
+        tensor = 0
+    if not tensor:
+        sys.exit(f"layout {layout!r} is not TENSORxPIPELINE[xDATA][n], e.g. 2x1, 1x1x2, 2x1n")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
         overrides = [
@@ -125,7 +129,7 @@ def run_layout(args: argparse.Namespace, model: str, layout: str) -> list[dict]:
             "-m",
             "torch.distributed.run",
             "--standalone",
-            f"--nproc_per_node={tensor * pipeline}",
+            f"--nproc_per_node={tensor * pipeline * data}",
             __file__,
             "--model",
             model,
@@ -182,6 +186,7 @@ def summarize(model: str, layout: str, ranks: list[dict]) -> dict:
         "matmul_gflop_per_s": sum(r["matmul_flops"] for r in ranks) / step / 1e9,
         "max_parameter_bytes_per_rank": max(r["parameter_bytes"] for r in ranks),
         "max_activation_bytes_per_rank": max(r["activation_bytes"] for r in ranks),
+        "max_optimizer_state_bytes_per_rank": max(r["optimizer_state_bytes"] for r in ranks),
         "max_communication_bytes_per_rank": max(
             sum(r["communication_bytes"].values()) for r in ranks
         ),
@@ -196,9 +201,10 @@ def summarize(model: str, layout: str, ranks: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | layout (TPxPP) | ranks | step s | atoms/s | matmul GFLOP/s "
-        "| params/rank MB (x) | activations/rank MB (x) | comm/rank MB | peak host MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layout (TPxPP[xDP]) | ranks | step s | atoms/s | matmul GFLOP/s "
+        "| params/rank MB (x) | activations/rank MB (x) | optimizer/rank MB | comm/rank MB "
+        "| peak host MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {}
     for r in rows:
@@ -209,6 +215,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['atoms_per_s']:.0f} | {r['matmul_gflop_per_s']:.2f} "
             f"| {p / 1e6:.2f} ({p / b['max_parameter_bytes_per_rank']:.2f}) "
             f"| {a / 1e6:.2f} ({a / b['max_activation_bytes_per_rank']:.2f}) "
+            f"| {r['max_optimizer_state_bytes_per_rank'] / 1e6:.2f} "
             f"| {r['max_communication_bytes_per_rank'] / 1e6:.2f} "
             f"| {r['max_peak_host_memory_bytes_per_rank'] / 1e6:.0f} |"
         )

@@ -53,15 +53,22 @@ def _draw(module: nn.Module, name: str, shape: tuple[int, ...], g: torch.Generat
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+def materialize(
+    model: nn.Module,
+    seed: int,
+    device: torch.device | str = "cpu",
+    init_scale: dict[str, float] | None = None,
+) -> nn.Module:
     """Replace every meta parameter of ``model`` (a Potential or a PipelineStage) with its
-    initial values on ``device``; buffers are recomputed by ``reset_buffers``."""
+    initial values on ``device``, times ``init_scale[global name]`` where given (μP's output
+    weights); buffers are recomputed by ``reset_buffers``."""
+    init_scale = init_scale or {}
     for full_name, module, name, param, is_param in global_named_tensors(model):
         if not (is_param and param.is_meta):
             continue
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full_name.encode()))
         shape, dim = _full_shape(module, name, param.shape)
-        value = _draw(module, name, shape, g)
+        value = _draw(module, name, shape, g) * init_scale.get(full_name, 1.0)
         if dim >= 0:
             value = shard(value, dim, module.group)
         setattr(module, name, nn.Parameter(value.to(device, param.dtype)))

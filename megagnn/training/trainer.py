@@ -28,10 +28,11 @@ from megagnn.data.sampler import (
     iterate_batches,
 )
 from megagnn.models import Potential, build_model, count_parameters
+from megagnn.models.mup import mup_scales
 from megagnn.ops import segment_sum
 from megagnn.parallel.data import average_gradients, build_optimizer, clip_grad_norm
 from megagnn.parallel.materialize import materialize
-from megagnn.parallel.pipeline import PipelineStage
+from megagnn.parallel.pipeline import PipelineStage, global_named_tensors
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
@@ -99,20 +100,27 @@ def build_rank_model(
     model.recompute_activations = cfg.train.recompute_activations
     potential = parallelize_tensor(model, par.tp_group, cfg.parallel.node_parallel)
     pipeline = PipelineStage(potential, par, dtype) if par.pp_size > 1 else None
-    materialize(pipeline or potential, cfg.train.seed)
+    materialize(pipeline or potential, cfg.train.seed, init_scale=mup_scales(cfg.model).init)
     return potential, pipeline
 
 
 def build_rank_optimizer(
     cfg: Config, model: torch.nn.Module, par: ParallelState
 ) -> torch.optim.Optimizer:
-    """AdamW over this rank's parameters (state sharded over data parallel if configured)."""
+    """AdamW over this rank's parameters (state sharded over data parallel if configured).
+    Under μP one parameter group per learning-rate multiplier, the same groups on every rank
+    (some empty) so that optimizer state saved under one layout loads under another."""
+    params = list(model.parameters())
+    scales = mup_scales(cfg.model).lr
+    if scales:
+        multipliers = [1.0, *sorted(set(scales.values()) - {1.0})]  # group 0: the base lr
+        groups = {m: [] for m in multipliers}
+        for full, _, _, tensor, is_param in global_named_tensors(model):
+            if is_param:
+                groups[scales.get(full, 1.0)].append(tensor)
+        params = [{"params": groups[m], "lr": cfg.train.lr * m} for m in multipliers]
     return build_optimizer(
-        model.parameters(),
-        cfg.train.lr,
-        cfg.train.weight_decay,
-        par.dp_group,
-        shard=cfg.train.shard_optimizer,
+        params, cfg.train.lr, cfg.train.weight_decay, par.dp_group, shard=cfg.train.shard_optimizer
     )
 
 
@@ -165,9 +173,11 @@ class Trainer:
         )
         if cfg.train.flops_budget is not None and self.compute.flops_per_atom is None:
             self._measure_flops()  # the schedule's length depends on it
-        self.max_steps = budget.planned_steps(
-            cfg.train, self._epoch_batch_atoms(), self.par.dp_size, self.compute.flops_per_atom
-        )
+        self.max_steps = cfg.train.max_steps
+        if cfg.train.epochs is not None or cfg.train.flops_budget is not None:
+            self.max_steps = budget.planned_steps(
+                cfg.train, self._epoch_batch_atoms(), self.par.dp_size, self.compute.flops_per_atom
+            )
         self.scheduler = warmup_cosine(self.optimizer, cfg.train, self.max_steps)
         self.step = 0
         self.bad_steps = 0
