@@ -25,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
+
+from results_io import write_results  # benchmarks/, the scripts' own folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,17 +138,10 @@ def main(argv=None) -> int:
     if args.out:
         import torch
 
-        meta = {
-            "date": date.today().isoformat(),
-            "command": " ".join(["benchmarks/data_streaming.py", *(argv or sys.argv[1:])]),
-            "device": "cpu, one thread",
-            "torch": torch.__version__,
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
+        device = "cpu, one thread"
+        write_results(
+            args.out, __file__, argv, device, {"rows": rows}, text, torch=torch.__version__
+        )
     return 0
 
 

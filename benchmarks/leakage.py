@@ -18,13 +18,11 @@ directly: the gap on "leaked" is the optimism of a split that ignores groups.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import write_results
 
 
 def main(argv=None) -> int:
@@ -83,16 +81,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        meta = {
-            "date": date.today().isoformat(),
-            "command": " ".join(["benchmarks/leakage.py", *(argv or sys.argv[1:])]),
-            "device": "cpu",
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
+        write_results(args.out, __file__, argv, "cpu", {"rows": rows}, text)
     return 0
 
 

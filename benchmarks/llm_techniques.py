@@ -23,8 +23,9 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
+
+from results_io import write_results  # benchmarks/, the scripts' own folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,17 +206,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        meta = {
-            "date": date.today().isoformat(),
-            "command": " ".join(["benchmarks/llm_techniques.py", *(argv or sys.argv[1:])]),
-            "device": "cpu, one thread per rank",
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {**meta, "profiles": prof, "accuracy": acc, "rows": rows}
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
+        doc = {"profiles": prof, "accuracy": acc, "rows": rows}
+        write_results(args.out, __file__, argv, "cpu, one thread per rank", doc, text)
     return 0
 
 

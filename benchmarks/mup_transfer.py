@@ -21,8 +21,9 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date
 from pathlib import Path
+
+from results_io import write_results  # benchmarks/, the scripts' own folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,18 +126,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        meta = {
-            "date": date.today().isoformat(),
-            "command": " ".join(["benchmarks/mup_transfer.py", *(argv or sys.argv[1:])]),
-            "device": "cpu, one thread per point",
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(
-            json.dumps({**meta, "rows": rows, "best": best}, indent=1)
-        )
-        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
+        doc = {"rows": rows, "best": best}
+        out = write_results(args.out, __file__, argv, "cpu, one thread per point", doc, text)
         plot(rows, out.with_suffix(".png"))
     return 1 if failed else 0
 

@@ -28,10 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
+from results_io import write_results  # benchmarks/, the scripts' own folder
 
 ROOT = Path(__file__).resolve().parent.parent
 ELEMENTS = np.array([13, 28, 29, 46, 47, 78, 79])
@@ -243,17 +243,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        meta = {
-            "date": date.today().isoformat(),
-            "command": " ".join(["benchmarks/preprocess_scaling.py", *(argv or sys.argv[1:])]),
-            "device": f"cpu, {os.cpu_count()} cores",
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result = {**meta, "sweep": sweep, "large": large, "stream": stream}
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
+        doc = {"sweep": sweep, "large": large, "stream": stream}
+        write_results(args.out, __file__, argv, f"cpu, {os.cpu_count()} cores", doc, text)
     return 0
 
 
