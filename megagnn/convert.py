@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from megagnn.training import checkpoint
 from megagnn.training.checkpoint import CheckpointError
+from megagnn.training.sources import SPLITS, recorded_run
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -88,10 +89,9 @@ def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) 
     if "statistics" in common:  # the training split's statistics travel with the weights
         config["statistics"] = common["statistics"]
     (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
-    for run in [path, *path.resolve().parents[:2]]:  # the run's split, for evaluation
-        if (run / "splits.npz").is_file():
-            shutil.copyfile(run / "splits.npz", out_dir / "splits.npz")
-            break
+    run = recorded_run(path)  # the run's split travels too, for evaluation
+    if run is not None:
+        shutil.copyfile(run / SPLITS, out_dir / SPLITS)
     return out_dir / WEIGHTS
 
 

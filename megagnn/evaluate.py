@@ -6,28 +6,16 @@ python -m megagnn.evaluate --run runs/quickstart [--split test] [--data other/da
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 from megagnn.config import ConfigError, config_from_dict
-from megagnn.data.shards import DataError
+from megagnn.data.shards import DataError, atomic_write_json
 from megagnn.inference.calculator import load_model
 from megagnn.training.checkpoint import CheckpointError, read_common, resolve
-from megagnn.training.sources import SPLITS, dataset_entries, read_splits
+from megagnn.training.sources import dataset_entries, read_splits, recorded_run
 from megagnn.training.trainer import DTYPES, DataSplits, default_device, evaluate
-
-
-def recorded_run(path: str) -> Path | None:
-    """The run folder holding the split a checkpoint was trained with: ``path`` itself, or
-    the run above a checkpoint folder (None for runs that predate splits.npz)."""
-    for folder in [Path(path), *Path(path).resolve().parents[:2]]:
-        if (folder / SPLITS).is_file():
-            return folder
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = metrics[key] / metrics[f"{prefix}baseline_zero_forces_mae"]
         print(f"  {prefix + 'force MAE / zero-force MAE':40s} {ratio:.3f}")
     if args.json:  # written whole or not at all (a sweep takes the file as "point done")
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, metrics)
     return 0
 
 

@@ -211,8 +211,12 @@ def collect(folder: Path) -> list[dict]:
         row.update(json.loads(metrics.read_text()))
         if (run / "compute.json").is_file():  # what the point spent
             spent = json.loads((run / "compute.json").read_text())
-            row.update(flops=spent["flops"], wall_s=spent["wall_s"], atoms_seen=spent["atoms"])
-            row["steps"] = spent["steps"]
+            row.update(
+                flops=spent["flops"],
+                wall_s=spent["wall_s"],
+                atoms_seen=spent["atoms"],
+                steps=spent["steps"],
+            )
         rows.append(row)
     return rows
 
@@ -346,7 +350,7 @@ def fit(args: argparse.Namespace) -> int:
     for r in sorted(rows, key=lambda r: (r["parameters"], r["train_structures"], r["flops"])):
         lines.append(
             f"| {r['model']} | {r['parameters']} | {r['fraction']:g} | {r['train_structures']} "
-            f"| {r['train_atoms']} | {r.get('steps', '')} | {r.get('flops', nan):.3g} "
+            f"| {r['train_atoms']} | {r.get('steps', '')} | {r['flops']:.3g} "
             f"| {r.get('wall_s', nan):.0f} | {r.get(METRICS['energy'], nan):.5f} "
             f"| {r.get(METRICS['forces'], nan):.5f} |"
         )

@@ -55,10 +55,16 @@ class Structure:
     group: str | None = None  # near-duplicates (one MD trajectory, one parent) share one
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write under a temporary name, then rename: readers see the old file or the new one."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def atomic_write_extxyz(path: str | Path, structures: Iterable) -> int:

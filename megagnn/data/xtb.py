@@ -16,8 +16,8 @@ One method labels all of it (GFN1-xTB, the tblite parametrisation that supports 
 cells; Γ-point only, a consistent if coarse energy surface for small cells).
 
 Groups: every structure made from one G2 molecule shares ``mol-<name>`` (its conformers and
-MD frames are near-duplicates); a crystal's strained and rattled variants share their parent's
-group; each cluster is alone. Generation is split into chunks seeded by (seed, chunk), so any
+MD frames are near-duplicates); each crystal and each cluster is drawn once and is its own
+group. Generation is split into chunks seeded by (seed, chunk), so any
 number of ``--workers`` writes the same file. Draws with atoms closer than 0.85 x their covalent
 radii, an SCF that does not converge or a force above 50 eV/Å are redrawn (counted in the
 progress bar). Cost on one CPU core: about 3 ms per molecule single point,
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         generate,
         description="Generate the harder dataset: GFN1-xTB (tblite) energies, forces and "
         "stresses of G2 molecules (conformers and MD at 300/800/1500 K), random clusters and "
-        "strained crystals of 23 elements, as extxyz with a group per molecule, parent "
-        "crystal and cluster.",
+        "strained crystals of 23 elements, as extxyz with a group per G2 molecule "
+        "(each crystal and cluster its own).",
         default_num=20000,
         noun="structures",
         parallel=True,

@@ -53,10 +53,10 @@ class Compute:
     def flops(self) -> float:
         return (self.flops_per_atom or 0.0) * self.atoms
 
-    def add(self, atoms: int, seconds: float) -> None:
+    def add(self, atoms: int) -> None:
+        """One optimizer step over ``atoms`` atoms (all replicas)."""
         self.atoms += atoms
         self.steps += 1
-        self.wall_s += seconds
 
     def state_dict(self) -> dict:
         return {**asdict(self), "flops": self.flops}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from megagnn.config import Config, ConfigError, config_from_dict
+from megagnn.data.shards import atomic_write_json, atomic_write_text
 from megagnn.parallel.state import ParallelState
 from megagnn.training.sources import (
     SPLITS,
@@ -24,16 +25,6 @@ from megagnn.training.sources import (
 
 COMPUTE = "compute.json"
 METRICS = "metrics.jsonl"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def check_resumable(
@@ -83,7 +74,7 @@ def record_run(out_dir: Path, sources: list[Source], statistics: dict) -> None:
     tmp = out_dir / (SPLITS + ".tmp.npz")
     np.savez(tmp, **split_arrays(sources))
     os.replace(tmp, out_dir / SPLITS)
-    write_json(out_dir / STATISTICS, statistics)
+    atomic_write_json(out_dir / STATISTICS, statistics)
 
 
 def trim_metrics(out_dir: Path, step: int) -> None:

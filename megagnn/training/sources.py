@@ -41,9 +41,7 @@ class DataSplits:
         self.graphs = GraphDataset(self.dataset, cfg.model.cutoff, head)
         if recorded is not None:
             self.indices = {name: np.asarray(recorded[name], np.int64) for name in SPLIT_NAMES}
-            if max((int(v.max()) for v in self.indices.values() if len(v)), default=-1) >= len(
-                self.dataset
-            ):
+            if any(len(v) and v.max() >= len(self.dataset) for v in self.indices.values()):
                 raise DataError(f"{path}: the recorded split names records it does not have")
         else:
             groups = self.dataset.groups()
@@ -115,6 +113,15 @@ def split_arrays(sources: list[Source]) -> dict[str, np.ndarray]:
         prefix = f"{s.name}/" if len(sources) > 1 else ""
         out.update({prefix + name: s.data.indices[name] for name in SPLIT_NAMES})
     return out
+
+
+def recorded_run(path: str | Path) -> Path | None:
+    """The run folder holding the split a checkpoint was trained with: ``path`` itself, or
+    the run above a checkpoint folder (None for runs that predate splits.npz)."""
+    for folder in [Path(path), *Path(path).resolve().parents[:2]]:
+        if (folder / SPLITS).is_file():
+            return folder
+    return None
 
 
 def read_splits(run_dir: str | Path, head: str | None = None) -> dict[str, np.ndarray] | None:

@@ -27,6 +27,7 @@ from megagnn.data.sampler import (
     GraphDataset,
     iterate_batches,
 )
+from megagnn.data.shards import atomic_write_json
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.models.mup import mup_scales
 from megagnn.ops import segment_sum
@@ -268,7 +269,7 @@ class Trainer:
         if self.par.is_main:
             state = {**self.compute.state_dict(), "step": self.step, "max_steps": self.max_steps}
             state["best"] = self.early.state_dict() if self.cfg.train.patience else None
-            records.write_json(self.out_dir / records.COMPUTE, state)
+            atomic_write_json(self.out_dir / records.COMPUTE, state)
 
     # -- loop ----------------------------------------------------------------------------
     def next_batches(self) -> list[dict]:
@@ -407,8 +408,7 @@ class Trainer:
                 # all replicas, about: each replica's batches have about as many atoms
                 atoms = sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size
                 atoms_seen += atoms
-                self.compute.atoms += atoms
-                self.compute.steps += 1
+                self.compute.add(atoms)
                 if metrics is None:
                     self._skipped_step()
                     continue
