@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megagnn.config import ParallelConfig
+from megagnn.parallel import device_check
 from megagnn.parallel.mappings import Group
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 
@@ -60,8 +61,12 @@ def _device() -> torch.device:
 def init_parallel(cfg: ParallelConfig) -> ParallelState:
     """Initialise torch.distributed (nccl on GPU, gloo on CPU) and the TP/PP/DP groups.
 
-    A single process without torchrun needs no process group at all.
+    A single process without torchrun needs no process group at all. With
+    ``MEGAGNN_CHECK_DEVICES=1`` every collective refuses host tensors from then on
+    (``megagnn.parallel.device_check``).
     """
+    if device_check.enabled():
+        device_check.install()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size = cfg.data_parallel_size(world)
     device = _device()

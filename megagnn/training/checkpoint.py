@@ -113,11 +113,13 @@ def sharded_state_dict(
     return out
 
 
-def _optimizer_common(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _optimizer_common(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
     """Hyperparameters and AdamW's step count (the same for every parameter; a rank may own
-    no state yet, so the count is the maximum over ranks)."""
+    no state yet, so the count is the maximum over ranks, reduced on the compute device:
+    AdamW keeps the count on the host, which NCCL refuses)."""
     state = local_optimizer(optimizer).state
-    step = torch.tensor(max((float(s["step"]) for s in state.values() if "step" in s), default=0))
+    count = max((float(s["step"]) for s in state.values() if "step" in s), default=0)
+    step = torch.tensor(count, device=device)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return {"param_groups": groups, "step": float(step)}
@@ -154,7 +156,7 @@ def save(
     dist.barrier()
     state = sharded_state_dict(model, optimizer, par)
     if optimizer is not None:
-        common = {**common, "optimizer": _optimizer_common(optimizer)}
+        common = {**common, "optimizer": _optimizer_common(optimizer, par.device)}
     # rank 0 writes the common part; every rank passes rank 0's copy (RNG states may differ)
     box = [common]
     dist.broadcast_object_list(box, src=0)

@@ -13,6 +13,7 @@ from megagnn import keys as K
 from megagnn.data import atoms_to_graph, collate, to_device
 from megagnn.inference import Package, load_model
 from megagnn.inference.package import graph_inputs
+from megagnn.parallel import device_check
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
 from convert_checkpoint import main as convert_main  # noqa: E402
@@ -157,3 +158,20 @@ def test_reshard_round_trips_and_resumes(emt_dataset, tmp_path):
     assert [s for s, _ in again] == [3, 4]
     for (step, x), (_, y) in zip(first[2:], again, strict=True):
         assert y == pytest.approx(x, rel=1e-9), step
+
+
+def test_collectives_get_tensors_on_the_compute_device(emt_dataset, tmp_path, monkeypatch):
+    """NCCL refuses host tensors, gloo takes them: with the device check on, every collective
+    refuses a tensor a GPU run would hold on the host. Covers data-parallel training (sharded
+    optimizer) with validation, the best and periodic checkpoints and the per-step SIGTERM
+    agreement; reshard to tensor parallelism and resume there (load, TP collectives in the
+    force double backward); a two-stage pipeline (point-to-point, broadcasts)."""
+    monkeypatch.setenv(device_check.ENV, "1")
+    args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2")
+    run, tp2 = tmp_path / "run", tmp_path / "tp2"
+    pretrain(2, run, emt_dataset, *args, "train.patience=5")
+    step2 = str(run / "checkpoints" / "step-00000002")
+    assert convert_main(["reshard", step2, str(tp2), "--tensor", "2"]) == 0
+    assert "resumed from" in pretrain(2, tp2, emt_dataset, *args, "parallel.tensor=2")
+    pipeline = ("parallel.pipeline=2", "train.microbatches=2", "train.eval_every=1")
+    pretrain(2, tmp_path / "pp2", emt_dataset, *DIRECT, *pipeline, "train.max_steps=2")
