@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megagnn.models.radial import polynomial_envelope
+from .reference import polynomial_envelope
 
 BESSEL, GAUSSIAN = 0, 1
 

@@ -16,6 +16,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from megagnn.kernels.reference import polynomial_envelope, segment_sum_reference
+from megagnn.parallel.mappings import copy_to_region
+
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -56,19 +59,10 @@ def segment_sum(
     non-decreasing) lets the kernel take its deterministic path without checking.
     """
     if _triton(src):
-        from megagnn.kernels.segment_sum import segment_sum as kernel
+        from megagnn.kernels.aggregate import segment_sum as kernel
 
         return kernel(src, index, num_segments, is_sorted)
     return segment_sum_reference(src, index, num_segments)
-
-
-def segment_sum_reference(
-    src: torch.Tensor, index: torch.Tensor, num_segments: int
-) -> torch.Tensor:
-    """The specification: index_add, accumulated in fp32 for 16-bit inputs."""
-    acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
-    out = src.new_zeros((num_segments, *src.shape[1:]), dtype=acc_dtype)
-    return out.index_add(0, index, src.to(acc_dtype)).to(src.dtype)
 
 
 def radial_basis(
@@ -80,8 +74,6 @@ def radial_basis(
 
         kind, params, coeff = basis.kernel_args()
         return kernel(vec, params, kind, cutoff, p, coeff)
-    from megagnn.models.radial import polynomial_envelope  # (models import this module)
-
     return basis(r), polynomial_envelope(r, cutoff, p)
 
 
@@ -91,7 +83,6 @@ def _fused_filter(filter_mlp: nn.Sequential, edges) -> tuple:
     channel-split work, so their gradients are summed over the ranks, as a
     ColumnParallelLinear's input is."""
     from megagnn.kernels.common import SILU, SSP
-    from megagnn.parallel.mappings import copy_to_region
 
     first, act, last = filter_mlp
     group = getattr(last, "group", None)
@@ -109,7 +100,7 @@ def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
     if not (_triton(x) and edges.receivers_sorted):
         w = filter_mlp(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
         return edges.aggregate(x[edges.sender] * w)
-    from megagnn.kernels.cfconv import cfconv as kernel
+    from megagnn.kernels.continuous_filter import cfconv as kernel
 
     rbf, w1, b1, w2, b2, kind = _fused_filter(filter_mlp, edges)
     return kernel(x, rbf, edges.envelope, edges.index, edges.num_nodes, w1, b1, w2, b2, kind)
@@ -130,7 +121,7 @@ def painn_message(
         unit = edges.unit.to(x_vs.dtype).unsqueeze(-1)  # [E, 3, 1]
         v_msg = v[edges.sender] * x_vv.unsqueeze(1) + unit * x_vs.unsqueeze(1)  # [E, 3, H/tp]
         return edges.aggregate(x_s), edges.aggregate(v_msg)
-    from megagnn.kernels.painn_message import painn_message as kernel
+    from megagnn.kernels.equivariant_message import painn_message as kernel
 
     rbf, w1, b1, w2, b2, kind = _fused_filter(filter_mlp, edges)
     args = (edges.envelope, edges.unit, edges.index, edges.num_nodes, w1, b1, w2, b2, kind)

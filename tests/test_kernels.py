@@ -359,3 +359,20 @@ def test_fused_ops_backward_under_saved_tensor_hooks(op):
         results.append([first.detach(), *(t.grad for t in leaves)])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_kernels_depend_on_nothing_in_megagnn():
+    """Layers point one way: megagnn.ops imports the kernels, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).parents[1] / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("megagnn"), f"{path.name} imports {name}"

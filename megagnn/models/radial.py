@@ -1,4 +1,7 @@
-"""Radial bases of edge lengths and the smooth cutoff envelope (computed in fp32 or fp64)."""
+"""Radial bases of edge lengths (computed in fp32 or fp64).
+
+The cutoff envelope is ``megagnn.ops.polynomial_envelope`` (it lives with the kernels).
+"""
 
 from __future__ import annotations
 
@@ -47,21 +50,6 @@ class GaussianBasis(nn.Module):
 
     def kernel_args(self) -> tuple[int, torch.Tensor, float]:
         return 1, self.centers, self.coeff  # the fused kernel's (kind, params, coeff)
-
-
-def polynomial_envelope(r: torch.Tensor, cutoff: float, p: int = 6) -> torch.Tensor:
-    """Smooth cutoff u(d), d = r/c, zero with p continuous derivatives at d = 1 (DimeNet eq. 8).
-
-    u(d) = 1 - (p+1)(p+2)/2 d^p + p(p+2) d^(p+1) - p(p+1)/2 d^(p+2) for d < 1, else 0.
-    """
-    d = r / cutoff
-    u = (
-        1.0
-        - (p + 1) * (p + 2) / 2 * d**p
-        + p * (p + 2) * d ** (p + 1)
-        - p * (p + 1) / 2 * d ** (p + 2)
-    )
-    return torch.where(d < 1.0, u, torch.zeros_like(u))
 
 
 def make_basis(kind: str, cutoff: float, num: int) -> nn.Module:

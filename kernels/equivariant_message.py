@@ -8,7 +8,7 @@ W is the radial MLP W2 act(W1 rbf + b1) + b2 with 3H outputs, channel-major (cha
 part k at 3c + k) like φ(s), so a tensor-parallel rank's contiguous slice holds whole
 channels. The kernel walks each receiver's edges (receiver-sorted, CSR): neither the
 [E, 3H] filter and messages nor the [E, 3, H] vector messages are stored. Backward: two
-kernels give the first derivatives as for the continuous-filter convolution (cfconv.py:
+kernels give the first derivatives as for the continuous-filter convolution (continuous_filter.py:
 one pass over edge blocks with atomics at the senders, one over channel blocks and edge
 splits for the filter weights); second derivatives recompute through the PyTorch
 reference.
@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megagnn.kernels.common import (
+
+from .common import (
     BLOCK_E,
     SILU,
     FilterGrads,

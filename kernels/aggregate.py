@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megagnn.kernels.common import csr_pointers, node_program
 
-from megagnn.ops import segment_sum_reference  # the specification
+from .common import csr_pointers, node_program
+from .reference import segment_sum_reference  # the specification
 
 __all__ = ["segment_sum", "segment_sum_reference"]
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megagnn.kernels.common import (
+
+from .common import (
     BLOCK_E,
     SILU,
     SSP,
