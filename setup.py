@@ -12,7 +12,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "ase>=3.23",
-        "vesin>=0.3",
+        "vesin>=0.5.8",  # earlier versions miss pairs in some rotated mixed-periodicity boxes
         "h5py",
         "pyyaml",
         "tqdm",

@@ -270,10 +270,12 @@ def _painn_grads(g_ds, g_dv, phi, v, rbf, env, unit, edge_index, w1, b1, w2, b2,
         tensors = (g_ds.contiguous(), g_dv.contiguous(), phi.contiguous(), v.contiguous())
         tensors += (rbf.contiguous(), env.contiguous(), unit.contiguous(), sender, receiver)
         tensors += (w1.contiguous(), b1.contiguous())
-        consts, edge_grid, weight_grid = grads.launch(h, act, block_h=32)
+        # 16 channels a step on 8 warps: the fewest registers per thread, with no spills in
+        # fp32, bf16 or fp64 on sm_90 (python -m megagnn.kernels.aot); 32 spilled
+        consts, edge_grid, weight_grid = grads.launch(h, act, block_h=16)
         _painn_bwd_edges_kernel[edge_grid](
             *tensors, w2.contiguous(), b2.contiguous(),
-            g_phi, g_v, grads.g_pre, grads.g_env, g_unit, grads.g_rbf, **consts,
+            g_phi, g_v, grads.g_pre, grads.g_env, g_unit, grads.g_rbf, **consts, num_warps=8,
         )  # fmt: skip
         _painn_bwd_weights_kernel[weight_grid](
             *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts

@@ -12,6 +12,7 @@ Envelope: the DimeNet polynomial u(d), d = r / c, zero for d >= 1.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,10 +67,13 @@ def _envelope(r, cutoff, P: tl.constexpr):
 
 @triton.jit
 def _edge_block(
-    vec_ptr, prm_ptr, E, K, cutoff, pref, coeff,
+    vec_ptr, prm_ptr, const_ptr, E, K,
     KIND: tl.constexpr, P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """This program's edges: indices, vector, length, basis, envelope and r-derivatives."""
+    """This program's edges: indices, vector, length, basis, envelope and r-derivatives.
+    The constants (cutoff, sqrt(2/cutoff), Gaussian coefficient) come from a tensor in the
+    edges' dtype: Python floats would reach compiled code as fp32, rounding an fp64 run."""
+    cutoff, pref, coeff = tl.load(const_ptr), tl.load(const_ptr + 1), tl.load(const_ptr + 2)
     rows = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     x, y, z, r = _edge_lengths(vec_ptr, rows, E)
@@ -82,11 +86,11 @@ def _edge_block(
 
 @triton.jit
 def _radial_fwd_kernel(
-    vec_ptr, prm_ptr, rbf_ptr, env_ptr, E, K, cutoff, pref, coeff,
+    vec_ptr, prm_ptr, const_ptr, rbf_ptr, env_ptr, E, K,
     KIND: tl.constexpr, P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows, ks, ok, x, y, z, r, b, db, u, du = _edge_block(
-        vec_ptr, prm_ptr, E, K, cutoff, pref, coeff, KIND, P, BLOCK_E, BLOCK_K
+        vec_ptr, prm_ptr, const_ptr, E, K, KIND, P, BLOCK_E, BLOCK_K
     )
     tl.store(rbf_ptr + rows[:, None] * K + ks[None, :], b, mask=ok)
     tl.store(env_ptr + rows, u, mask=rows < E)
@@ -94,11 +98,11 @@ def _radial_fwd_kernel(
 
 @triton.jit
 def _radial_bwd_kernel(
-    vec_ptr, prm_ptr, g_rbf_ptr, g_env_ptr, g_vec_ptr, E, K, cutoff, pref, coeff,
+    vec_ptr, prm_ptr, const_ptr, g_rbf_ptr, g_env_ptr, g_vec_ptr, E, K,
     KIND: tl.constexpr, P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows, ks, ok, x, y, z, r, b, db, u, du = _edge_block(
-        vec_ptr, prm_ptr, E, K, cutoff, pref, coeff, KIND, P, BLOCK_E, BLOCK_K
+        vec_ptr, prm_ptr, const_ptr, E, K, KIND, P, BLOCK_E, BLOCK_K
     )
     g = tl.load(g_rbf_ptr + rows[:, None] * K + ks[None, :], mask=ok, other=0.0)
     g_env = tl.load(g_env_ptr + rows, mask=rows < E, other=0.0)
@@ -108,11 +112,19 @@ def _radial_bwd_kernel(
     tl.store(g_vec_ptr + rows * 3 + 2, s * z, mask=rows < E)
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(cutoff: float, coeff: float, dtype: torch.dtype, device: torch.device):
+    """[cutoff, sqrt(2/cutoff), coeff] in the edges' dtype, made once per device (no copy to
+    the GPU at every launch)."""
+    values = [cutoff, math.sqrt(2.0 / cutoff), coeff]
+    return torch.tensor(values, dtype=torch.float64, device=device).to(dtype)
+
+
 def _launch(kernel, vec, params, kind, cutoff, p, coeff, *tensors):
     e, k = vec.shape[0], params.numel()
     grid = (triton.cdiv(e, 64),)
     kernel[grid](
-        vec, params, *tensors, e, k, float(cutoff), math.sqrt(2.0 / cutoff), float(coeff),
+        vec, params, _constants(float(cutoff), float(coeff), vec.dtype, vec.device), *tensors, e, k,
         KIND=kind, P=p, BLOCK_E=64, BLOCK_K=triton.next_power_of_2(max(k, 1)),
     )  # fmt: skip
 
