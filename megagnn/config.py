@@ -176,6 +176,10 @@ class TrainConfig:
     """Steps between TensorBoard scalar writes."""
     eval_every: int = 200
     """Steps between validation passes (0 disables)."""
+    eval_structures: int = 0
+    """Validate periodically on a fixed seeded subset of at most this many validation
+    structures per dataset (0: all). Early stopping watches it; megagnn.evaluate always
+    reads the whole split."""
     save_every: int = 200
     """Steps between checkpoints (the last step is always saved)."""
     keep_checkpoints: int = 2
@@ -214,6 +218,8 @@ class TrainConfig:
             self.flops_budget is not None and self.flops_budget <= 0
         ):
             raise ConfigError("train.epochs and train.flops_budget must be > 0 (or null)")
+        if self.eval_structures < 0:
+            raise ConfigError("train.eval_structures must be >= 0 (0 validates on every one)")
         if self.patience < 0:
             raise ConfigError("train.patience must be >= 0 (0 disables early stopping)")
 

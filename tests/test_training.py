@@ -316,3 +316,18 @@ def test_consolidated_checkpoint_predicts_like_the_run(emt_dataset, tmp_path):
     b = load_model(tmp_path / "one")(batch)
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=0)
+
+
+def test_periodic_validation_can_read_a_fixed_subset(emt_dataset, tmp_path):
+    full = Trainer(tiny_config(emt_dataset, tmp_path / "a"))
+    part = Trainer(tiny_config(emt_dataset, tmp_path / "b", "train.eval_structures=3"))
+    val = full.sources[0].data.indices["val"]
+    assert len(val) > 3
+    picked = np.concatenate(part.sources[0].data.sampler("val", False, limit=3).batches(0))
+    assert len(picked) == 3 and set(picked) <= set(val)
+    again = np.concatenate(part.sources[0].data.sampler("val", False, limit=3).batches(0))
+    np.testing.assert_array_equal(picked, again)  # the same subset at every validation
+    sub, whole = part.validate(), full.validate()
+    assert sub["energy_per_atom_mae"] != whole["energy_per_atom_mae"]
+    with pytest.raises(ConfigError, match="eval_structures"):
+        tiny_config(emt_dataset, tmp_path, "train.eval_structures=-1")

@@ -64,8 +64,13 @@ class DataSplits:
             self.n_edges = self.dataset.sizes("n_edges")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
 
-    def sampler(self, split: str, shuffle: bool) -> BudgetBatchSampler:
+    def sampler(self, split: str, shuffle: bool, limit: int = 0) -> BudgetBatchSampler:
+        """Batches of ``split`` (the training split sharded over data-parallel ranks);
+        ``limit`` > 0 keeps a fixed seeded subset of that many structures, in order."""
         idx = self.indices[split]
+        if 0 < limit < len(idx):
+            keep = np.random.default_rng([self.cfg.train.seed, limit]).permutation(len(idx))
+            idx = idx[np.sort(keep[:limit])]
         return BudgetBatchSampler(
             idx,
             self.n_atoms[idx],

@@ -510,7 +510,7 @@ class Trainer:
             result = evaluate(
                 self.potential,
                 source.data.graphs,  # graphs carry the source's head
-                source.data.sampler("val", shuffle=False),
+                source.data.sampler("val", shuffle=False, limit=self.cfg.train.eval_structures),
                 self.device,
                 self.dtype,
                 predict=self.predict,
