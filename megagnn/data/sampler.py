@@ -44,7 +44,8 @@ class BudgetBatchSampler:
 
     Every data-parallel rank packs the same batches and takes every ``world_size``-th one,
     so ranks see disjoint data; an epoch is cut to a multiple of ``world_size`` batches so
-    all ranks make the same number of steps.
+    all ranks make the same number of steps (``drop_last=False``, for evaluation, keeps
+    every batch).
     """
 
     def __init__(
@@ -58,13 +59,14 @@ class BudgetBatchSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool = True,
     ):
         self.indices = np.asarray(indices)
         self.n_atoms = np.asarray(n_atoms)
         self.n_edges = None if n_edges is None else np.asarray(n_edges)
         self.max_atoms, self.max_edges = max_atoms, max_edges
         self.shuffle, self.seed = shuffle, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         if len(self.indices) == 0:
             raise ValueError("cannot sample batches from an empty split")
 
@@ -77,6 +79,8 @@ class BudgetBatchSampler:
         packed = pack_batches(
             self.indices[perm], self.n_atoms[perm], self.max_atoms, edges, self.max_edges
         )
+        if not self.drop_last:  # evaluation: every structure once, some ranks a batch more
+            return packed[self.rank :: self.world_size]
         usable = len(packed) - len(packed) % self.world_size
         if usable == 0:
             raise ValueError(

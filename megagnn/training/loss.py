@@ -80,6 +80,26 @@ class ErrorMeter:
             self._add("stress_mae", (pred[K.STRESS].detach() - batch[K.STRESS])[mask])
             self._add("baseline_zero_stress_mae", batch[K.STRESS][mask])
 
+    NAMES = (
+        "energy_per_atom_mae",
+        "baseline_energy_per_atom_mae",
+        "forces_mae",
+        "baseline_zero_forces_mae",
+        "stress_mae",
+        "baseline_zero_stress_mae",
+    )
+
+    def all_reduce(self, group, device: torch.device) -> None:
+        """Add up the sums and counts of every rank of ``group`` (each evaluated part of the
+        data); a rank that saw no stress still takes part."""
+        values = [self.sums.get(k, 0.0) for k in self.NAMES]
+        values += [float(self.counts.get(k, 0)) for k in self.NAMES]
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total, group=group)
+        n = len(self.NAMES)
+        self.sums = dict(zip(self.NAMES, total[:n].tolist(), strict=True))
+        self.counts = {k: round(c) for k, c in zip(self.NAMES, total[n:].tolist(), strict=True)}
+
     def result(self) -> dict[str, float]:
         """Mean absolute errors of the quantities the data had (no stress for molecules)."""
         return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}

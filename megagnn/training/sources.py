@@ -65,8 +65,9 @@ class DataSplits:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
 
     def sampler(self, split: str, shuffle: bool, limit: int = 0) -> BudgetBatchSampler:
-        """Batches of ``split`` (the training split sharded over data-parallel ranks);
-        ``limit`` > 0 keeps a fixed seeded subset of that many structures, in order."""
+        """This data-parallel rank's batches of ``split``: training batches dealt out in
+        equal numbers, the others every structure once; ``limit`` > 0 keeps a fixed seeded
+        subset of that many structures, in order."""
         idx = self.indices[split]
         if 0 < limit < len(idx):
             keep = np.random.default_rng([self.cfg.train.seed, limit]).permutation(len(idx))
@@ -79,8 +80,9 @@ class DataSplits:
             self.cfg.data.max_edges,
             shuffle=shuffle,
             seed=self.cfg.train.seed,
-            rank=self.rank if split == "train" else 0,
-            world_size=self.world_size if split == "train" else 1,
+            rank=self.rank,
+            world_size=self.world_size,
+            drop_last=split == "train",
         )
 
     def statistics(self) -> dict:

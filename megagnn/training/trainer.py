@@ -59,12 +59,14 @@ def evaluate(
     progress: bool = False,
     predict: Callable[[dict], dict | None] | None = None,
     loss_cfg: TrainConfig | None = None,
+    group=None,
 ) -> dict[str, float]:
     """Mean absolute errors on one pass over the sampler's batches, with trivial baselines,
     and with ``loss_cfg`` the training loss (``loss``: mean over structures).
 
     ``predict`` (default: ``model``) may return None on ranks that hold no predictions (the
-    pipeline's first stages); they return an empty dict.
+    pipeline's first stages); they return an empty dict. With a data-parallel ``group``
+    each rank evaluates its share of the batches and the errors are summed over the group.
     """
     was_training = model.training
     model.eval()
@@ -85,6 +87,11 @@ def evaluate(
             loss_sum += float(total.detach()) * len(batch[K.ENERGY])
             structures += len(batch[K.ENERGY])
     model.train(was_training)
+    if group is not None:
+        meter.all_reduce(group, device)
+        totals = torch.tensor([loss_sum, structures], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals, group=group)
+        loss_sum, structures = totals[0].item(), round(totals[1].item())
     result = meter.result()
     if structures:
         result["loss"] = loss_sum / structures
@@ -515,6 +522,7 @@ class Trainer:
                 self.dtype,
                 predict=self.predict,
                 loss_cfg=self.cfg.train,
+                group=self.par.dp_group,
             )
             prefix = f"{source.name}/" if len(self.sources) > 1 else ""
             metrics.update({prefix + k: v for k, v in result.items()})

@@ -175,3 +175,18 @@ def test_collectives_get_tensors_on_the_compute_device(emt_dataset, tmp_path, mo
     assert "resumed from" in pretrain(2, tp2, emt_dataset, *args, "parallel.tensor=2")
     pipeline = ("parallel.pipeline=2", "train.microbatches=2", "train.eval_every=1")
     pretrain(2, tmp_path / "pp2", emt_dataset, *DIRECT, *pipeline, "train.max_steps=2")
+
+
+def test_validation_is_split_over_data_parallel_ranks(emt_dataset, tmp_path, capsys):
+    """Each data-parallel rank validates its share of the split; the summed errors equal
+    one process evaluating the whole split with the same weights."""
+    from megagnn.evaluate import main as evaluate_main
+
+    pretrain(2, tmp_path, emt_dataset, "train.max_steps=2", "train.eval_every=2")
+    logged = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = next(r for r in logged if "val/forces_mae" in r)
+    out = tmp_path / "val.json"
+    assert evaluate_main(["--run", str(tmp_path), "--split", "val", "--json", str(out)]) == 0
+    whole = json.loads(out.read_text())
+    for key in ("energy_per_atom_mae", "forces_mae", "stress_mae"):
+        assert val[f"val/{key}"] == pytest.approx(whole[key], rel=1e-6), key  # evaluate: fp32
