@@ -111,11 +111,17 @@ def test_radial_basis_first_and_second_derivatives(kind):
     assert torch.autograd.gradgradcheck(f, (vec,))
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["", "recompute"])
-@pytest.mark.parametrize("family", ["schnet", "painn"])
-def test_model_with_kernels_equals_model_without(family, recompute):
+@pytest.mark.parametrize(
+    "family, recompute, shuffled",
+    [("schnet", False, False), ("painn", False, False), ("schnet", True, False),
+     ("painn", True, False), ("schnet", False, True), ("painn", False, True)],
+    ids=["schnet", "painn", "schnet-recompute", "painn-recompute", "schnet-shuffled",
+         "painn-shuffled"],
+)  # fmt: skip
+def test_model_with_kernels_equals_model_without(family, recompute, shuffled):
     """Energies, forces and stress, and the force-loss gradients, with kernels on and off
-    (and under activation recomputation, whose saved-tensor hooks the backward must bear)."""
+    (and under activation recomputation, whose saved-tensor hooks the backward must bear;
+    and with the kernels' batch in another edge order, which the model must put right)."""
     from ase.build import bulk
 
     from megagnn import keys as K
@@ -131,9 +137,13 @@ def test_model_with_kernels_equals_model_without(family, recompute):
     model = build_model(cfg).to(DEVICE, torch.float64).train()
     model.recompute_activations = recompute
     results = []
+    order = torch.randperm(batch[K.EDGE_INDEX].shape[1], generator=torch.Generator().manual_seed(0))
+    shuffled_batch = dict(batch)
+    shuffled_batch[K.EDGE_INDEX] = batch[K.EDGE_INDEX][:, order]
+    shuffled_batch[K.CELL_SHIFTS] = batch[K.CELL_SHIFTS][order]
     for backend in ("torch", "triton"):
         with ops.use_backend(backend):
-            out = model(batch)
+            out = model(shuffled_batch if shuffled and backend == "triton" else batch)
             model.zero_grad()
             (out[K.ENERGY].sum() + (out[K.FORCES] ** 2).sum()).backward()
         grads = [p.grad.clone() for p in model.parameters()]

@@ -33,3 +33,12 @@ class Edges:
     def aggregate(self, messages: torch.Tensor) -> torch.Tensor:
         """Σ over each node's incoming edges: [E, ...] -> [N, ...]."""
         return segment_sum(messages, self.receiver, self.num_nodes, self.receivers_sorted)
+
+
+def sort_by_receiver(index: torch.Tensor, *per_edge: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``index [2, E]`` and per-edge tensors ordered by receiver, as the kernels' CSR path
+    needs. A stable sort, so sorted edges keep their order (and the results their bits);
+    always sorting (O(E), no device-to-host sync, nothing data-dependent for torch.export)
+    costs less than checking on a GPU."""
+    order = torch.sort(index[1], stable=True).indices
+    return (index[:, order], *(t[order] for t in per_edge))

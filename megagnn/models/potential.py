@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megagnn import keys as K
 from megagnn.config import ModelConfig
-from megagnn.models.edges import Edges
+from megagnn.models.edges import Edges, sort_by_receiver
 from megagnn.models.painn import PaiNN
 from megagnn.models.radial import make_basis
 from megagnn.models.schnet import SchNet
@@ -158,19 +158,18 @@ class Potential(nn.Module):
     ) -> tuple[Edges, Edges]:
         """Edge geometry in full precision, as the blocks see it (behind the tensor-parallel
         boundary) and raw (for the direct force head, which works on replicated values)."""
-        sender, receiver = batch[K.EDGE_INDEX]
+        # the kernels need receiver-sorted edges: established here, whatever made the batch
+        index, shifts = sort_by_receiver(batch[K.EDGE_INDEX], batch[K.CELL_SHIFTS])
+        sender, receiver = index
         edge_graph = batch[K.BATCH][receiver]
         with torch.autocast(pos.device.type, enabled=False):
-            shift = torch.einsum("ei,eij->ej", batch[K.CELL_SHIFTS], cell[edge_graph])  # [E, 3]
+            shift = torch.einsum("ei,eij->ej", shifts, cell[edge_graph])  # [E, 3]
             vec = pos[sender] - pos[receiver] + shift  # [E, 3]
             r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
             unit = vec / r.unsqueeze(-1)  # [E, 3]
             # [E, K], [E]: one fused pass over the edges on GPUs
             rbf, env = radial_basis(vec, r, self.basis, self.cfg.cutoff, self.cfg.envelope_p)
-        # edge_index is sorted by receiver (keys.EDGE_INDEX; collate refuses anything else)
-        raw = Edges(
-            batch[K.EDGE_INDEX], rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0], True
-        )
+        raw = Edges(index, rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0], True)
         to_channels = self.geometry_to_channels
         blocks = replace(
             raw,
