@@ -49,6 +49,16 @@ def _triton(t: torch.Tensor) -> bool:
     return _backend == "triton"
 
 
+def _fused(t: torch.Tensor, edges) -> bool:
+    """Whether a fused message kernel serves these edges. Its second derivative recomputes
+    through the reference after an extra forward, so under ``auto`` a message the loss
+    differentiates twice (conservative-force training) takes the reference: never slower
+    than plain torch. ``triton`` forces the kernel (its double backward is still exact)."""
+    if not edges.receivers_sorted or (_backend == "auto" and edges.differentiated_twice):
+        return False
+    return _triton(t)
+
+
 def segment_sum(
     src: torch.Tensor, index: torch.Tensor, num_segments: int, is_sorted: bool | None = None
 ) -> torch.Tensor:
@@ -97,7 +107,7 @@ def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
     ``filter_mlp`` is Linear(K, R) -> activation -> Linear(R, H) (the last one possibly
     column-parallel). The Triton path never stores the [E, H] filter or messages.
     """
-    if not (_triton(x) and edges.receivers_sorted):
+    if not _fused(x, edges):
         w = filter_mlp(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, H/tp]
         return edges.aggregate(x[edges.sender] * w)
     from megagnn.kernels.continuous_filter import cfconv as kernel
@@ -114,7 +124,7 @@ def painn_message(
     ``phi [N, 3H/tp]`` and the filter's 3H/tp outputs are channel-major (channel c, part k
     at 3c + k); ``v [N, 3, H/tp]``. The Triton path never stores a per-edge tensor.
     """
-    if not (_triton(phi) and edges.receivers_sorted):
+    if not _fused(phi, edges):
         w = filter_mlp(edges.rbf) * edges.envelope.unsqueeze(-1)  # [E, 3H/tp]
         x = phi[edges.sender] * w  # [E, 3H/tp]
         x_s, x_vv, x_vs = x.unflatten(-1, (-1, 3)).unbind(-1)  # [E, H/tp] each

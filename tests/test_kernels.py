@@ -386,3 +386,43 @@ def test_kernels_depend_on_nothing_in_megagnn():
                 continue
             for name in names:
                 assert not name.startswith("megagnn"), f"{path.name} imports {name}"
+
+
+def test_auto_keeps_the_reference_for_messages_differentiated_twice():
+    """Conservative-force training differentiates the messages twice, where the fused kernels
+    recompute through the reference: ``auto`` takes the reference there, kernels elsewhere."""
+    from types import SimpleNamespace
+
+    from ase.build import bulk
+
+    from megagnn.config import ModelConfig
+    from megagnn.data import atoms_to_graph, to_device
+    from megagnn.models import build_model
+
+    on_gpu = SimpleNamespace(is_cuda=True)
+    edges = SimpleNamespace(receivers_sorted=True, differentiated_twice=False)
+    twice = SimpleNamespace(receivers_sorted=True, differentiated_twice=True)
+    with ops.use_backend("auto"):
+        assert ops._fused(on_gpu, edges) and not ops._fused(on_gpu, twice)
+    with ops.use_backend("triton"):
+        assert ops._fused(on_gpu, twice)
+    # the model marks its edges so when, and only when, it trains conservative forces
+    model = build_model(ModelConfig(hidden=8, layers=1, num_rbf=4, cutoff=3.0))
+    batch = to_device(atoms_to_graph(bulk("Cu", "fcc", a=3.6), 3.0), "cpu", torch.float64)
+    model = model.double()
+    seen = []
+    ops_painn = ops.painn_message
+
+    def spy(phi, v, e, mlp):
+        seen.append(e.differentiated_twice)
+        return ops_painn(phi, v, e, mlp)
+
+    import megagnn.models.painn as painn
+
+    original, painn.painn_message = painn.painn_message, spy
+    try:
+        model.train()(batch)
+        model.eval()(batch)
+    finally:
+        painn.painn_message = original
+    assert seen == [True, False]

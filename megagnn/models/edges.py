@@ -21,6 +21,10 @@ class Edges:
     inv_avg_neighbors: torch.Tensor  # [] 1 / mean neighbour count (message normalisation)
     num_nodes: int  # N
     receivers_sorted: bool = False  # index[1] non-decreasing (the kernels' CSR path)
+    # the loss will differentiate the messages twice (conservative-force training): the
+    # fused message kernels' double backward recomputes through the reference, so
+    # kernels=auto keeps the reference for them
+    differentiated_twice: bool = False
 
     @property
     def sender(self) -> torch.Tensor:  # [E]

@@ -134,7 +134,7 @@ class Potential(nn.Module):
             pos = pos + torch.einsum("ni,nij->nj", pos, sym[graph_of_atom])
             cell = cell + torch.bmm(cell, sym)
 
-        edges, raw = self.edges(batch, pos, cell)
+        edges, raw = self.edges(batch, pos, cell, twice=conservative and self.training)
         state = self.embed(batch[K.ATOMIC_NUMBERS])
         state = self.run_blocks(self.backbone.blocks, state, edges)
         out = self.heads(self.backbone.scalars(state), batch, raw if compute_forces else None)
@@ -154,10 +154,15 @@ class Potential(nn.Module):
         return out
 
     def edges(
-        self, batch: dict[str, torch.Tensor], pos: torch.Tensor, cell: torch.Tensor
+        self,
+        batch: dict[str, torch.Tensor],
+        pos: torch.Tensor,
+        cell: torch.Tensor,
+        twice: bool = False,
     ) -> tuple[Edges, Edges]:
         """Edge geometry in full precision, as the blocks see it (behind the tensor-parallel
-        boundary) and raw (for the direct force head, which works on replicated values)."""
+        boundary) and raw (for the direct force head, which works on replicated values);
+        ``twice``: the loss will differentiate the messages twice (see Edges)."""
         # the kernels need receiver-sorted edges: established here, whatever made the batch
         index, shifts = sort_by_receiver(batch[K.EDGE_INDEX], batch[K.CELL_SHIFTS])
         sender, receiver = index
@@ -169,7 +174,8 @@ class Potential(nn.Module):
             unit = vec / r.unsqueeze(-1)  # [E, 3]
             # [E, K], [E]: one fused pass over the edges on GPUs
             rbf, env = radial_basis(vec, r, self.basis, self.cfg.cutoff, self.cfg.envelope_p)
-        raw = Edges(index, rbf, env, unit, 1.0 / self.avg_num_neighbors, pos.shape[0], True)
+        inv = 1.0 / self.avg_num_neighbors
+        raw = Edges(index, rbf, env, unit, inv, pos.shape[0], True, differentiated_twice=twice)
         to_channels = self.geometry_to_channels
         blocks = replace(
             raw,
