@@ -198,6 +198,10 @@ class TrainConfig:
     """Keep only each block's input in forward and recompute the block in backward."""
     kernels: str = "auto"
     """'auto' (fused Triton kernels on CUDA), 'triton' (always) or 'torch' (the references)."""
+    deterministic: bool = False
+    """Bitwise-reproducible steps on GPUs: torch's deterministic algorithms and no kernel
+    that adds with atomics (the fused messages' backward takes the reference). CPU runs are
+    deterministic either way."""
 
     def __post_init__(self) -> None:
         if self.kernels not in ("auto", "triton", "torch"):

@@ -21,6 +21,7 @@ from megagnn.parallel.mappings import copy_to_region
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
+_deterministic = False
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -31,6 +32,12 @@ def set_backend(name: str) -> None:
     if name == "triton" and not _HAVE_TRITON:
         raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
     _backend = name
+
+
+def set_deterministic(flag: bool) -> None:
+    """Use no kernel whose result depends on the order of atomic additions."""
+    global _deterministic
+    _deterministic = flag
 
 
 @contextlib.contextmanager
@@ -53,8 +60,11 @@ def _fused(t: torch.Tensor, edges) -> bool:
     """Whether a fused message kernel serves these edges. Its second derivative recomputes
     through the reference after an extra forward, so under ``auto`` a message the loss
     differentiates twice (conservative-force training) takes the reference: never slower
-    than plain torch. ``triton`` forces the kernel (its double backward is still exact)."""
-    if not edges.receivers_sorted or (_backend == "auto" and edges.differentiated_twice):
+    than plain torch. ``triton`` forces the kernel (its double backward is still exact).
+    Their backward adds at the senders with atomics: deterministic runs take the reference."""
+    if not edges.receivers_sorted or _deterministic:
+        return False
+    if _backend == "auto" and edges.differentiated_twice:
         return False
     return _triton(t)
 
@@ -68,7 +78,7 @@ def segment_sum(
     Low-precision inputs are accumulated in fp32 and cast back. ``is_sorted`` (index
     non-decreasing) lets the kernel take its deterministic path without checking.
     """
-    if _triton(src):
+    if _triton(src) and (is_sorted or not _deterministic):  # unsorted: atomics
         from megagnn.kernels.aggregate import segment_sum as kernel
 
         return kernel(src, index, num_segments, is_sorted)

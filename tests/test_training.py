@@ -331,3 +331,15 @@ def test_periodic_validation_can_read_a_fixed_subset(emt_dataset, tmp_path):
     assert sub["energy_per_atom_mae"] != whole["energy_per_atom_mae"]
     with pytest.raises(ConfigError, match="eval_structures"):
         tiny_config(emt_dataset, tmp_path, "train.eval_structures=-1")
+
+
+def test_deterministic_runs_train(emt_dataset, tmp_path):
+    from megagnn import ops
+
+    trainer = Trainer(tiny_config(emt_dataset, tmp_path, "train.deterministic=true"))
+    try:
+        assert torch.are_deterministic_algorithms_enabled() and ops._deterministic
+        assert math.isfinite(trainer.train()["loss/total"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+        ops.set_deterministic(False)

@@ -154,6 +154,10 @@ class Trainer:
                 "environment (the interpreter: slow, for tests); use 'auto' or 'torch'"
             )
         ops.set_backend(cfg.train.kernels)
+        ops.set_deterministic(cfg.train.deterministic)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+            torch.use_deterministic_algorithms(True)
         self.autocast = (
             partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
             if cfg.train.precision == "bf16"
