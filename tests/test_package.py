@@ -13,6 +13,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from megagnn import keys as K
 from megagnn.config import ModelConfig
@@ -88,11 +89,33 @@ def test_calculator_runs_the_package(packaged):
             np.testing.assert_allclose(b.get_stress(), a.get_stress(), rtol=1e-9, atol=1e-12)
 
 
+def test_many_structures_per_call_match_one_by_one(packaged):
+    """The batched API packs structures into atom-budget batches (here several, one
+    structure larger than the budget alone) and gives what one call per structure gives."""
+    model, path = packaged
+    many = [*structures().values()] * 2
+    for calc, budget in ((MegaGNNCalculator(model), 10), (MegaGNNCalculator(str(path)), 10)):
+        assert max(len(a) for a in many) > budget
+        for atoms, got in zip(many, calc.predict(many, max_atoms=budget), strict=True):
+            ref = expected(model, atoms)
+            np.testing.assert_allclose(got["energy"], ref["energy"], rtol=1e-9)
+            np.testing.assert_allclose(got["forces"], ref["forces"], rtol=1e-9, atol=1e-12)
+            if atoms.pbc.all():
+                voigt = full_3x3_to_voigt_6_stress(ref["stress"])
+                np.testing.assert_allclose(got["stress"], voigt, rtol=1e-9, atol=1e-12)
+            else:
+                assert got["stress"] is None
+    assert Package(path).device == torch.device("cpu")
+
+
 def test_bad_packages_are_refused(tmp_path, packaged):
     with pytest.raises(FileNotFoundError, match="no inference package"):
         Package(tmp_path / "missing.pt2")
     with pytest.raises(ValueError, match=r"\.pt2"):
         export_package(packaged[0], tmp_path / "model.bin")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="machine with CUDA"):
+            export_package(packaged[0], tmp_path / "model.pt2", device="cuda")
 
 
 def parse_runner(text: str) -> dict[str, np.ndarray]:

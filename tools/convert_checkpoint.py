@@ -57,6 +57,12 @@ def main(argv=None) -> int:
         default="float64",
         help="precision of the compiled model (float64 keeps MD energy conserved)",
     )
+    k.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the package runs (cuda: compiled on, and for, this machine's GPU)",
+    )
     r = sub.add_parser("reshard", help="sharded checkpoint -> sharded for another layout")
     r.add_argument("source", help="run folder, checkpoints folder or step-N folder")
     r.add_argument("out", help="output run folder (its checkpoints/ is written)")
@@ -75,8 +81,9 @@ def main(argv=None) -> int:
             if not args.out.endswith(".pt2"):
                 raise ValueError(f"the package file must end in .pt2, not {args.out!r}")
             dtype = getattr(torch, args.dtype)
-            print(f"compiling {args.source} ({args.dtype}) ...", file=sys.stderr)
-            path = export_package(load_model(args.source, dtype=dtype), args.out, dtype)
+            print(f"compiling {args.source} ({args.dtype}, {args.device}) ...", file=sys.stderr)
+            model = load_model(args.source, dtype=dtype)
+            path = export_package(model, args.out, dtype, device=args.device)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from megagnn import keys as K
 from megagnn.config import config_from_dict
 from megagnn.convert import is_consolidated, load_consolidated
-from megagnn.data.graph import atoms_to_graph, to_device
+from megagnn.data.graph import atoms_to_graph, collate, structure_to_graph, to_device
 from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential, build_model
 from megagnn.parallel.state import ParallelState
@@ -42,8 +42,8 @@ class MegaGNNCalculator(Calculator):
     """Energy, forces and (for periodic cells) stress from a megagnn model.
 
     ``model``: a Potential, a run/checkpoint/consolidated folder, or an inference package
-    (``.pt2``, run in the dtype it was compiled for). Checkpoints run in fp64 by default: MD
-    energy conservation needs more than fp32 gives.
+    (``.pt2``, run in the dtype and on the device it was compiled for). Checkpoints run in
+    fp64 on ``device`` by default: MD energy conservation needs more than fp32 gives.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -63,7 +63,7 @@ class MegaGNNCalculator(Calculator):
             self.model = model
         elif str(model).endswith(".pt2"):
             self.package = Package(model)
-            self.dtype, self.device = self.package.dtype, torch.device("cpu")
+            self.dtype, self.device = self.package.dtype, self.package.device
         else:
             self.model = load_model(model, device, dtype)
         self.cutoff = self.package.cutoff if self.package else self.model.cfg.cutoff
@@ -86,6 +86,55 @@ class MegaGNNCalculator(Calculator):
             float(out[K.ENERGY][0].detach()), out.get(K.FORCES), out.get(K.STRESS, [None])[0]
         )
 
+    def predict(self, structures: list[Atoms], max_atoms: int = 4096) -> list[dict]:
+        """Energy, forces and (periodic cells) stress of many structures, evaluated in
+        batches of at most ``max_atoms`` atoms (a larger structure goes alone): for
+        screening, where one structure per call leaves a GPU idle. A package, compiled for
+        one structure, evaluates them one by one. Returns one dict per structure, in order,
+        with ``energy`` (eV), ``forces`` [n, 3] (eV/Å) and ``stress`` (Voigt, eV/Å^3, or
+        None)."""
+        if self.package is not None:
+            out = []
+            for atoms in structures:
+                self.calculate(atoms.copy(), ["energy", "forces"], all_changes)
+                r = self.results
+                out.append(
+                    {"energy": r["energy"], "forces": r["forces"], "stress": r.get("stress")}
+                )
+            return out
+        results, group, size = [], [], 0
+        for atoms in [*structures, None]:
+            if group and (atoms is None or size + len(atoms) > max_atoms):
+                results += self._predict_batch(group)
+                group, size = [], 0
+            if atoms is not None:
+                group.append(atoms)
+                size += len(atoms)
+        return results
+
+    def _predict_batch(self, structures: list[Atoms]) -> list[dict]:
+        graphs = [structure_to_graph(_record(a), self.cutoff) for a in structures]
+        batch = to_device(collate(graphs), self.device, self.dtype)
+        batch[K.HEAD][:] = self.head
+        out = self.model(batch, compute_stress=self.model.cfg.stress)
+        forces = out.get(K.FORCES)
+        if forces is not None:
+            forces = forces.detach().cpu().double().split(batch[K.N_ATOMS].tolist())
+        stress = out.get(K.STRESS)
+        results = []
+        for i, atoms in enumerate(structures):
+            s = stress[i].detach().cpu().double().numpy() if stress is not None else None
+            results.append(
+                {
+                    "energy": float(out[K.ENERGY][i].detach()),
+                    "forces": None if forces is None else forces[i].numpy(),
+                    "stress": full_3x3_to_voigt_6_stress(s)
+                    if s is not None and atoms.pbc.all()
+                    else None,
+                }
+            )
+        return results
+
     def _store(self, energy: float, forces, stress) -> None:
         self.results = {"energy": energy, "free_energy": energy}
         if forces is not None:
@@ -93,3 +142,12 @@ class MegaGNNCalculator(Calculator):
         if stress is not None:
             stress = stress.detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
+
+
+def _record(atoms: Atoms) -> dict:
+    return {
+        "atomic_numbers": atoms.get_atomic_numbers(),
+        "positions": atoms.get_positions(),
+        "cell": atoms.get_cell()[:],
+        "pbc": atoms.get_pbc(),
+    }
