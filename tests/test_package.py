@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk, molecule
+from ase.build import bulk, fcc111, molecule
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from megagnn import keys as K
@@ -38,7 +38,9 @@ def structures() -> dict[str, Atoms]:
     cell.positions[0] += [5.0, -4.0, 0.5]  # an atom outside the cell
     skew = bulk("Au", "fcc", a=4.0)  # one atom, 3 x 1 x 1 neighbours through images
     ethanol = molecule("CH3CH2OH")
-    return {"periodic": cell, "one-atom": skew, "molecule": ethanol}
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=3.0)  # periodic in x and y only
+    slab.rattle(0.05, seed=2)
+    return {"periodic": cell, "one-atom": skew, "molecule": ethanol, "slab": slab}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def expected(model, atoms: Atoms) -> dict[str, np.ndarray]:
     return res
 
 
-@pytest.mark.parametrize("name", ["periodic", "one-atom", "molecule"])
+@pytest.mark.parametrize("name", ["periodic", "one-atom", "molecule", "slab"])
 def test_package_matches_the_model(packaged, name):
     model, path = packaged
     package = Package(path)

@@ -24,6 +24,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -133,8 +134,9 @@ Structure read_extxyz(const std::string& path) {
 }
 
 // Directed edges (sender j, receiver i, lattice shift S) with 0 < |x_j + S @ cell - x_i| < rc,
-// sorted by receiver. All pairs times all images in range: fine for the thousands of atoms
-// an example runs; production MD engines bring their own cell lists.
+// sorted by receiver, in time linear in the number of atoms: every atom's periodic images
+// within reach are binned into cubes of side rc, and each atom looks only at the 27 cubes
+// around it.
 void neighbour_list(const Structure& s, double cutoff, std::vector<int64_t>& senders,
                     std::vector<int64_t>& receivers, std::vector<double>& shifts) {
   const auto& c = s.cell;
@@ -142,6 +144,7 @@ void neighbour_list(const Structure& s, double cutoff, std::vector<int64_t>& sen
                                c[1] * (c[3] * c[8] - c[5] * c[6]) +
                                c[2] * (c[3] * c[7] - c[4] * c[6]);
   const double volume = std::abs(signed_volume);
+  const size_t n = s.numbers.size();
   std::array<int, 3> reps{0, 0, 0};
   for (int k = 0; k < 3; ++k) {
     if (!s.pbc[k]) continue;
@@ -153,7 +156,7 @@ void neighbour_list(const Structure& s, double cutoff, std::vector<int64_t>& sen
     if (volume < 1e-12 || area < 1e-12) throw std::runtime_error("periodic cell with no volume");
     // layers of images within the cutoff, plus how far atoms stray outside the cell
     double lo = 0.0, hi = 1.0;
-    for (size_t a = 0; a < s.numbers.size(); ++a) {
+    for (size_t a = 0; a < n; ++a) {
       const double* x = &s.positions[3 * a];
       const double frac = (x[0] * cross[0] + x[1] * cross[1] + x[2] * cross[2]) / signed_volume;
       lo = std::min(lo, frac);
@@ -161,25 +164,63 @@ void neighbour_list(const Structure& s, double cutoff, std::vector<int64_t>& sen
     }
     reps[k] = static_cast<int>(std::ceil(cutoff / (volume / area) + (hi - lo - 1.0)));
   }
-  const size_t n = s.numbers.size();
-  const double rc2 = cutoff * cutoff;
-  for (size_t i = 0; i < n; ++i)
-    for (size_t j = 0; j < n; ++j)
-      for (int a = -reps[0]; a <= reps[0]; ++a)
-        for (int b = -reps[1]; b <= reps[1]; ++b)
-          for (int d = -reps[2]; d <= reps[2]; ++d) {
-            if (i == j && a == 0 && b == 0 && d == 0) continue;
-            double r2 = 0.0;
-            for (int k = 0; k < 3; ++k) {
-              const double x = s.positions[3 * j + k] + a * c[k] + b * c[3 + k] + d * c[6 + k] -
-                               s.positions[3 * i + k];
-              r2 += x * x;
-            }
-            if (r2 >= rc2) continue;
-            senders.push_back(static_cast<int64_t>(j));
-            receivers.push_back(static_cast<int64_t>(i));
-            shifts.insert(shifts.end(), {double(a), double(b), double(d)});
+  if (n == 0) return;
+  // the box around the atoms, widened by the cutoff: images outside it have no neighbours
+  std::array<double, 3> lo{}, hi{};
+  for (int k = 0; k < 3; ++k) lo[k] = hi[k] = s.positions[k];
+  for (size_t a = 0; a < n; ++a)
+    for (int k = 0; k < 3; ++k) {
+      lo[k] = std::min(lo[k], s.positions[3 * a + k]);
+      hi[k] = std::max(hi[k], s.positions[3 * a + k]);
+    }
+  for (int k = 0; k < 3; ++k) lo[k] -= cutoff, hi[k] += cutoff;
+  auto bin_of = [&](const double* x, int k) {
+    return static_cast<int64_t>(std::floor((x[k] - lo[k]) / cutoff));
+  };
+  auto key = [](int64_t bx, int64_t by, int64_t bz) { return (bx * 1048576 + by) * 1048576 + bz; };
+  struct Image {
+    int64_t atom;
+    int a, b, d;
+    double x[3];
+  };
+  std::vector<Image> images;
+  std::unordered_map<int64_t, std::vector<size_t>> bins;
+  for (size_t j = 0; j < n; ++j)
+    for (int a = -reps[0]; a <= reps[0]; ++a)
+      for (int b = -reps[1]; b <= reps[1]; ++b)
+        for (int d = -reps[2]; d <= reps[2]; ++d) {
+          Image im{static_cast<int64_t>(j), a, b, d, {}};
+          bool inside = true;
+          for (int k = 0; k < 3; ++k) {
+            im.x[k] = s.positions[3 * j + k] + a * c[k] + b * c[3 + k] + d * c[6 + k];
+            inside = inside && im.x[k] >= lo[k] && im.x[k] <= hi[k];
           }
+          if (!inside) continue;
+          bins[key(bin_of(im.x, 0), bin_of(im.x, 1), bin_of(im.x, 2))].push_back(images.size());
+          images.push_back(im);
+        }
+  const double rc2 = cutoff * cutoff;
+  for (size_t i = 0; i < n; ++i) {
+    const double* xi = &s.positions[3 * i];
+    const int64_t bx = bin_of(xi, 0), by = bin_of(xi, 1), bz = bin_of(xi, 2);
+    for (int64_t dx = -1; dx <= 1; ++dx)
+      for (int64_t dy = -1; dy <= 1; ++dy)
+        for (int64_t dz = -1; dz <= 1; ++dz) {
+          auto found = bins.find(key(bx + dx, by + dy, bz + dz));
+          if (found == bins.end()) continue;
+          for (size_t m : found->second) {
+            const Image& im = images[m];
+            if (im.atom == static_cast<int64_t>(i) && im.a == 0 && im.b == 0 && im.d == 0)
+              continue;
+            double r2 = 0.0;
+            for (int k = 0; k < 3; ++k) r2 += (im.x[k] - xi[k]) * (im.x[k] - xi[k]);
+            if (r2 >= rc2) continue;
+            senders.push_back(im.atom);
+            receivers.push_back(static_cast<int64_t>(i));
+            shifts.insert(shifts.end(), {double(im.a), double(im.b), double(im.d)});
+          }
+        }
+  }
 }
 
 at::Tensor from_vector(const std::vector<double>& v, std::vector<int64_t> shape) {
