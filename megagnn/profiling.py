@@ -7,6 +7,7 @@ Trainer's own ``train_step``) on a fixed batch, so the numbers describe what tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import statistics
 import tempfile
@@ -79,10 +80,18 @@ def statistics_dataset(directory: str) -> str:
     return f"{directory}/emt"
 
 
+@dataclasses.dataclass
+class Communication:
+    """What this rank hands to torch.distributed: bytes and calls, by call name."""
+
+    bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 @contextlib.contextmanager
-def count_communication() -> Iterator[dict[str, int]]:
-    """Bytes this rank hands to torch.distributed collectives and sends, by call name."""
-    counts: dict[str, int] = {}
+def count_communication() -> Iterator[Communication]:
+    """Bytes this rank hands to torch.distributed collectives and sends, and the calls."""
+    comm = Communication()
     originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
 
     def counting(name, fn):
@@ -90,7 +99,8 @@ def count_communication() -> Iterator[dict[str, int]]:
             # torch's ZeroRedundancyOptimizer passes the tensor by keyword (tensor=...)
             values = [*args, *kwargs.values()]
             first, rest = (values[0], tuple(values[1:])) if values else (None, ())
-            counts[name] = counts.get(name, 0) + _payload(name, first, rest)
+            comm.bytes[name] = comm.bytes.get(name, 0) + _payload(name, first, rest)
+            comm.calls[name] = comm.calls.get(name, 0) + 1
             return fn(*args, **kwargs)
 
         return wrapper
@@ -102,7 +112,7 @@ def count_communication() -> Iterator[dict[str, int]]:
         for module in modules:
             setattr(module, name, wrapped)
     try:
-        yield counts
+        yield comm
     finally:
         for name, fn in originals.items():
             for module in modules:
@@ -211,6 +221,27 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
+def collectives_per_block(trainer: Trainer, micro: list, full: Communication) -> dict | None:
+    """Collective calls one block adds to a training step (forward, backward and the force
+    loss's double backward), by name: the step's count minus that of the same step with the
+    last block left out. None under pipeline parallelism (stages own the blocks)."""
+    if trainer.pipeline is not None:
+        return None
+    backbone = trainer.potential.backbone
+    blocks = backbone.blocks
+    if len(blocks) < 2:
+        return None
+    backbone.blocks = blocks[:-1]
+    try:
+        with count_communication() as fewer:
+            trainer.train_step(micro)
+    finally:
+        backbone.blocks = blocks
+    return {
+        k: n - fewer.calls.get(k, 0) for k, n in full.calls.items() if n > fewer.calls.get(k, 0)
+    }
+
+
 def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top: int = 0) -> dict:
     """Time ``steps`` training steps (after one warm-up) on a fixed batch; measure the rest
     on one extra step (and the ``top`` operators by self time on another). Returns this
@@ -236,6 +267,7 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top:
     flops = FlopCounterMode(display=False)
     with count_communication() as comm, count_saved_activations(trainer.model) as act, flops:
         trainer.train_step(micro)
+    per_block = collectives_per_block(trainer, micro, comm)
     params = list(trainer.model.parameters())
     step_time = statistics.median(times)
     n_edges = int(batch[K.EDGE_INDEX].shape[1])
@@ -250,7 +282,9 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top:
         "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
         "activation_bytes": act["bytes"],
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-        "communication_bytes": comm,
+        "communication_bytes": comm.bytes,
+        "communication_calls": comm.calls,
+        "collectives_per_block": per_block,
         "matmul_flops": flops.get_total_flops(),
         "peak_host_memory_bytes": peak_host_memory(),
     }

@@ -191,6 +191,8 @@ def summarize(model: str, layout: str, ranks: list[dict]) -> dict:
             sum(r["communication_bytes"].values()) for r in ranks
         ),
         "max_peak_host_memory_bytes_per_rank": max(r["peak_host_memory_bytes"] for r in ranks),
+        # collective calls one block adds to a step (rank 0; the same on every TP rank)
+        "collectives_per_block": first.get("collectives_per_block"),
         **(
             {"max_peak_cuda_memory_bytes_per_rank": max(r["peak_memory_bytes"] for r in ranks)}
             if "peak_memory_bytes" in first
@@ -203,8 +205,8 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| model | layout (TPxPP[xDP]) | ranks | step s | atoms/s | matmul GFLOP/s "
         "| params/rank MB (x) | activations/rank MB (x) | optimizer/rank MB | comm/rank MB "
-        "| peak host MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak host MB | collectives per block (fwd + bwd + force-loss bwd) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {}
     for r in rows:
@@ -217,9 +219,16 @@ def table(rows: list[dict]) -> str:
             f"| {a / 1e6:.2f} ({a / b['max_activation_bytes_per_rank']:.2f}) "
             f"| {r['max_optimizer_state_bytes_per_rank'] / 1e6:.2f} "
             f"| {r['max_communication_bytes_per_rank'] / 1e6:.2f} "
-            f"| {r['max_peak_host_memory_bytes_per_rank'] / 1e6:.0f} |"
+            f"| {r['max_peak_host_memory_bytes_per_rank'] / 1e6:.0f} "
+            f"| {_calls(r.get('collectives_per_block'))} |"
         )
     return "\n".join(lines)
+
+
+def _calls(calls: dict | None) -> str:
+    if calls is None:
+        return "n/a"
+    return ", ".join(f"{n} {k}" for k, n in sorted(calls.items())) or "none"
 
 
 def baseline_table(rows: list[dict]) -> str:

@@ -52,9 +52,14 @@ def _painn(backbone: PaiNN, group: Group, nodes: bool) -> None:
     backbone.vector_channels = backbone.hidden // dist.get_world_size(group)
     for block in backbone.blocks:
         msg, upd = block.message, block.update
-        # s [N, H] or [N/tp, H] -> [N, H/tp]
-        msg.phi[0] = ColumnParallelLinear(msg.phi[0], group, node_parallel=nodes)
-        msg.phi[2] = RowParallelLinear(msg.phi[2], group, split_output=True)  # [N, 3H/tp]
+        if nodes:
+            # s [N/tp, H] -> [N, H/tp] (all-gather) -> [N, 3H] (all-reduce) -> own 3H/tp
+            msg.phi[0] = ColumnParallelLinear(msg.phi[0], group, node_parallel=True)
+            msg.phi[2] = RowParallelLinear(msg.phi[2], group, split_output=True)
+        else:
+            # s [N, H]: phi's first layer replicated, its second column-split -> [N, 3H/tp]
+            # with no collective (splitting both would all-reduce [N, 3H] only to slice it)
+            msg.phi[2] = ColumnParallelLinear(msg.phi[2], group)
         msg.filter[2] = ColumnParallelLinear(msg.filter[2], group)  # [E, 3H/tp]
         # Δs [N, H/tp] -> [N, H] (all-gather) or [N/tp, H] (all-to-all)
         msg.gather_ds = Boundary(channels_to_nodes if nodes else gather_from_region, group)
