@@ -61,6 +61,7 @@ class Compiled:
     fp32_params: int  # .param .f32 in the kernel's PTX signature
     fp32_widenings: int  # cvt.f64.f32 in the PTX: an fp32 value entering fp64 arithmetic
     tensor_core_ops: int  # mma.sync / wgmma instructions in the PTX
+    dot: str  # the dot precision of the launch ("ieee", "tf32", "bf16"; "-" without dots)
 
 
 def _arg_type(value) -> str:
@@ -143,18 +144,30 @@ def _drive(dtype: torch.dtype) -> None:
             torch.autograd.grad((basis.sum() + envelope.sum()), vec)
 
 
+# the dot precisions each data dtype launches with (fp64 always multiplies in fp64)
+DOTS = {torch.float32: ("ieee", "tf32"), torch.bfloat16: ("ieee", "bf16"), torch.float64: ("ieee",)}
+
+
 def launches(dtypes=(torch.float32, torch.bfloat16, torch.float64)) -> list[tuple]:
-    """Distinct (JITFunction, Launch) pairs over ``dtypes``."""
+    """Distinct (JITFunction, Launch) pairs over ``dtypes`` and their dot precisions."""
+    from . import common
+
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has nothing to compile")
     seen, out = set(), []
     for dtype in dtypes:
-        for fn, args, kwargs in record_launches(lambda d=dtype: _drive(d)):
-            launch = _as_launch(fn, args, kwargs, _DTYPES[dtype])
-            key = repr([launch.kernel, launch.signature, launch.constexprs, launch.options])
-            if key not in seen:
-                seen.add(key)
-                out.append((fn, launch))
+        for dot in DOTS[dtype]:
+            common.set_dot_precision(dot)
+            try:
+                recorded = record_launches(lambda d=dtype: _drive(d))
+            finally:
+                common.set_dot_precision("ieee")
+            for fn, args, kwargs in recorded:
+                launch = _as_launch(fn, args, kwargs, _DTYPES[dtype])
+                key = repr([launch.kernel, launch.signature, launch.constexprs, launch.options])
+                if key not in seen:
+                    seen.add(key)
+                    out.append((fn, launch))
     return out
 
 
@@ -201,6 +214,7 @@ def compile_launch(fn, launch: Launch, arch: int = 90) -> Compiled:
         fp32_params=len(re.findall(r"\.param \.f32", entry)),
         fp32_widenings=len(re.findall(r"cvt\.f64\.f32", ptx)),
         tensor_core_ops=len(re.findall(r"^\s*(?:mma\.sync|wgmma\.mma_async)", ptx, re.M)),
+        dot={0: "ieee", 1: "tf32", 2: "bf16"}.get(launch.constexprs.get("DOT"), "-"),
     )
 
 
@@ -221,10 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     columns = ("shared", "registers", "spill_bytes", "fp32_params", "fp32_widenings")
     columns += ("tensor_core_ops",)
-    print(f"{'kernel':<28} {'dtype':<5} " + " ".join(f"{c:>15}" for c in columns))
+    print(f"{'kernel':<28} {'dtype':<5} {'dot':<5} " + " ".join(f"{c:>15}" for c in columns))
     for c in results:
         row = asdict(c)
-        print(f"{c.kernel:<28} {c.dtype:<5} " + " ".join(f"{row[k]:>15}" for k in columns))
+        head = f"{c.kernel:<28} {c.dtype:<5} {c.dot:<5} "
+        print(head + " ".join(f"{row[k]:>15}" for k in columns))
     return 0
 
 

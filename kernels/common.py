@@ -12,6 +12,23 @@ import triton.language as tl
 
 SSP, SILU = 0, 1  # filter activations: shifted softplus (SchNet), SiLU (PaiNN)
 BLOCK_E = 16  # edges per step of the message kernels (tl.dot needs at least 16 rows)
+# how the filter MLP's tl.dot multiplies fp32 values: exactly (IEEE fp32 FMA, the default:
+# fp32 parity with the reference), or on tensor cores as tf32 or bf16 operands (fp32
+# accumulation; about 1e-3 and 1e-2 relative error). fp64 launches always multiply in fp64.
+DOT_PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
+_dot_precision = "ieee"
+
+
+def set_dot_precision(name: str) -> None:
+    global _dot_precision
+    if name not in DOT_PRECISIONS:
+        raise ValueError(f"dot precision {name!r}: use one of {tuple(DOT_PRECISIONS)}")
+    _dot_precision = name
+
+
+def dot_code(acc: torch.dtype) -> int:
+    """The DOT constexpr of a launch accumulating in ``acc``."""
+    return 0 if acc == torch.float64 else DOT_PRECISIONS[_dot_precision]
 
 
 def csr_pointers(receiver: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -34,6 +51,16 @@ def node_program(ptr_ptr, H, BLOCK_H: tl.constexpr):
     start = tl.load(ptr_ptr + node)
     end = tl.load(ptr_ptr + node + 1)
     return node, cols, cols < H, start, end
+
+
+@triton.jit
+def mm(a, b, DOT: tl.constexpr):
+    """a @ b at the DOT precision (see DOT_PRECISIONS), in a's accumulation dtype."""
+    if DOT == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    if DOT == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -70,6 +97,7 @@ def load_last_rows(w2_ptr, b2_ptr, out_rows, out_ok, R, BLOCK_R: tl.constexpr, A
 def filter_hidden(
     rbf_ptr, rows64, edge_ok, w1, b1, K, R,
     ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """(pre, act(pre)) with pre = rbf W1ᵀ + b1 for edges ``rows64`` -> [BE, BR] each;
     padded hidden units are 0."""
@@ -77,8 +105,7 @@ def filter_hidden(
     rs = tl.arange(0, BLOCK_R)
     mask = edge_ok[:, None] & (ks < K)[None, :]
     rbf = tl.load(rbf_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0).to(ACC)
-    # ieee: tf32 would cost the fp32 parity with the reference
-    pre = tl.dot(rbf, tl.trans(w1), input_precision="ieee") + b1[None, :]
+    pre = mm(rbf, tl.trans(w1), DOT) + b1[None, :]
     return pre, tl.where((rs < R)[None, :], act_fn(pre, ACT), 0.0)
 
 
@@ -95,7 +122,7 @@ def act_grad(pre, ACT: tl.constexpr):
 @triton.jit
 def store_filter_grads(
     g_hidden, pre, w1, rows64, edge_ok, g_pre_ptr, g_rbf_ptr, K, R,
-    ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """From dL/dhidden [BE, BR] of a block of edges: store dL/dpre [E, R] (for dL/dW1, db1)
     and dL/drbf [E, K]."""
@@ -104,7 +131,7 @@ def store_filter_grads(
     g_pre = tl.where((rs < R)[None, :], g_hidden * act_grad(pre, ACT), 0.0)
     mask = edge_ok[:, None] & (rs < R)[None, :]
     tl.store(g_pre_ptr + rows64[:, None] * R + rs[None, :], g_pre, mask=mask)
-    g_rbf = tl.dot(g_pre, w1, input_precision="ieee")  # [BE, BK]
+    g_rbf = mm(g_pre, w1, DOT)  # [BE, BK]
     mask = edge_ok[:, None] & (ks < K)[None, :]
     tl.store(g_rbf_ptr + rows64[:, None] * K + ks[None, :], g_rbf, mask=mask)
 
@@ -161,6 +188,7 @@ class FilterGrads:
         consts = dict(E=self.edges, H=h, K=self.k, R=self.r, ACT=act, BLOCK_E=BLOCK_E)
         consts.update(BLOCK_K=block(self.k), BLOCK_R=block(self.r), BLOCK_H=block_h)
         consts["ACC"] = tl.float64 if self.dtype == torch.float64 else tl.float32
+        consts["DOT"] = dot_code(self.dtype)
         return consts, (triton.cdiv(self.edges, BLOCK_E),), (channel_blocks, splits)
 
     def weights(self) -> tuple[torch.Tensor, ...]:

@@ -30,10 +30,12 @@ from .common import (
     block,
     cast_like,
     csr_pointers,
+    dot_code,
     filter_hidden,
     filter_reference,
     load_first_layer,
     load_last_rows,
+    mm,
     node_program,
     recompute_vjp,
     split_rows,
@@ -49,7 +51,7 @@ def _cfconv_kernel(
     x_ptr, rbf_ptr, env_ptr, sender_ptr, ptr_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
     H, K, R,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     node, cols, col_ok, start, end = node_program(ptr_ptr, H, BLOCK_H)
     # the filter MLP's weights for this channel block stay in registers for all edges
@@ -60,8 +62,10 @@ def _cfconv_kernel(
         rows = first + tl.arange(0, BLOCK_E)
         ok = rows < end
         rows64 = rows.to(tl.int64)
-        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
-        w = tl.dot(hidden, tl.trans(w2), input_precision="ieee") + b2[None, :]  # [BE, BH]
+        _, hidden = filter_hidden(
+            rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC, DOT
+        )
+        w = mm(hidden, tl.trans(w2), DOT) + b2[None, :]  # [BE, BH]
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
         eh_ok = ok[:, None] & col_ok[None, :]
@@ -77,7 +81,7 @@ def _cfconv_bwd_edges_kernel(
     gx_ptr, g_pre_ptr, g_env_ptr, g_rbf_ptr,
     E, H, K, R,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One block of edges, all channels: dL/dx (atomics at the senders), and per edge
     dL/du and the filter's hidden and basis gradients."""
@@ -85,7 +89,7 @@ def _cfconv_bwd_edges_kernel(
     ok = rows < E
     rows64 = rows.to(tl.int64)
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
-    pre, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+    pre, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC, DOT)
     env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
     sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
     receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -96,17 +100,17 @@ def _cfconv_bwd_edges_kernel(
         col_ok = cols < H
         eh_ok = ok[:, None] & col_ok[None, :]
         w2, b2 = load_last_rows(w2_ptr, b2_ptr, cols, col_ok, R, BLOCK_R, ACC)
-        w = tl.dot(hidden, tl.trans(w2), input_precision="ieee") + b2[None, :]  # [BE, BH]
+        w = mm(hidden, tl.trans(w2), DOT) + b2[None, :]  # [BE, BH]
         g = tl.load(grad_ptr + receiver[:, None] * H + cols[None, :], mask=eh_ok, other=0).to(ACC)
         x = tl.load(x_ptr + sender[:, None] * H + cols[None, :], mask=eh_ok, other=0).to(ACC)
         g_w = tl.where(eh_ok, g * x * env[:, None], 0.0)  # dL/dW [BE, BH]
         g_env += tl.sum(tl.where(eh_ok, g * x * w, 0.0), axis=1)
-        g_hidden += tl.dot(g_w, w2, input_precision="ieee")
+        g_hidden += mm(g_w, w2, DOT)
         gx = g * w * env[:, None]
         tl.atomic_add(gx_ptr + sender[:, None] * H + cols[None, :], gx, mask=eh_ok)
     tl.store(g_env_ptr + rows64, g_env, mask=ok)
     store_filter_grads(
-        g_hidden, pre, w1, rows64, ok, g_pre_ptr, g_rbf_ptr, K, R, ACT, BLOCK_K, BLOCK_R
+        g_hidden, pre, w1, rows64, ok, g_pre_ptr, g_rbf_ptr, K, R, ACT, BLOCK_K, BLOCK_R, DOT
     )
 
 
@@ -116,7 +120,7 @@ def _cfconv_bwd_weights_kernel(
     g_w2_ptr, g_b2_ptr,
     E, H, K, R, edges_per_split,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One channel block over one split of the edges: the split's share of dL/dW2 [BH, R]
     and dL/db2 (summed over splits afterwards: no atomics on the weights)."""
@@ -128,7 +132,9 @@ def _cfconv_bwd_weights_kernel(
     acc_b2 = tl.zeros((BLOCK_H,), dtype=ACC)
     for offset in range(0, edges_per_split, BLOCK_E):
         rows64, ok = split_rows(split, offset, edges_per_split, E, BLOCK_E)
-        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        _, hidden = filter_hidden(
+            rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC, DOT
+        )
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
         receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -136,7 +142,7 @@ def _cfconv_bwd_weights_kernel(
         g = tl.load(grad_ptr + receiver[:, None] * H + cols[None, :], mask=eh_ok, other=0).to(ACC)
         x = tl.load(x_ptr + sender[:, None] * H + cols[None, :], mask=eh_ok, other=0).to(ACC)
         g_w = tl.where(eh_ok, g * x * env[:, None], 0.0)  # [BE, BH]
-        acc_w2 += tl.dot(tl.trans(g_w), hidden, input_precision="ieee")
+        acc_w2 += mm(tl.trans(g_w), hidden, DOT)
         acc_b2 += tl.sum(g_w, axis=0)
     rows = split.to(tl.int64) * H + cols
     store_weight_grads(g_w2_ptr, g_b2_ptr, rows, col_ok, acc_w2, acc_b2, R, BLOCK_R)
@@ -191,7 +197,7 @@ class CFConv(torch.autograd.Function):
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out,
             h, rbf.shape[1], w1.shape[0],
             ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
-            BLOCK_H=block_h, ACC=acc,
+            BLOCK_H=block_h, ACC=acc, DOT=dot_code(acc_dtype(x.dtype)),
         )  # fmt: skip
         return out
 

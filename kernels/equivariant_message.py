@@ -28,10 +28,12 @@ from .common import (
     block,
     cast_like,
     csr_pointers,
+    dot_code,
     filter_hidden,
     filter_reference,
     load_first_layer,
     load_last_rows,
+    mm,
     node_program,
     recompute_vjp,
     split_rows,
@@ -45,11 +47,11 @@ __all__ = ["painn_message", "painn_message_reference"]
 @triton.jit
 def _part(
     hidden, w2_ptr, b2_ptr, phi_ptr, sender3, cols, col_ok, eh_ok, R,
-    KPART: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    KPART: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """φ(s)[j] ⊙ W of one part (KPART: 0 = s, 1 = vv, 2 = vs) for a block of edges."""
     w2, b2 = load_last_rows(w2_ptr, b2_ptr, 3 * cols + KPART, col_ok, R, BLOCK_R, ACC)
-    w = tl.dot(hidden, tl.trans(w2), input_precision="ieee") + b2[None, :]  # [BE, BH]
+    w = mm(hidden, tl.trans(w2), DOT) + b2[None, :]  # [BE, BH]
     phi = tl.load(phi_ptr + sender3[:, None] + 3 * cols[None, :] + KPART, mask=eh_ok, other=0)
     return w * phi.to(ACC)
 
@@ -60,7 +62,7 @@ def _painn_kernel(
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, ds_ptr, dv_ptr,
     H, K, R,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     node, cols, col_ok, start, end = node_program(ptr_ptr, H, BLOCK_H)
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
@@ -73,17 +75,19 @@ def _painn_kernel(
         ok = rows < end
         rows64 = rows.to(tl.int64)
         eh_ok = ok[:, None] & col_ok[None, :]
-        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        _, hidden = filter_hidden(
+            rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC, DOT
+        )
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)[:, None]
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
         # the (small) filter rows are re-read per edge block from L1/L2 rather than held:
         # three [BH, BR] blocks would crowd the registers
         x_s = _part(hidden, w2_ptr, b2_ptr, phi_ptr, sender * 3 * H, cols, col_ok, eh_ok, R, 0,
-                    BLOCK_R, ACC) * env  # fmt: skip
+                    BLOCK_R, ACC, DOT) * env  # fmt: skip
         x_vv = _part(hidden, w2_ptr, b2_ptr, phi_ptr, sender * 3 * H, cols, col_ok, eh_ok, R, 1,
-                     BLOCK_R, ACC) * env  # fmt: skip
+                     BLOCK_R, ACC, DOT) * env  # fmt: skip
         x_vs = _part(hidden, w2_ptr, b2_ptr, phi_ptr, sender * 3 * H, cols, col_ok, eh_ok, R, 2,
-                     BLOCK_R, ACC) * env  # fmt: skip
+                     BLOCK_R, ACC, DOT) * env  # fmt: skip
         ds += tl.sum(tl.where(eh_ok, x_s, 0.0), axis=0)
         v_at = v_ptr + sender[:, None] * 3 * H + cols[None, :]  # v[j, 0, cols]
         vx = tl.load(v_at, mask=eh_ok, other=0).to(ACC)
@@ -127,19 +131,19 @@ def _part_grads(
 @triton.jit
 def _part_backward(
     g_x, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env, H, R,
-    KPART: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    KPART: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Backward of one message part x_k = φ_k W_k u, given dL/dx_k [BE, BH]: adds dL/dφ_k at
     the senders; returns its dL/dhidden [BE, BR] and dL/du [BE] shares, and x_k."""
     w2, b2 = load_last_rows(w2_ptr, b2_ptr, 3 * cols + KPART, col_ok, R, BLOCK_R, ACC)
-    w = tl.dot(hidden, tl.trans(w2), input_precision="ieee") + b2[None, :]  # [BE, BH]
+    w = mm(hidden, tl.trans(w2), DOT) + b2[None, :]  # [BE, BH]
     at = sender[:, None] * 3 * H + 3 * cols[None, :] + KPART
     phi = tl.load(phi_ptr + at, mask=eh_ok, other=0).to(ACC)
     tl.atomic_add(g_phi_ptr + at, g_x * w * env[:, None], mask=eh_ok)
     g_w = tl.where(eh_ok, g_x * phi * env[:, None], 0.0)  # dL/dW_k
     g_env = tl.sum(tl.where(eh_ok, g_x * phi * w, 0.0), axis=1)
     x = tl.where(eh_ok, phi * w * env[:, None], 0.0)
-    return tl.dot(g_w, w2, input_precision="ieee"), g_env, x
+    return mm(g_w, w2, DOT), g_env, x
 
 
 @triton.jit
@@ -149,7 +153,7 @@ def _painn_bwd_edges_kernel(
     g_phi_ptr, g_v_ptr, g_pre_ptr, g_env_ptr, g_unit_ptr, g_rbf_ptr,
     E, H, K, R,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One block of edges, all channels: dL/dφ and dL/dv (atomics at the senders), and per
     edge dL/du, dL/dr̂, the filter's hidden and basis gradients."""
@@ -157,7 +161,7 @@ def _painn_bwd_edges_kernel(
     ok = rows < E
     rows64 = rows.to(tl.int64)
     w1, b1 = load_first_layer(w1_ptr, b1_ptr, K, R, BLOCK_K, BLOCK_R, ACC)
-    pre, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+    pre, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC, DOT)
     env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)
     sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
     receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -178,13 +182,13 @@ def _painn_bwd_edges_kernel(
         )
         g_h, g_u, _ = _part_backward(
             g_s, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env,
-            H, R, 0, BLOCK_R, ACC,
+            H, R, 0, BLOCK_R, ACC, DOT,
         )  # fmt: skip
         g_hidden += g_h
         g_env += g_u
         g_h, g_u, x_vv = _part_backward(
             g_vv, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env,
-            H, R, 1, BLOCK_R, ACC,
+            H, R, 1, BLOCK_R, ACC, DOT,
         )  # fmt: skip
         g_hidden += g_h
         g_env += g_u
@@ -194,7 +198,7 @@ def _painn_bwd_edges_kernel(
         tl.atomic_add(g_v_at + 2 * H, gz * x_vv, mask=eh_ok)
         g_h, g_u, x_vs = _part_backward(
             g_vs, hidden, w2_ptr, b2_ptr, phi_ptr, g_phi_ptr, sender, cols, col_ok, eh_ok, env,
-            H, R, 2, BLOCK_R, ACC,
+            H, R, 2, BLOCK_R, ACC, DOT,
         )  # fmt: skip
         g_hidden += g_h
         g_env += g_u
@@ -206,7 +210,7 @@ def _painn_bwd_edges_kernel(
     tl.store(g_unit_ptr + rows64 * 3 + 1, g_uy, mask=ok)
     tl.store(g_unit_ptr + rows64 * 3 + 2, g_uz, mask=ok)
     store_filter_grads(
-        g_hidden, pre, w1, rows64, ok, g_pre_ptr, g_rbf_ptr, K, R, ACT, BLOCK_K, BLOCK_R
+        g_hidden, pre, w1, rows64, ok, g_pre_ptr, g_rbf_ptr, K, R, ACT, BLOCK_K, BLOCK_R, DOT
     )
 
 
@@ -216,7 +220,7 @@ def _painn_bwd_weights_kernel(
     w1_ptr, b1_ptr, g_w2_ptr, g_b2_ptr,
     E, H, K, R, edges_per_split,
     ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One channel block over one split of the edges: its share of dL/dW2 and dL/db2 for
     the three parts (rows 3c + k), summed over splits afterwards."""
@@ -232,7 +236,9 @@ def _painn_bwd_weights_kernel(
     b_vs = tl.zeros((BLOCK_H,), dtype=ACC)
     for offset in range(0, edges_per_split, BLOCK_E):
         rows64, ok = split_rows(split, offset, edges_per_split, E, BLOCK_E)
-        _, hidden = filter_hidden(rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC)
+        _, hidden = filter_hidden(
+            rbf_ptr, rows64, ok, w1, b1, K, R, ACT, BLOCK_K, BLOCK_R, ACC, DOT
+        )
         env = tl.load(env_ptr + rows64, mask=ok, other=0).to(ACC)[:, None]
         sender = tl.load(sender_ptr + rows64, mask=ok, other=0).to(tl.int64)
         receiver = tl.load(receiver_ptr + rows64, mask=ok, other=0).to(tl.int64)
@@ -245,13 +251,13 @@ def _painn_bwd_weights_kernel(
         )
         phi_at = phi_ptr + sender[:, None] * 3 * H + 3 * cols[None, :]
         gw = tl.where(eh_ok, g_s * tl.load(phi_at, mask=eh_ok, other=0).to(ACC) * env, 0.0)
-        acc_s += tl.dot(tl.trans(gw), hidden, input_precision="ieee")
+        acc_s += mm(tl.trans(gw), hidden, DOT)
         b_s += tl.sum(gw, axis=0)
         gw = tl.where(eh_ok, g_vv * tl.load(phi_at + 1, mask=eh_ok, other=0).to(ACC) * env, 0.0)
-        acc_vv += tl.dot(tl.trans(gw), hidden, input_precision="ieee")
+        acc_vv += mm(tl.trans(gw), hidden, DOT)
         b_vv += tl.sum(gw, axis=0)
         gw = tl.where(eh_ok, g_vs * tl.load(phi_at + 2, mask=eh_ok, other=0).to(ACC) * env, 0.0)
-        acc_vs += tl.dot(tl.trans(gw), hidden, input_precision="ieee")
+        acc_vs += mm(tl.trans(gw), hidden, DOT)
         b_vs += tl.sum(gw, axis=0)
     base = split.to(tl.int64) * 3 * H
     store_weight_grads(g_w2_ptr, g_b2_ptr, base + 3 * cols, col_ok, acc_s, b_s, R, BLOCK_R)
@@ -318,7 +324,7 @@ class PaiNNMessage(torch.autograd.Function):
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), ds, dv,
             h, rbf.shape[1], w1.shape[0],
             ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
-            BLOCK_H=block_h, ACC=acc,
+            BLOCK_H=block_h, ACC=acc, DOT=dot_code(acc_dtype(phi.dtype)),
         )  # fmt: skip
         return ds, dv
 

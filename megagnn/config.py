@@ -198,12 +198,18 @@ class TrainConfig:
     """Keep only each block's input in forward and recompute the block in backward."""
     kernels: str = "auto"
     """'auto' (fused Triton kernels on CUDA), 'triton' (always) or 'torch' (the references)."""
+    kernel_dot: str = "ieee"
+    """How the fused kernels' filter MLP multiplies fp32 values: 'ieee' (exact, default),
+    'tf32' or 'bf16' (tensor cores, fp32 accumulation; about 1e-3 and 1e-2 relative
+    error). fp64 runs always multiply in fp64."""
     deterministic: bool = False
     """Bitwise-reproducible steps on GPUs: torch's deterministic algorithms and no kernel
     that adds with atomics (the fused messages' backward takes the reference). CPU runs are
     deterministic either way."""
 
     def __post_init__(self) -> None:
+        if self.kernel_dot not in ("ieee", "tf32", "bf16"):
+            raise ConfigError(f"train.kernel_dot={self.kernel_dot!r}: use 'ieee', 'tf32' or 'bf16'")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ConfigError(f"train.kernels={self.kernels!r}: use 'auto', 'triton' or 'torch'")
         if self.loss not in ("mse", "huber"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -32,6 +33,18 @@ def set_backend(name: str) -> None:
     if name == "triton" and not _HAVE_TRITON:
         raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
     _backend = name
+
+
+def set_dot_precision(name: str) -> None:
+    """How the fused kernels' filter MLP multiplies fp32 values: 'ieee' (exact), 'tf32' or
+    'bf16' (tensor cores; ``megagnn.kernels.common.DOT_PRECISIONS``)."""
+    if name == "ieee" and "megagnn.kernels.common" not in sys.modules:
+        return  # the kernels' default: nothing to load
+    if not _HAVE_TRITON:
+        raise RuntimeError(f"dot precision {name!r} is for the triton kernels: pip install triton")
+    from megagnn.kernels.common import set_dot_precision as set_kernels
+
+    set_kernels(name)
 
 
 def set_deterministic(flag: bool) -> None:

@@ -431,3 +431,23 @@ def test_auto_keeps_the_reference_for_messages_differentiated_twice():
     finally:
         painn.painn_message = original
     assert seen == [True, False]
+
+
+def test_tf32_dot_option_reaches_the_kernels():
+    """The tf32 option changes only how the filter MLP multiplies (the interpreter runs the
+    dot in fp32, so this checks the plumbing; tensor cores are checked compiled, in
+    test_kernels_aot.py); ieee comes back after."""
+    from megagnn.kernels import cfconv, cfconv_reference, common
+
+    x, rbf, env, index, *weights = _cfconv_inputs(7, 30, 16, 8, 16, torch.float32)
+    inputs = (x, rbf, env, index, 7, *weights)
+    ops.set_dot_precision("tf32")
+    try:
+        assert common.dot_code(torch.float32) == 1 and common.dot_code(torch.float64) == 0
+        out = cfconv(*inputs)
+    finally:
+        ops.set_dot_precision("ieee")
+    torch.testing.assert_close(out, cfconv_reference(*inputs), rtol=1e-2, atol=1e-3)
+    assert common.dot_code(torch.float32) == 0
+    with pytest.raises(ValueError, match="dot precision"):
+        ops.set_dot_precision("fp8")

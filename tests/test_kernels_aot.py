@@ -57,3 +57,14 @@ def test_fp64_kernels_compute_in_fp64(compiled):
     for c in compiled:
         if c["dtype"] == "fp64":
             assert c["fp32_params"] == 0 and c["fp32_widenings"] == 0, c["kernel"]
+
+
+def test_tensor_cores_exactly_where_a_low_precision_dot_is_asked(compiled):
+    dotted = [c for c in compiled if c["dot"] != "-"]
+    assert {c["dot"] for c in dotted} == {"ieee", "tf32", "bf16"}
+    for c in dotted:
+        where = f"{c['kernel']} {c['dtype']} dot={c['dot']}"
+        if c["dot"] in ("tf32", "bf16"):
+            assert c["tensor_core_ops"] > 0, where
+        elif c["dtype"] != "fp64":  # IEEE fp32 products stay exact (fp64 has its own mma)
+            assert c["tensor_core_ops"] == 0, where

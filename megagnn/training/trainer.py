@@ -155,6 +155,7 @@ class Trainer:
             )
         ops.set_backend(cfg.train.kernels)
         ops.set_deterministic(cfg.train.deterministic)
+        ops.set_dot_precision(cfg.train.kernel_dot)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
             torch.use_deterministic_algorithms(True)
