@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     from megagnn.config import config_from_dict
     from megagnn.inference.calculator import load_model
     from megagnn.training.checkpoint import read_common
+    from megagnn.training.evaluation import evaluate
     from megagnn.training.sources import DataSplits, read_splits
-    from megagnn.training.trainer import evaluate
 
     runs = {"grouped": args.grouped, "ungrouped": args.ungrouped}
     cfgs = {k: config_from_dict(read_common(v)["config"]) for k, v in runs.items()}

@@ -14,8 +14,9 @@ from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError, atomic_write_json
 from megagnn.inference.calculator import load_model
 from megagnn.training.checkpoint import CheckpointError, read_common, resolve
+from megagnn.training.evaluation import evaluate
 from megagnn.training.sources import dataset_entries, read_splits, recorded_run
-from megagnn.training.trainer import DTYPES, DataSplits, default_device, evaluate
+from megagnn.training.trainer import DTYPES, DataSplits, default_device
 
 
 def main(argv: list[str] | None = None) -> int:

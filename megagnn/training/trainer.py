@@ -1,4 +1,4 @@
-"""Training: model, optimizer, loop, evaluation, checkpoints (the data lives in sources.py)."""
+"""Training: model, optimizer, loop, validation, checkpoints (data: sources.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -20,17 +19,14 @@ from tqdm import tqdm
 
 from megagnn import keys as K
 from megagnn import ops
-from megagnn.config import Config, TrainConfig, config_to_dict
+from megagnn.config import Config, config_to_dict
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import (
-    BudgetBatchSampler,
-    GraphDataset,
     iterate_batches,
 )
 from megagnn.data.shards import atomic_write_json
 from megagnn.models import Potential, build_model, count_parameters
 from megagnn.models.mup import mup_scales
-from megagnn.ops import segment_sum
 from megagnn.parallel.data import average_gradients, build_optimizer, clip_grad_norm
 from megagnn.parallel.materialize import materialize
 from megagnn.parallel.pipeline import PipelineStage, global_named_tensors
@@ -39,7 +35,8 @@ from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training import budget, checkpoint, records
 from megagnn.training.checkpoint import rng_state
-from megagnn.training.loss import ErrorMeter, loss_terms
+from megagnn.training.evaluation import evaluate
+from megagnn.training.loss import loss_terms
 from megagnn.training.schedule import warmup_cosine
 from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
 
@@ -48,54 +45,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def evaluate(
-    model: Potential,
-    graphs: GraphDataset,
-    sampler: BudgetBatchSampler,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = False,
-    predict: Callable[[dict], dict | None] | None = None,
-    loss_cfg: TrainConfig | None = None,
-    group=None,
-) -> dict[str, float]:
-    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines,
-    and with ``loss_cfg`` the training loss (``loss``: mean over structures).
-
-    ``predict`` (default: ``model``) may return None on ranks that hold no predictions (the
-    pipeline's first stages); they return an empty dict. With a data-parallel ``group``
-    each rank evaluates its share of the batches and the errors are summed over the group.
-    """
-    was_training = model.training
-    model.eval()
-    predict = predict or model
-    meter = ErrorMeter()
-    loss_sum, structures = 0.0, 0
-    batches = iterate_batches(graphs, sampler, epoch=0)
-    for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
-        batch = to_device(batch, device, dtype)
-        pred = predict(batch)
-        if pred is None:
-            continue
-        atom_ref = model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]]
-        ref = segment_sum(atom_ref.to(dtype), batch[K.BATCH], len(batch[K.ENERGY]))
-        meter.update(pred, batch, ref)
-        if loss_cfg is not None:
-            total = loss_terms(pred, batch, model.scale, loss_cfg)["total"]
-            loss_sum += float(total.detach()) * len(batch[K.ENERGY])
-            structures += len(batch[K.ENERGY])
-    model.train(was_training)
-    if group is not None:
-        meter.all_reduce(group, device)
-        totals = torch.tensor([loss_sum, structures], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(totals, group=group)
-        loss_sum, structures = totals[0].item(), round(totals[1].item())
-    result = meter.result()
-    if structures:
-        result["loss"] = loss_sum / structures
-    return result
 
 
 def build_rank_model(

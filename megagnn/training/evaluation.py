@@ -1,0 +1,64 @@
+"""Errors of a model on one pass over a split, optionally split over data-parallel ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from megagnn import keys as K
+from megagnn.config import TrainConfig
+from megagnn.data.graph import to_device
+from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches
+from megagnn.models import Potential
+from megagnn.ops import segment_sum
+from megagnn.training.loss import ErrorMeter, loss_terms
+
+
+def evaluate(
+    model: Potential,
+    graphs: GraphDataset,
+    sampler: BudgetBatchSampler,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    predict: Callable[[dict], dict | None] | None = None,
+    loss_cfg: TrainConfig | None = None,
+    group=None,
+) -> dict[str, float]:
+    """Mean absolute errors on one pass over the sampler's batches, with trivial baselines,
+    and with ``loss_cfg`` the training loss (``loss``: mean over structures).
+
+    ``predict`` (default: ``model``) may return None on ranks that hold no predictions (the
+    pipeline's first stages); they return an empty dict. With a data-parallel ``group``
+    each rank evaluates its share of the batches and the errors are summed over the group.
+    """
+    was_training = model.training
+    model.eval()
+    predict = predict or model
+    meter = ErrorMeter()
+    loss_sum, structures = 0.0, 0
+    batches = iterate_batches(graphs, sampler, epoch=0)
+    for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
+        batch = to_device(batch, device, dtype)
+        pred = predict(batch)
+        if pred is None:
+            continue
+        atom_ref = model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]]
+        ref = segment_sum(atom_ref.to(dtype), batch[K.BATCH], len(batch[K.ENERGY]))
+        meter.update(pred, batch, ref)
+        if loss_cfg is not None:
+            total = loss_terms(pred, batch, model.scale, loss_cfg)["total"]
+            loss_sum += float(total.detach()) * len(batch[K.ENERGY])
+            structures += len(batch[K.ENERGY])
+    model.train(was_training)
+    if group is not None:
+        meter.all_reduce(group, device)
+        totals = torch.tensor([loss_sum, structures], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals, group=group)
+        loss_sum, structures = totals[0].item(), round(totals[1].item())
+    result = meter.result()
+    if structures:
+        result["loss"] = loss_sum / structures
+    return result
