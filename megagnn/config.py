@@ -56,6 +56,8 @@ class ModelConfig:
     """Under model.parametrization=mup, the width at which μP equals the standard one."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_z <= 118:
+            raise ConfigError(f"model.max_z={self.max_z}: use 1..118 (the periodic table)")
         if self.family not in ("schnet", "painn"):
             raise ConfigError(f"model.family={self.family!r}: use 'schnet' or 'painn'")
         if self.rbf not in ("gaussian", "bessel"):

@@ -64,3 +64,14 @@ def test_stage_layers_cover_every_block_once():
             parts = [stage_layers(layers, stages, s) for s in range(stages)]
             assert [i for r in parts for i in r] == list(range(layers))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_atomic_numbers_beyond_the_embedding_are_refused(emt_dataset, tmp_path):
+    from megagnn.elements import UnknownElementError
+    from megagnn.training.sources import DataSplits
+
+    with pytest.raises(ConfigError, match="max_z"):
+        load_config(None, ["model.max_z=119"])
+    cfg = load_config(None, [f"data.path={emt_dataset}", "model.max_z=40"])
+    with pytest.raises(UnknownElementError, match=r"model.max_z=40: raise it"):
+        DataSplits(cfg)  # the EMT alloys hold Ag, Au, Pt ...

@@ -18,6 +18,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from megagnn import keys as K
 from megagnn.config import ModelConfig
 from megagnn.data import atoms_to_graph, to_device
+from megagnn.elements import UnknownElementError
 from megagnn.inference import MegaGNNCalculator, Package, export_package
 from megagnn.inference.package import graph_inputs
 from megagnn.models import build_model
@@ -110,6 +111,22 @@ def test_many_structures_per_call_match_one_by_one(packaged):
     assert Package(path).device == torch.device("cpu")
 
 
+def test_elements_outside_the_training_data_are_refused(packaged):
+    """Fe was never seen (the model knows H, C, O, Cu, Au): the calculator refuses it with an
+    error that names it, for the model and for its package, unless told to go ahead."""
+    model, path = packaged
+    iron = bulk("Fe", "bcc", a=2.87) * 2
+    iron.numbers[0] = 29
+    for source in (model, str(path)):
+        with pytest.raises(UnknownElementError, match=r"Fe \(Z=26\)"):
+            MegaGNNCalculator(source).get_potential_energy(iron)
+        with pytest.raises(UnknownElementError, match="Fe"):
+            MegaGNNCalculator(source).predict([structures()["periodic"], iron])
+        calc = MegaGNNCalculator(source, allow_unknown_elements=True)
+        assert np.isfinite(calc.get_potential_energy(iron))
+    assert model.elements() == {1, 6, 8, 29, 79} and Package(path).elements == model.elements()
+
+
 def test_bad_packages_are_refused(tmp_path, packaged):
     with pytest.raises(FileNotFoundError, match="no inference package"):
         Package(tmp_path / "missing.pt2")
@@ -162,3 +179,9 @@ def test_cpp_runner_matches_python(packaged, tmp_path):
             assert "stress" not in got
     bad = subprocess.run([str(runner), str(path), str(tmp_path / "none.xyz")], capture_output=True)
     assert bad.returncode == 1 and b"cannot open" in bad.stderr
+    iron = tmp_path / "iron.xyz"
+    ase.io.write(iron, bulk("Fe", "bcc", a=2.87), format="extxyz")
+    refused = subprocess.run([str(runner), str(path), str(iron)], capture_output=True)
+    assert refused.returncode == 1 and b"Fe (Z=26)" in refused.stderr
+    forced = [str(runner), str(path), str(iron), "--allow-unknown-elements"]
+    assert subprocess.run(forced, capture_output=True).returncode == 0

@@ -1,6 +1,6 @@
 // megagnn_infer: energy, forces and stress of one structure from a megagnn inference package.
 //
-//   megagnn_infer model.pt2 structure.xyz [--head K]
+//   megagnn_infer model.pt2 structure.xyz [--head K] [--allow-unknown-elements]
 //
 // Reads the first frame of an extended-XYZ file (Lattice, pbc and Properties in the comment
 // line; plain XYZ is a molecule), builds the neighbour list within the package's cutoff
@@ -10,11 +10,14 @@
 //   forces                     then N lines "fx fy fz", eV/Å
 //   stress                     then 3 lines, eV/Å^3 (periodic cells, if the model has stress)
 //
-// Inputs follow the package's calling convention (megagnn/inference/package.py).
+// Inputs follow the package's calling convention (megagnn/inference/package.py). Elements
+// the model was not trained on (the package's "elements" metadata) are refused unless
+// --allow-unknown-elements: the model would serve them from an untrained embedding.
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -231,14 +234,24 @@ at::Tensor from_vector(const std::vector<double>& v, std::vector<int64_t> shape)
 
 int main(int argc, char** argv) {
   if (argc < 3 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
-    std::cerr << "usage: megagnn_infer model.pt2 structure.xyz [--head K]\n"
+    std::cerr << "usage: megagnn_infer model.pt2 structure.xyz [--head K] [--allow-unknown-elements]\n"
                  "Energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å^3) of the\n"
                  "first frame of an extended-XYZ file, from a megagnn inference package.\n";
     return argc < 3 ? 2 : 0;
   }
   int64_t head = 0;
-  for (int a = 3; a + 1 < argc; a += 2)
-    if (std::string(argv[a]) == "--head") head = std::stoll(argv[a + 1]);
+  bool allow_unknown = false;
+  for (int a = 3; a < argc; ++a) {
+    const std::string flag = argv[a];
+    if (flag == "--allow-unknown-elements") {
+      allow_unknown = true;
+    } else if (flag == "--head" && a + 1 < argc) {
+      head = std::stoll(argv[++a]);
+    } else {
+      std::cerr << "megagnn_infer: unknown argument " << flag << "\n";
+      return 2;
+    }
+  }
   try {
     torch::NoGradGuard no_grad;
     torch::inductor::AOTIModelPackageLoader loader(argv[1]);
@@ -248,6 +261,16 @@ int main(int argc, char** argv) {
     const double cutoff = std::stod(meta["cutoff"]);
 
     Structure s = read_extxyz(argv[2]);
+    if (!allow_unknown && !meta["elements"].empty()) {
+      std::vector<int64_t> known;
+      std::istringstream list(meta["elements"]);
+      for (std::string z; std::getline(list, z, ',');) known.push_back(std::stoll(z));
+      for (int64_t z : s.numbers)
+        if (std::find(known.begin(), known.end(), z) == known.end())
+          throw std::runtime_error(std::string(kSymbols[z]) + " (Z=" + std::to_string(z) +
+                                   ") is not in the training data of this model "
+                                   "(--allow-unknown-elements to evaluate anyway)");
+    }
     std::vector<int64_t> senders, receivers;
     std::vector<double> shifts;
     neighbour_list(s, cutoff, senders, receivers, shifts);

@@ -15,6 +15,7 @@ from megagnn import keys as K
 from megagnn.config import config_from_dict
 from megagnn.convert import is_consolidated, load_consolidated
 from megagnn.data.graph import atoms_to_graph, collate, structure_to_graph, to_device
+from megagnn.elements import check_elements
 from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential, build_model
 from megagnn.parallel.state import ParallelState
@@ -41,6 +42,9 @@ def load_model(
 class MegaGNNCalculator(Calculator):
     """Energy, forces and (for periodic cells) stress from a megagnn model.
 
+    Structures with elements the model was not trained on are refused
+    (``megagnn.elements.UnknownElementError``) unless ``allow_unknown_elements``.
+
     ``model``: a Potential, a run/checkpoint/consolidated folder, or an inference package
     (``.pt2``, run in the dtype and on the device it was compiled for). Checkpoints run in
     fp64 on ``device`` by default: MD energy conservation needs more than fp32 gives.
@@ -54,9 +58,11 @@ class MegaGNNCalculator(Calculator):
         head: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float64,
+        allow_unknown_elements: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.allow_unknown_elements = allow_unknown_elements
         self.device, self.dtype, self.head = torch.device(device), dtype, head
         self.package = None
         if isinstance(model, Potential):
@@ -67,11 +73,18 @@ class MegaGNNCalculator(Calculator):
         else:
             self.model = load_model(model, device, dtype)
         self.cutoff = self.package.cutoff if self.package else self.model.cfg.cutoff
+        self.elements = self.package.elements if self.package else self.model.elements(head)
+
+    def check(self, atoms: Atoms) -> None:
+        """Refuse elements the model was not trained on (UnknownElementError) unless
+        ``allow_unknown_elements``."""
+        check_elements(atoms.numbers, self.elements, "this model", self.allow_unknown_elements)
 
     def calculate(
         self, atoms: Atoms | None = None, properties=None, system_changes=all_changes
     ) -> None:
         super().calculate(atoms, properties, system_changes)
+        self.check(self.atoms)
         batch = to_device(atoms_to_graph(self.atoms, self.cutoff), self.device, self.dtype)
         batch[K.HEAD][:] = self.head
         periodic = bool(self.atoms.pbc.all())
@@ -102,6 +115,8 @@ class MegaGNNCalculator(Calculator):
                     {"energy": r["energy"], "forces": r["forces"], "stress": r.get("stress")}
                 )
             return out
+        for atoms in structures:
+            self.check(atoms)
         results, group, size = [], [], 0
         for atoms in [*structures, None]:
             if group and (atoms is None or size + len(atoms) > max_atoms):

@@ -92,9 +92,7 @@ def graph_inputs(g: dict[str, torch.Tensor], head: int = 0) -> tuple[torch.Tenso
 
 def metadata(model: Potential, dtype: torch.dtype, device: str = "cpu") -> dict[str, str]:
     cfg = model.cfg
-    elements = sorted(
-        int(z) for z in (model.atomic_energies != 0).any(dim=0).nonzero().flatten().tolist()
-    )
+    elements = sorted(int(z) for z in model.trained_elements.any(dim=0).nonzero().flatten())
     return {
         "megagnn_version": megagnn.__version__,
         "format": "megagnn-aoti-1",
@@ -185,6 +183,9 @@ class Package:
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.has_stress = self.metadata["stress"] == "true"
         self.device = torch.device(self.metadata.get("device", "cpu"))
+        # the elements the model was trained on (None: recorded nothing, checks nothing)
+        listed = self.metadata.get("elements", "")
+        self.elements = {int(z) for z in listed.split(",") if z} or None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(energy, forces, stress) on the package's device, from inputs on any device."""

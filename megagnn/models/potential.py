@@ -77,6 +77,10 @@ class Potential(nn.Module):
         self.geometry_to_channels = nn.Identity()
         self.register_buffer("scale", torch.ones(len(cfg.heads)))
         self.register_buffer("atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1))
+        # the elements each head's training split held (set with the statistics)
+        self.register_buffer(
+            "trained_elements", torch.zeros(len(cfg.heads), cfg.max_z + 1, dtype=torch.bool)
+        )
         self.register_buffer("avg_num_neighbors", torch.ones(()))
         self.reset_buffers()
         self.recompute_activations = False
@@ -89,6 +93,7 @@ class Potential(nn.Module):
         """Statistics before ``set_statistics``: unit scale, no reference energies."""
         self.scale.fill_(1.0)
         self.atomic_energies.zero_()
+        self.trained_elements.zero_()
         self.avg_num_neighbors.fill_(1.0)
 
     @torch.no_grad()
@@ -96,10 +101,18 @@ class Potential(nn.Module):
         self, head: int, atomic_energies: dict[int, float], scale: float, avg_neighbors: float
     ) -> None:
         self.atomic_energies[head].zero_()
+        self.trained_elements[head].zero_()
         for z, e in atomic_energies.items():
             self.atomic_energies[head, int(z)] = e
+            self.trained_elements[head, int(z)] = True
         self.scale[head] = scale
         self.avg_num_neighbors.fill_(avg_neighbors)
+
+    def elements(self, head: int = 0) -> set[int] | None:
+        """Atomic numbers ``head`` was trained on; None before any statistics were set (an
+        untrained model knows no elements to check against)."""
+        known = self.trained_elements[head].nonzero().flatten().tolist()
+        return set(known) or None
 
     def forward(
         self,

@@ -14,6 +14,7 @@ from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batch
 from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.data.splits import split_by_group, train_subset
 from megagnn.data.statistics import pooled_avg_num_neighbors, scale_of, training_statistics
+from megagnn.elements import check_max_z
 from megagnn.models import Potential
 
 SPLITS = "splits.npz"
@@ -38,6 +39,8 @@ class DataSplits:
         path = path or cfg.data.path
         self.path = path
         self.dataset = ShardedDataset(path)
+        # an atomic number beyond the embedding would fail mid-run with an IndexError
+        check_max_z(self.dataset.manifest.get("elements", []), cfg.model.max_z, str(path))
         self.graphs = GraphDataset(self.dataset, cfg.model.cutoff, head)
         if recorded is not None:
             self.indices = {name: np.asarray(recorded[name], np.int64) for name in SPLIT_NAMES}
