@@ -343,3 +343,27 @@ def test_deterministic_runs_train(emt_dataset, tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
         ops.set_deterministic(False)
+
+
+def test_checkpoints_older_than_the_element_record_still_load(emt_dataset, tmp_path):
+    """A checkpoint written before the model recorded its elements loads, the elements
+    rebuilt from the reference energies (the elements the training split held)."""
+    from megagnn.inference import load_model
+    from megagnn.training import checkpoint
+
+    trainer = Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1"))
+    trainer.train()
+    known = trainer.potential.elements()
+    saved = tmp_path / "old"
+    real = checkpoint.global_named_tensors
+
+    def old_tensors(model):  # what a checkpoint of the older models held
+        return [t for t in real(model) if not t[0].endswith("trained_elements")]
+
+    checkpoint.global_named_tensors = old_tensors
+    try:
+        common = {"config": read_common(tmp_path)["config"], "step": 1}
+        checkpoint.save(saved, 1, trainer.model, None, common, trainer.par)
+    finally:
+        checkpoint.global_named_tensors = real
+    assert known and load_model(saved / "step-00000001").elements() == known

@@ -31,6 +31,11 @@ def load_model(
     if is_consolidated(path):
         config, weights = load_consolidated(path)
         model = build_model(config_from_dict(config).model)
+        for key in model.state_dict().keys() - weights.keys():  # buffers newer than the file
+            prefix, _, name = key.rpartition(".")
+            if name in checkpoint.DERIVED_BUFFERS:
+                source, rule = checkpoint.DERIVED_BUFFERS[name]
+                weights[key] = rule(weights[f"{prefix}.{source}" if prefix else source])
         model.load_state_dict(weights)
     else:
         cfg = config_from_dict(checkpoint.read_common(path)["config"])

@@ -35,6 +35,10 @@ from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 from megagnn.parallel.pipeline import global_named_tensors
 from megagnn.parallel.state import ParallelState
 
+# buffers added after some checkpoints were written, and how to rebuild them from those
+# checkpoints: the elements of the training split are those with a reference energy
+DERIVED_BUFFERS = {"trained_elements": ("atomic_energies", lambda energies: energies != 0)}
+
 LATEST = "latest"
 BEST = "best"  # the checkpoint of the lowest validation loss (runs with train.patience)
 
@@ -237,15 +241,31 @@ def load(
             for moment in ("exp_avg", "exp_avg_sq"):
                 state[p].setdefault(moment, torch.zeros_like(p))
     state = sharded_state_dict(model, optimizer, par)
+    derived = _absent_derived(dc, path, state)
     loaded = load_raw(dc, state, path)
     with torch.no_grad():
         for key, sharded in state.items():
             if key != "common":
                 sharded.data.copy_(loaded[key])
+        for tensor, source, rule in derived.values():
+            tensor.copy_(rule(loaded[source]))
     common = loaded["common"]
     if optimizer is not None:
         _restore_optimizer_common(optimizer, common["optimizer"])
     return common
+
+
+def _absent_derived(dc, path: Path, state: dict[str, Any]) -> dict[str, tuple]:
+    """Removes from ``state`` the DERIVED_BUFFERS the checkpoint predates; returns, for each,
+    (the tensor to fill, the key it is rebuilt from, the rule)."""
+    keys = set(dc.load_tensors_metadata(str(path)))
+    out = {}
+    for key in [k for k in state if k.startswith("model.") and k not in keys]:
+        prefix, _, name = key.rpartition(".")
+        if name in DERIVED_BUFFERS and f"{prefix}.{DERIVED_BUFFERS[name][0]}" in keys:
+            source, rule = DERIVED_BUFFERS[name]
+            out[key] = (state.pop(key).data, f"{prefix}.{source}", rule)
+    return out
 
 
 def load_raw(dc, sharded: dict[str, Any], path: Path) -> dict[str, Any]:
