@@ -157,6 +157,16 @@ def test_budget_sweep_points_and_the_frontier_of_their_results(tmp_path):
     assert tool.main([*args, "--launch", "print"]) == 0
     script = (tmp_path / "plan" / "commands.sh").read_text()
     assert script.count("train.flops_budget=") == 4 and "hidden16-f1-c3e+09" in script
+    # a base config that trains for epochs gets them replaced by the budget
+    args = ["sweep", "--config", "configs/scaling/emt-cpu.yaml", "--models", "model.hidden=8"]
+    args += ["--budgets", "1e9", "--out", str(tmp_path / "epochs"), "--launch", "print"]
+    assert tool.main(args) == 0
+    line = (tmp_path / "epochs" / "commands.sh").read_text().splitlines()[-1]
+    sets = line.split("--set ", 1)[1].split(" && ")[0].split()
+    from megagnn.config import load_config
+
+    cfg = load_config("configs/scaling/emt-cpu.yaml", sets)
+    assert cfg.train.epochs is None and cfg.train.flops_budget == 1e9
     # finished points made from a known law: at budget C a model of N parameters sees
     # D = C / (6 N) atoms
     for c in (1e13, 1e14, 1e15):

@@ -113,7 +113,8 @@ def points(args: argparse.Namespace) -> list[dict]:
                 sets = [*args.set, *overrides, f"data.train_fraction={fraction}"]
                 if budget is not None:
                     run = run.with_name(f"{run.name}-c{budget:.3g}")
-                    sets.append(f"train.flops_budget={budget:g}")
+                    # the budget sets the run's length: it replaces a base config's epochs
+                    sets += ["train.epochs=null", f"train.flops_budget={budget:g}"]
                 out.append(
                     {
                         "model": name,
