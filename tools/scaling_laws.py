@@ -22,7 +22,8 @@ writes OUT/sweep.sbatch (one array task per point) for a cluster.
 fit: reads each finished point (parameters counted from the model, training structures and
 atoms from the data split, validation energy and force MAE) and fits, for each metric,
 L(N) = E + A N^-alpha at the largest data fraction, L(D) = E + B D^-beta for the largest
-model, and L(N, D) = E + A N^-alpha + B D^-beta on all points, with bootstrap intervals.
+model run at three or more data sizes (the reverse for L(N)), and L(N, D) = E + A N^-alpha
++ B D^-beta on all points, with bootstrap intervals.
 With two or more budgets of three or more sizes each, it also fits the compute-optimal
 frontier N_opt(C) ∝ C^a, D_opt(C) ∝ C^b (D: atoms processed) from the minima of the IsoFLOP
 profiles. Every point reports its compute (FLOPs and wall time, from its compute.json).
@@ -231,6 +232,15 @@ def _fit_or_none(x, loss, d=None, bootstrap=300):
         return None
 
 
+def _largest_with_range(values, other, points: int = 3) -> float:
+    """The largest of ``values`` at which ``other`` takes ``points`` or more distinct values
+    (the largest model run at several data sizes, and the reverse); else the largest."""
+    for v in sorted(set(values.tolist()), reverse=True):
+        if len(set(other[values == v].tolist())) >= points:
+            return v
+    return values.max()
+
+
 def fits_for(rows: list[dict], key: str, bootstrap: int) -> dict:
     import numpy as np
 
@@ -238,7 +248,7 @@ def fits_for(rows: list[dict], key: str, bootstrap: int) -> dict:
     d = np.array([r["train_structures"] for r in rows], float)
     loss = np.array([r[key] for r in rows], float)
     out = {}
-    top_d, top_n = d.max(), n.max()
+    top_d, top_n = _largest_with_range(d, n), _largest_with_range(n, d)
     at_d, at_n = d == top_d, n == top_n
     out["L(N)"] = (_fit_or_none(n[at_d], loss[at_d], bootstrap=bootstrap), f"D = {top_d:.0f}")
     out["L(D)"] = (_fit_or_none(d[at_n], loss[at_n], bootstrap=bootstrap), f"N = {top_n:.0f}")
