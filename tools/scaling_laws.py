@@ -368,7 +368,9 @@ def fit(args: argparse.Namespace) -> int:
     for name, key in METRICS.items():
         if not all(key in r for r in rows):
             continue
-        fits = fits_for(rows, key, args.bootstrap)
+        # the laws in N and D from the grid; points trained to a budget make the frontier
+        grid = [r for r in rows if not r.get("budget")] or rows
+        fits = fits_for(grid, key, args.bootstrap)
         doc["fits"][name] = {
             law: None
             if f is None
