@@ -35,15 +35,19 @@ def structure_to_graph(s: dict[str, np.ndarray], cutoff: float) -> dict[str, tor
     }
 
 
-def atoms_to_graph(atoms: Atoms, cutoff: float) -> dict[str, torch.Tensor]:
-    """An ASE Atoms object (no targets) -> a one-structure batch."""
-    record = {
+def atoms_to_record(atoms: Atoms) -> dict[str, np.ndarray]:
+    """An ASE Atoms object as a structure record without targets (structure_to_graph's input)."""
+    return {
         "atomic_numbers": atoms.get_atomic_numbers(),
         "positions": atoms.get_positions(),
         "cell": atoms.get_cell()[:],
         "pbc": atoms.get_pbc(),
     }
-    return collate([structure_to_graph(record, cutoff)])
+
+
+def atoms_to_graph(atoms: Atoms, cutoff: float) -> dict[str, torch.Tensor]:
+    """An ASE Atoms object (no targets) -> a one-structure batch."""
+    return collate([structure_to_graph(atoms_to_record(atoms), cutoff)])
 
 
 def collate(graphs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

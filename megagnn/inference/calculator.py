@@ -14,7 +14,13 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from megagnn import keys as K
 from megagnn.config import config_from_dict
 from megagnn.convert import is_consolidated, load_consolidated
-from megagnn.data.graph import atoms_to_graph, collate, structure_to_graph, to_device
+from megagnn.data.graph import (
+    atoms_to_graph,
+    atoms_to_record,
+    collate,
+    structure_to_graph,
+    to_device,
+)
 from megagnn.elements import check_elements
 from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential, build_model
@@ -32,10 +38,9 @@ def load_model(
         config, weights = load_consolidated(path)
         model = build_model(config_from_dict(config).model)
         for key in model.state_dict().keys() - weights.keys():  # buffers newer than the file
-            prefix, _, name = key.rpartition(".")
-            if name in checkpoint.DERIVED_BUFFERS:
-                source, rule = checkpoint.DERIVED_BUFFERS[name]
-                weights[key] = rule(weights[f"{prefix}.{source}" if prefix else source])
+            derived = checkpoint.derived_from(key)
+            if derived is not None and derived[0] in weights:
+                weights[key] = derived[1](weights[derived[0]])
         model.load_state_dict(weights)
     else:
         cfg = config_from_dict(checkpoint.read_common(path)["config"])
@@ -133,7 +138,7 @@ class MegaGNNCalculator(Calculator):
         return results
 
     def _predict_batch(self, structures: list[Atoms]) -> list[dict]:
-        graphs = [structure_to_graph(_record(a), self.cutoff) for a in structures]
+        graphs = [structure_to_graph(atoms_to_record(a), self.cutoff) for a in structures]
         batch = to_device(collate(graphs), self.device, self.dtype)
         batch[K.HEAD][:] = self.head
         out = self.model(batch, compute_stress=self.model.cfg.stress)
@@ -162,12 +167,3 @@ class MegaGNNCalculator(Calculator):
         if stress is not None:
             stress = stress.detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
-
-
-def _record(atoms: Atoms) -> dict:
-    return {
-        "atomic_numbers": atoms.get_atomic_numbers(),
-        "positions": atoms.get_positions(),
-        "cell": atoms.get_cell()[:],
-        "pbc": atoms.get_pbc(),
-    }

@@ -261,11 +261,19 @@ def _absent_derived(dc, path: Path, state: dict[str, Any]) -> dict[str, tuple]:
     keys = set(dc.load_tensors_metadata(str(path)))
     out = {}
     for key in [k for k in state if k.startswith("model.") and k not in keys]:
-        prefix, _, name = key.rpartition(".")
-        if name in DERIVED_BUFFERS and f"{prefix}.{DERIVED_BUFFERS[name][0]}" in keys:
-            source, rule = DERIVED_BUFFERS[name]
-            out[key] = (state.pop(key).data, f"{prefix}.{source}", rule)
+        derived = derived_from(key)
+        if derived is not None and derived[0] in keys:
+            out[key] = (state.pop(key).data, *derived)
     return out
+
+
+def derived_from(key: str) -> tuple[str, Any] | None:
+    """(source key, rule) rebuilding the DERIVED_BUFFERS entry ``key`` names, or None."""
+    prefix, _, name = key.rpartition(".")
+    if name not in DERIVED_BUFFERS:
+        return None
+    source, rule = DERIVED_BUFFERS[name]
+    return (f"{prefix}.{source}" if prefix else source), rule
 
 
 def load_raw(dc, sharded: dict[str, Any], path: Path) -> dict[str, Any]:
