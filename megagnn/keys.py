@@ -15,5 +15,6 @@ HEAD = "head"  # [B] int64, index of the energy head (dataset family) of each st
 ENERGY = "energy"  # [B] float eV
 FORCES = "forces"  # [N, 3] float eV/Å
 STRESS = "stress"  # [B, 3, 3] float eV/Å^3, ASE sign convention (1/V dE/dstrain)
+HAS_ENERGY = "has_energy"  # [B] bool, target energy present
 HAS_STRESS = "has_stress"  # [B] bool, target stress present
 HAS_FORCES = "has_forces"  # [B] bool, target forces present

@@ -67,6 +67,7 @@ def fixed_batch(n_atoms: int, cutoff: float, seed: int = 0) -> dict[str, torch.T
     graph[K.ENERGY] = torch.tensor([-3.5 * len(atoms)])
     graph[K.FORCES] = torch.from_numpy(rng.normal(0, 0.3, (len(atoms), 3)))
     graph[K.STRESS] = torch.zeros(1, 3, 3)
+    graph[K.HAS_ENERGY] = torch.ones(1, dtype=torch.bool)
     graph[K.HAS_FORCES] = torch.ones(1, dtype=torch.bool)
     graph[K.HAS_STRESS] = torch.ones(1, dtype=torch.bool)
     return collate([graph])

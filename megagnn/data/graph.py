@@ -18,6 +18,8 @@ def structure_to_graph(s: dict[str, np.ndarray], cutoff: float) -> dict[str, tor
     stress = s.get("stress")
     has_forces = forces is not None and bool(np.isfinite(forces).all())
     has_stress = stress is not None and bool(np.isfinite(stress).all())
+    energy = float(s.get("energy", np.nan))
+    has_energy = bool(np.isfinite(energy))
     return {
         K.ATOMIC_NUMBERS: torch.as_tensor(s["atomic_numbers"], dtype=torch.long),
         K.POSITIONS: torch.as_tensor(s["positions"], dtype=torch.float64),
@@ -27,9 +29,10 @@ def structure_to_graph(s: dict[str, np.ndarray], cutoff: float) -> dict[str, tor
         K.EDGE_INDEX: torch.from_numpy(edge_index),
         K.CELL_SHIFTS: torch.from_numpy(shifts).to(torch.float64),
         K.HEAD: torch.tensor([int(s.get("head", 0))]),
-        K.ENERGY: torch.tensor([float(s.get("energy", np.nan))], dtype=torch.float64),
+        K.ENERGY: torch.tensor([energy if has_energy else 0.0], dtype=torch.float64),
         K.FORCES: torch.as_tensor(forces if has_forces else np.zeros((n, 3))),
         K.STRESS: torch.as_tensor(stress if has_stress else np.zeros((3, 3))).reshape(1, 3, 3),
+        K.HAS_ENERGY: torch.tensor([has_energy]),
         K.HAS_FORCES: torch.tensor([has_forces]),
         K.HAS_STRESS: torch.tensor([has_stress]),
     }

@@ -85,11 +85,10 @@ def to_structure(
             raise DataError("periodic cell has zero volume")
 
     energy = _property(atoms, "energy", energy_key)
-    if energy is None:
-        raise DataError("no energy (neither a calculator result nor info/arrays key)")
-    energy = float(np.asarray(energy).reshape(()))
-    if not np.isfinite(energy):
-        raise DataError(f"energy is {energy}")
+    if energy is not None:
+        energy = float(np.asarray(energy).reshape(()))
+        if not np.isfinite(energy):
+            raise DataError(f"energy is {energy}")
 
     forces = _property(atoms, "forces", forces_key)
     if forces is not None:
@@ -110,6 +109,13 @@ def to_structure(
             raise DataError("stress contains NaN or inf")
         if not pbc.all():
             stress = None  # stress is defined only for fully periodic cells
+
+    if energy is None and forces is None and stress is None:
+        raise DataError(
+            f"no labels: no energy ({energy_key!r}), forces ({forces_key!r}) or stress "
+            f"({stress_key!r}) in atoms.info/arrays or a calculator result; name the keys "
+            "with --energy-key/--forces-key/--stress-key"
+        )
 
     if min_distance > 0:  # periodic images count: a small cell can overlap itself
         edges, shifts = neighbor_list(pos, cell, pbc, min_distance)
@@ -211,6 +217,9 @@ class Options:
     skip_invalid: bool = False
     min_distance: float = 0.5
     group_key: str = "group"
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: str = "stress"
 
 
 def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | None = None) -> dict:
@@ -229,7 +238,14 @@ def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | No
         # files or records never renames an old structure's group
         group = f"{Path(chunk.file).name}#{index}" if group is None else str(group)
         try:
-            s = to_structure(atoms, min_distance=opts.min_distance, group=group)
+            s = to_structure(
+                atoms,
+                min_distance=opts.min_distance,
+                energy_key=opts.energy_key,
+                forces_key=opts.forces_key,
+                stress_key=opts.stress_key,
+                group=group,
+            )
         except DataError as e:
             where = f"{chunk.file} record {index}: {e}"
             if not opts.skip_invalid:
@@ -277,6 +293,11 @@ def _finish(out_dir: Path, summaries: list[dict], opts: Options, sources: list[s
     summaries = sorted(summaries, key=lambda s: s["chunk"])
     skipped = [line for s in summaries for line in s["skipped"]]
     metadata = {"sources": sources, "skipped": len(skipped), "group_key": opts.group_key}
+    metadata["label_keys"] = {
+        "energy": opts.energy_key,
+        "forces": opts.forces_key,
+        "stress": opts.stress_key,
+    }
     manifest = write_manifest(out_dir, summaries, opts.cutoff, metadata)
     _report_skipped(skipped)
     return manifest
@@ -293,6 +314,9 @@ def preprocess(
     workers: int = 1,
     group_key: str = "group",
     part: tuple[int, int] | None = None,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    stress_key: str = "stress",
 ) -> dict:
     """Convert ASE-readable inputs into a sharded dataset; return its manifest.
 
@@ -303,7 +327,17 @@ def preprocess(
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         raise DataError(f"{out_dir} already holds a dataset; choose an empty folder")
-    opts = Options(str(out_dir), shard_size, cutoff, skip_invalid, min_distance, group_key)
+    opts = Options(
+        str(out_dir),
+        shard_size,
+        cutoff,
+        skip_invalid,
+        min_distance,
+        group_key,
+        energy_key,
+        forces_key,
+        stress_key,
+    )
     files = input_files(inputs)
     chunks = plan_chunks(files, shard_size)
     if part is None:
@@ -383,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         help="atoms.info key naming a record's group (MD trajectory, parent structure); "
         "records without it are each their own group (default: %(default)s)",
     )
+    for label, unit in (("energy", "eV"), ("forces", "eV/Å"), ("stress", "eV/Å^3")):
+        p.add_argument(
+            f"--{label}-key",
+            default=label,
+            help=f"atoms.info/arrays key of the {label} ({unit}), e.g. REF_{label} for MACE-style "
+            "files; without it, the attached calculator's result (default: %(default)s). A "
+            "record may lack some labels (its loss terms are masked), not all",
+        )
     p.add_argument(
         "--skip-invalid", action="store_true", help="drop and count bad records instead of failing"
     )
@@ -417,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 group_key=args.group_key,
                 part=args.part,
+                energy_key=args.energy_key,
+                forces_key=args.forces_key,
+                stress_key=args.stress_key,
             )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,7 +7,7 @@ A shard holds contiguous arrays so that one read fetches a whole batch:
     atom_offsets    [S + 1] int64, atoms of structure s are offsets[s]:offsets[s+1]
     cell            [S, 3, 3] float64 Å
     pbc             [S, 3] bool
-    energy          [S] float64 eV
+    energy          [S] float64 eV (NaN where a structure has none)
     stress          [S, 3, 3] float64 eV/Å^3 (NaN where a structure has none)
     group_hash      [S] uint64, hash of the structure's group id (megagnn.data.splits)
     n_edges         [S] int64, directed edges within manifest["cutoff"] (if preprocessed with one)
@@ -49,7 +49,7 @@ class Structure:
     positions: np.ndarray  # [n, 3] float64 Å
     cell: np.ndarray  # [3, 3] float64 Å
     pbc: np.ndarray  # [3] bool
-    energy: float  # eV
+    energy: float | None  # eV (None: unlabelled, stored as NaN)
     forces: np.ndarray | None = None  # [n, 3] eV/Å
     stress: np.ndarray | None = None  # [3, 3] eV/Å^3
     group: str | None = None  # near-duplicates (one MD trajectory, one parent) share one
@@ -115,6 +115,7 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.count = 0
         self.elements = np.zeros(MAX_Z + 1, dtype=bool)
+        self.has_energy = False
         self.has_forces = False
         self.has_stress = False
 
@@ -151,7 +152,7 @@ class ShardWriter:
             f["atom_offsets"] = offsets
             f["cell"] = np.stack([s.cell for s in structs])
             f["pbc"] = np.stack([s.pbc for s in structs])
-            f["energy"] = np.array([s.energy for s in structs])
+            f["energy"] = np.array([np.nan if s.energy is None else s.energy for s in structs])
             f["stress"] = np.stack([s.stress if s.stress is not None else nan3 for s in structs])
             f["group_hash"] = np.array([group_hash(s.group) for s in structs], dtype=np.uint64)
             if self.cutoff is not None:
@@ -166,6 +167,7 @@ class ShardWriter:
             f.attrs["n_structures"] = len(structs)
         os.replace(tmp, self.out_dir / name)
         self.elements[numbers] = True
+        self.has_energy |= any(s.energy is not None for s in structs)
         self.has_forces |= any(s.forces is not None for s in structs)
         self.has_stress |= any(s.stress is not None for s in structs)
         self.shards.append(
@@ -178,6 +180,7 @@ class ShardWriter:
         return {
             "shards": self.shards,
             "elements": np.flatnonzero(self.elements).tolist(),
+            "has_energy": self.has_energy,
             "has_forces": self.has_forces,
             "has_stress": self.has_stress,
         }
@@ -209,6 +212,7 @@ def write_manifest(
         "shards": shards,
         "cutoff": cutoff,
         "elements": sorted(set().union(*(s["elements"] for s in summaries))),
+        "has_energy": any(s.get("has_energy", True) for s in summaries),
         "has_forces": any(s["has_forces"] for s in summaries),
         "has_stress": any(s["has_stress"] for s in summaries),
         **metadata,

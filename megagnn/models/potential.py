@@ -98,12 +98,20 @@ class Potential(nn.Module):
 
     @torch.no_grad()
     def set_statistics(
-        self, head: int, atomic_energies: dict[int, float], scale: float, avg_neighbors: float
+        self,
+        head: int,
+        atomic_energies: dict[int, float],
+        scale: float,
+        avg_neighbors: float,
+        elements: list[int] | None = None,
     ) -> None:
+        """``elements``: those the head trains on (default: those with a reference energy;
+        an element seen only in records without energies has none)."""
         self.atomic_energies[head].zero_()
         self.trained_elements[head].zero_()
         for z, e in atomic_energies.items():
             self.atomic_energies[head, int(z)] = e
+        for z in atomic_energies if elements is None else elements:
             self.trained_elements[head, int(z)] = True
         self.scale[head] = scale
         self.avg_num_neighbors.fill_(avg_neighbors)

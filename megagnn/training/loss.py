@@ -29,7 +29,8 @@ def loss_terms(
     head = batch[K.HEAD]  # [B]
     s_graph = scale[head]  # [B]
     n = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
-    terms = {"energy": _penalty((pred[K.ENERGY] - batch[K.ENERGY]) / n / s_graph, cfg.loss)}
+    err = ((pred[K.ENERGY] - batch[K.ENERGY]) / n / s_graph)[batch[K.HAS_ENERGY]]
+    terms = {"energy": _penalty(err, cfg.loss)}
     total = cfg.energy_weight * terms["energy"]
     if K.FORCES in pred:
         atom_mask = batch[K.HAS_FORCES][batch[K.BATCH]]  # [N]
@@ -68,9 +69,10 @@ class ErrorMeter:
         reference_energy: torch.Tensor,
     ) -> None:
         n = batch[K.N_ATOMS].to(batch[K.ENERGY].dtype)
-        self._add("energy_per_atom_mae", (pred[K.ENERGY].detach() - batch[K.ENERGY]) / n)
+        has = batch[K.HAS_ENERGY]
+        self._add("energy_per_atom_mae", ((pred[K.ENERGY].detach() - batch[K.ENERGY]) / n)[has])
         # baseline: reference energies alone (what the model adds on top of them)
-        self._add("baseline_energy_per_atom_mae", (reference_energy - batch[K.ENERGY]) / n)
+        self._add("baseline_energy_per_atom_mae", ((reference_energy - batch[K.ENERGY]) / n)[has])
         if K.FORCES in pred:
             mask = batch[K.HAS_FORCES][batch[K.BATCH]]
             self._add("forces_mae", (pred[K.FORCES].detach() - batch[K.FORCES])[mask])

@@ -112,7 +112,9 @@ def set_model_statistics(model: Potential, statistics: dict) -> None:
         energies = {int(z): e for z, e in entry["atomic_energies"].items()}
         targets = range(len(heads)) if len(entries) == 1 else [heads.index(entry["head"])]
         for h in targets:
-            model.set_statistics(h, energies, scale_of(entry), statistics["avg_num_neighbors"])
+            model.set_statistics(
+                h, energies, scale_of(entry), statistics["avg_num_neighbors"], entry.get("elements")
+            )
 
 
 def split_arrays(sources: list[Source]) -> dict[str, np.ndarray]:
