@@ -204,12 +204,63 @@ class TrainConfig:
     """How the fused kernels' filter MLP multiplies fp32 values: 'ieee' (exact, default),
     'tf32' or 'bf16' (tensor cores, fp32 accumulation; about 1e-3 and 1e-2 relative
     error). fp64 runs always multiply in fp64."""
+    init_from: str | None = None
+    """Fine-tuning: start this new run (new optimizer and schedule) from the weights of a
+    pretrained run folder, checkpoint folder or consolidated folder, saved under any
+    parallel layout. The trunk's config must match; heads are matched by name (see
+    init_heads) and the pretrained neighbour normaliser and head scales are kept."""
+    init_heads: list[str] = field(default_factory=list)
+    """With init_from, 'new=old' starts head new from pretrained head old, 'new=' starts it
+    fresh; a head not listed starts from the pretrained head of its name, else fresh."""
+    freeze: list[str] = field(default_factory=list)
+    """Glob patterns of parameter names that do not train (e.g. 'backbone.embedding.*',
+    'backbone.blocks.0.*'); each must match a parameter."""
+    lr_multipliers: list[str] = field(default_factory=list)
+    """'pattern=factor' entries: parameters matching the glob train at lr x factor (the first
+    matching entry wins; others at lr), e.g. ['backbone.*=0.1'] for a gentle fine-tune."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (0: none; MACE and NequIP use ~0.99-0.999):
+    validation, best checkpoints, evaluation, consolidation and packages use the averaged
+    weights. The decay ramps as min(decay, (1 + n) / (10 + n)) over the first n updates."""
+    time_budget: float | str | None = None
+    """Wall-clock budget of the run, seconds or 'HH:MM:SS' (instead of max_steps): the
+    learning-rate schedule follows the elapsed time and the run stops with a checkpoint
+    before the budget ends (resumed runs count the time already spent)."""
+    save_every_s: float = 0.0
+    """Also save when this many seconds passed since the last checkpoint (0: steps only)."""
     deterministic: bool = False
     """Bitwise-reproducible steps on GPUs: torch's deterministic algorithms and no kernel
     that adds with atomics (the fused messages' backward takes the reference). CPU runs are
     deterministic either way."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: use 0 (off) or a value in (0, 1)")
+        for entry in self.lr_multipliers:
+            pattern, _, factor = entry.rpartition("=")
+            try:
+                ok = bool(pattern) and float(factor) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(
+                    f"train.lr_multipliers: {entry!r}; write 'pattern=factor', factor >= 0"
+                )
+        for entry in self.init_heads:
+            if "=" not in entry or not entry.partition("=")[0]:
+                raise ConfigError(f"train.init_heads: {entry!r}; write 'new=old' or 'new='")
+        if self.init_heads and self.init_from is None:
+            raise ConfigError("train.init_heads needs train.init_from")
+        budget = self.time_budget_s
+        if budget is not None and (
+            self.epochs is not None or self.flops_budget is not None or budget <= 0
+        ):
+            raise ConfigError(
+                "train.time_budget must be > 0 and replaces train.epochs and "
+                "train.flops_budget: keep one"
+            )
+        if self.save_every_s < 0:
+            raise ConfigError("train.save_every_s must be >= 0 (0: save by steps only)")
         if self.kernel_dot not in ("ieee", "tf32", "bf16"):
             raise ConfigError(f"train.kernel_dot={self.kernel_dot!r}: use 'ieee', 'tf32' or 'bf16'")
         if self.kernels not in ("auto", "triton", "torch"):
@@ -234,6 +285,26 @@ class TrainConfig:
             raise ConfigError("train.eval_structures must be >= 0 (0 validates on every one)")
         if self.patience < 0:
             raise ConfigError("train.patience must be >= 0 (0 disables early stopping)")
+
+    @property
+    def time_budget_s(self) -> float | None:
+        """train.time_budget in seconds (None without one)."""
+        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from '5400', '5400.5', '90:00' (MM:SS) or '1:30:00' (HH:MM:SS)."""
+    parts = str(text).strip().split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or len(values) > 3 or any(v < 0 for v in values):
+        raise ConfigError(f"train.time_budget={text!r}: give seconds or HH:MM:SS")
+    seconds = 0.0
+    for v in values:
+        seconds = seconds * 60 + v
+    return seconds
 
 
 @dataclass(kw_only=True)

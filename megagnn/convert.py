@@ -49,9 +49,12 @@ def _read_tensor(dc, path: Path, key: str, meta) -> torch.Tensor:
     return checkpoint.load_raw(dc, wanted, path)[key]
 
 
-def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+def consolidate(
+    source: str | Path, out_dir: str | Path, progress: bool = True, average: bool = True
+) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` from a checkpoint
-    (a checkpoint folder, a run folder or its ``checkpoints`` folder)."""
+    (a checkpoint folder, a run folder or its ``checkpoints`` folder): the averaged weights
+    where the run kept an average (train.ema_decay) and ``average``, else the trained ones."""
     path = checkpoint.resolve(source)
     common = checkpoint.read_common(path)
     dc = checkpoint.dist_checkpointing()
@@ -70,7 +73,15 @@ def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) 
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    header["__metadata__"] = {"format": "pt", "step": str(common["step"])}
+    # the weights themselves: the average where there is one (same names and shapes)
+    sources = {k: f"ema.{k.removeprefix('model.')}" for k in keys}
+    sources = {k: v if average and v in meta else k for k, v in sources.items()}
+    averaged = any(v != k for k, v in sources.items())
+    header["__metadata__"] = {
+        "format": "pt",
+        "step": str(common["step"]),
+        "weights": "ema" if averaged else "trained",
+    }
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
 
@@ -80,12 +91,13 @@ def consolidate(source: str | Path, out_dir: str | Path, progress: bool = True) 
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key in tqdm(keys, desc="consolidate", unit=" tensors", disable=not progress):
-            tensor = _read_tensor(dc, path, key, meta[key]).contiguous()
+            tensor = _read_tensor(dc, path, sources[key], meta[sources[key]]).contiguous()
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_dir / WEIGHTS)
     config = {"config": common["config"], "step": common["step"], "source": str(path)}
+    config["weights"] = "ema" if averaged else "trained"
     if "statistics" in common:  # the training split's statistics travel with the weights
         config["statistics"] = common["statistics"]
     (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
@@ -100,7 +112,8 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
     of the model and optimizer from ``source`` (saved under any layout) and saves them as
     ``out_dir/checkpoints/step-N``. Returns that folder."""
     from megagnn.config import config_from_dict, config_to_dict
-    from megagnn.training.trainer import DTYPES, build_rank_model, build_rank_optimizer
+    from megagnn.training.build import DTYPES, build_rank_model, build_rank_optimizer
+    from megagnn.training.ema import WeightAverage
 
     path = checkpoint.resolve(source)
     common = checkpoint.read_common(path)
@@ -116,10 +129,17 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
     potential, stage = build_rank_model(cfg, par, dtype)  # as the Trainer builds it
     model = (stage or potential).to(par.device, dtype)
     optimizer = build_rank_optimizer(cfg, model, par)
-    loaded = checkpoint.load(path, model, optimizer, par)
+    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    loaded = checkpoint.load(path, model, optimizer, par, average)
     loaded["config"] = config_to_dict(cfg)
     return checkpoint.save(
-        Path(out_dir) / "checkpoints", loaded["step"], model, optimizer, loaded, par
+        Path(out_dir) / "checkpoints",
+        loaded["step"],
+        model,
+        optimizer,
+        loaded,
+        par,
+        average=average,
     )
 
 

@@ -13,10 +13,10 @@ import torch
 from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError, atomic_write_json
 from megagnn.inference.calculator import load_model
+from megagnn.training.build import DTYPES, default_device
 from megagnn.training.checkpoint import CheckpointError, read_common, resolve
 from megagnn.training.evaluation import evaluate
-from megagnn.training.sources import dataset_entries, read_splits, recorded_run
-from megagnn.training.trainer import DTYPES, DataSplits, default_device
+from megagnn.training.sources import DataSplits, dataset_entries, read_splits, recorded_run
 
 
 def main(argv: list[str] | None = None) -> int:

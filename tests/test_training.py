@@ -268,6 +268,7 @@ def test_activation_recompute_gives_the_same_gradients(family):
     graph = atoms_to_graph(atoms, 4.0)
     graph[K.ENERGY] = torch.tensor([-1.0])
     graph[K.FORCES] = torch.from_numpy(atoms.arrays["forces"])
+    graph[K.HAS_ENERGY] = graph[K.HAS_FORCES] = torch.ones(1, dtype=torch.bool)
     batch = to_device(collate([graph]), "cpu", torch.float64)
     cfg = ModelConfig(family=family, hidden=16, layers=3, num_rbf=8, cutoff=4.0, stress=False)
 

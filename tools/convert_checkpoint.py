@@ -48,6 +48,12 @@ def main(argv=None) -> int:
     c.add_argument("source", help="run folder, checkpoints folder or step-N folder")
     c.add_argument("out", help="output folder")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--trained-weights",
+        action="store_true",
+        help="write the trained weights even where the run kept a weight average "
+        "(train.ema_decay; by default the average is written)",
+    )
     k = sub.add_parser("package", help="checkpoint -> AOTInductor inference package (.pt2)")
     k.add_argument("source", help="run, checkpoint, step-N or consolidated folder")
     k.add_argument("out", help="output file, ending in .pt2")
@@ -74,7 +80,12 @@ def main(argv=None) -> int:
         return reshard(args, argv if argv is not None else sys.argv[1:])
     try:
         if args.command == "consolidate":
-            path = consolidate(args.source, args.out, progress=not args.no_progress)
+            path = consolidate(
+                args.source,
+                args.out,
+                progress=not args.no_progress,
+                average=not args.trained_weights,
+            )
         else:
             from megagnn.inference import export_package, load_model
 

@@ -123,8 +123,14 @@ def training_statistics(
 
 
 def scale_of(stats: dict) -> float:
-    """The energy head's output scale: force RMS, else the per-atom energy residual RMS."""
-    scale = stats.get("force_rms") or stats.get("energy_per_atom_residual_rms") or 1.0
+    """The energy head's output scale: a fine-tuned head's pretrained one, else the force
+    RMS, else the per-atom energy residual RMS."""
+    scale = (
+        stats.get("scale")
+        or stats.get("force_rms")
+        or stats.get("energy_per_atom_residual_rms")
+        or 1.0
+    )
     return max(float(scale), 1e-6)
 
 

@@ -32,8 +32,9 @@ def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
 ) -> Potential:
     """The whole model, in eval mode, from a run folder (its latest checkpoint), a
-    checkpoint folder saved under any tensor/pipeline layout, or a consolidated folder
-    (``tools/convert_checkpoint.py consolidate``)."""
+    checkpoint folder saved under any tensor/pipeline layout (its averaged weights where it
+    has them, train.ema_decay) or a consolidated folder (``tools/convert_checkpoint.py
+    consolidate``)."""
     if is_consolidated(path):
         config, weights = load_consolidated(path)
         model = build_model(config_from_dict(config).model)
@@ -45,7 +46,9 @@ def load_model(
     else:
         cfg = config_from_dict(checkpoint.read_common(path)["config"])
         model = build_model(cfg.model)
-        checkpoint.load(path, model, None, ParallelState(device=torch.device("cpu")))
+        absent = checkpoint.load_weights(path, model, ParallelState(device=torch.device("cpu")))
+        if absent:
+            raise checkpoint.CheckpointError(f"{path} lacks {', '.join(absent)}")
     return model.to(device, dtype).eval()
 
 

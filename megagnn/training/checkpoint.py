@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 from megagnn.parallel.pipeline import global_named_tensors
 from megagnn.parallel.state import ParallelState
+from megagnn.training.ema import WeightAverage
 
 # buffers added after some checkpoints were written, and how to rebuild them from those
 # checkpoints: the elements of the training split are those with a reference energy
@@ -75,23 +77,26 @@ def dist_checkpointing():
 
 
 # -- what each rank holds -------------------------------------------------------------------
-def sharded_state_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, par: ParallelState
-) -> dict[str, Any]:
-    """ShardedTensors for the model's weights and buffers and the AdamW moments.
+def placements(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    par: ParallelState,
+    average: WeightAverage | None = None,
+) -> dict[str, tuple[torch.Tensor, list, tuple]]:
+    """Global key -> (this rank's tensor, its offsets in the global tensor, replica id) for
+    the weights and buffers (``model.*``), the AdamW moments (``optimizer.*``) and the
+    weight average (``ema.*``).
 
     Exactly one rank is the main replica of each piece: tensor-parallel slices are unique per
     TP rank, replicated weights are written by TP rank 0, buffers (present on every pipeline
     stage) by stage 0, all by data-parallel rank 0; a moment sharded over data-parallel
     ranks (ZeRO) by the rank that owns it.
     """
-    from megatron.core.dist_checkpointing import ShardedTensor
-
     owned = owned_parameters(optimizer) if optimizer is not None else set()
     moments = local_optimizer(optimizer).state if optimizer is not None else {}
     # with the optimizer state sharded over data-parallel ranks, each moment has one owner
     sharded_moments = optimizer is not None and local_optimizer(optimizer) is not optimizer
-    out: dict[str, Any] = {}
+    out: dict[str, tuple] = {}
     for key, module, name, tensor, is_param in global_named_tensors(model):
         if is_param and is_sharded(module, name):
             dim = module.partition_dim if tensor.dim() > 1 else 0
@@ -100,21 +105,39 @@ def sharded_state_dict(
         else:
             offsets = []
             replica = (0 if is_param else par.pp_rank, par.tp_rank, par.dp_rank)
-
-        def sharded(k, t, offsets=offsets, replica=replica):
-            return ShardedTensor.from_rank_offsets(k, t, *offsets, replica_id=replica)
-
-        out[f"model.{key}"] = sharded(f"model.{key}", tensor)
+        out[f"model.{key}"] = (tensor, offsets, replica)
+        if is_param and average is not None:
+            out[f"ema.{key}"] = (average.shadow[tensor], offsets, replica)
         if tensor in owned:
             owner = (*replica[:2], 0) if sharded_moments else replica
             state = moments.get(tensor, {})
             for moment in ("exp_avg", "exp_avg_sq"):
                 value = state.get(moment)  # none before the first step: zero moments
-                target = f"optimizer.{key}.{moment}"
-                out[target] = sharded(
-                    target, torch.zeros_like(tensor) if value is None else value, replica=owner
-                )
+                value = torch.zeros_like(tensor) if value is None else value
+                out[f"optimizer.{key}.{moment}"] = (value, offsets, owner)
     return out
+
+
+def global_shape(tensor: torch.Tensor, offsets: list) -> tuple[int, ...]:
+    shape = list(tensor.shape)
+    for dim, _, size in offsets:
+        shape[dim] *= size
+    return tuple(shape)
+
+
+def sharded_state_dict(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    par: ParallelState,
+    average: WeightAverage | None = None,
+) -> dict[str, Any]:
+    """ShardedTensors of ``placements``, each under its global key."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return {
+        key: ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=replica)
+        for key, (tensor, offsets, replica) in placements(model, optimizer, par, average).items()
+    }
 
 
 def _optimizer_common(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
@@ -147,6 +170,7 @@ def save(
     par: ParallelState,
     keep: int = 2,
     best: bool = False,
+    average: WeightAverage | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint folder; ``best``
     also points ``best`` at it (pruning never removes the best checkpoint)."""
@@ -158,7 +182,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = sharded_state_dict(model, optimizer, par)
+    state = sharded_state_dict(model, optimizer, par, average)
     if optimizer is not None:
         common = {**common, "optimizer": _optimizer_common(optimizer, par.device)}
     # rank 0 writes the common part; every rank passes rank 0's copy (RNG states may differ)
@@ -230,9 +254,11 @@ def load(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     par: ParallelState,
+    average: WeightAverage | None = None,
 ) -> dict[str, Any]:
-    """Fill ``model`` (and ``optimizer``) with this rank's pieces of a checkpoint saved under
-    any layout; returns the common dict. Collective under torchrun."""
+    """Fill ``model`` (and ``optimizer`` and ``average``) with this rank's pieces of a
+    checkpoint saved under any layout; returns the common dict. Collective under torchrun.
+    A checkpoint saved without a weight average starts ``average`` at its weights."""
     dc = dist_checkpointing()
     path = resolve(path)
     if optimizer is not None:  # moments to load into, as after a first step
@@ -240,8 +266,12 @@ def load(
         for p in owned_parameters(optimizer):
             for moment in ("exp_avg", "exp_avg_sq"):
                 state[p].setdefault(moment, torch.zeros_like(p))
-    state = sharded_state_dict(model, optimizer, par)
-    derived = _absent_derived(dc, path, state)
+    state = sharded_state_dict(model, optimizer, par, average)
+    saved = set(dc.load_tensors_metadata(str(path)))
+    fresh_average = average is not None and not any(k.startswith("ema.") for k in saved)
+    if fresh_average:
+        state = {k: v for k, v in state.items() if not k.startswith("ema.")}
+    derived = _absent_derived(saved, state)
     loaded = load_raw(dc, state, path)
     with torch.no_grad():
         for key, sharded in state.items():
@@ -249,20 +279,70 @@ def load(
                 sharded.data.copy_(loaded[key])
         for tensor, source, rule in derived.values():
             tensor.copy_(rule(loaded[source]))
+        if fresh_average:
+            for p in average.params:
+                average.shadow[p].copy_(p)
     common = loaded["common"]
     if optimizer is not None:
         _restore_optimizer_common(optimizer, common["optimizer"])
     return common
 
 
-def _absent_derived(dc, path: Path, state: dict[str, Any]) -> dict[str, tuple]:
-    """Removes from ``state`` the DERIVED_BUFFERS the checkpoint predates; returns, for each,
-    (the tensor to fill, the key it is rebuilt from, the rule)."""
-    keys = set(dc.load_tensors_metadata(str(path)))
+def load_weights(
+    path: str | Path,
+    model: nn.Module,
+    par: ParallelState,
+    key_map: Callable[[str], str | None] = lambda key: key,
+    average: bool = True,
+) -> list[str]:
+    """Fill this rank's weights and buffers from a checkpoint of any layout: the averaged
+    weights where it has them (``average``), else the trained ones. ``key_map`` names the
+    checkpoint tensor each global name loads from (None: leave it). Returns the names the
+    checkpoint lacks, left as they were. Collective under torchrun."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    dc = dist_checkpointing()
+    path = resolve(path)
+    meta = dc.load_tensors_metadata(str(path))
+    wanted, targets, absent = {}, {}, []
+    for key, (tensor, offsets, replica) in placements(model, None, par).items():
+        name = key.removeprefix("model.")
+        source = key_map(name)
+        if source is None:
+            continue
+        saved = f"ema.{source}" if average and f"ema.{source}" in meta else f"model.{source}"
+        rule = None
+        if saved not in meta:
+            derived = derived_from(saved)
+            if derived is None or derived[0] not in meta:
+                absent.append(name)
+                continue
+            saved, rule = derived
+        if tuple(meta[saved].global_shape) != global_shape(tensor, offsets):
+            raise CheckpointError(
+                f"{path}: {saved} has shape {tuple(meta[saved].global_shape)}, this model's "
+                f"{name} {global_shape(tensor, offsets)}; build the same architecture"
+            )
+        if saved not in wanted:  # each saved tensor is read once, whoever needs it
+            into = torch.empty(tensor.shape, dtype=meta[saved].dtype, device=tensor.device)
+            wanted[saved] = ShardedTensor.from_rank_offsets(
+                saved, into, *offsets, replica_id=replica
+            )
+        targets[key] = (tensor, saved, rule)
+    loaded = load_raw(dc, wanted, path)
+    with torch.no_grad():
+        for tensor, saved, rule in targets.values():
+            tensor.copy_(loaded[saved] if rule is None else rule(loaded[saved]))
+    return absent
+
+
+def _absent_derived(saved: set[str], state: dict[str, Any]) -> dict[str, tuple]:
+    """Removes from ``state`` the DERIVED_BUFFERS the checkpoint (keys ``saved``) predates;
+    returns, for each, (the tensor to fill, the key it is rebuilt from, the rule)."""
     out = {}
-    for key in [k for k in state if k.startswith("model.") and k not in keys]:
+    for key in [k for k in state if k.startswith("model.") and k not in saved]:
         derived = derived_from(key)
-        if derived is not None and derived[0] in keys:
+        if derived is not None and derived[0] in saved:
             out[key] = (state.pop(key).data, *derived)
     return out
 

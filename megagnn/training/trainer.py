@@ -25,60 +25,25 @@ from megagnn.data.sampler import (
     iterate_batches,
 )
 from megagnn.data.shards import atomic_write_json
-from megagnn.models import Potential, build_model, count_parameters
-from megagnn.models.mup import mup_scales
-from megagnn.parallel.data import average_gradients, build_optimizer, clip_grad_norm
-from megagnn.parallel.materialize import materialize
-from megagnn.parallel.pipeline import PipelineStage, global_named_tensors
+from megagnn.models import count_parameters
+from megagnn.parallel.data import average_gradients, clip_grad_norm
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
-from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training import budget, checkpoint, records
+from megagnn.training.build import (
+    DTYPES,
+    build_rank_model,
+    build_rank_optimizer,
+    default_device,
+    freeze,
+)
 from megagnn.training.checkpoint import rng_state
+from megagnn.training.ema import WeightAverage, averaged
 from megagnn.training.evaluation import evaluate
+from megagnn.training.finetune import Pretrained, describe
 from megagnn.training.loss import loss_terms
 from megagnn.training.schedule import warmup_cosine
 from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_rank_model(
-    cfg: Config, par: ParallelState, dtype: torch.dtype
-) -> tuple[Potential, PipelineStage | None]:
-    """The model as this rank holds it: built on the meta device, cut over the tensor-parallel
-    group, wrapped as this rank's pipeline stage, then only this rank's part allocated.
-    Returns the (cut) potential and the stage, None without pipeline parallelism."""
-    model = build_model(cfg.model, device="meta")
-    model.recompute_activations = cfg.train.recompute_activations
-    potential = parallelize_tensor(model, par.tp_group, cfg.parallel.node_parallel)
-    pipeline = PipelineStage(potential, par, dtype) if par.pp_size > 1 else None
-    materialize(pipeline or potential, cfg.train.seed, init_scale=mup_scales(cfg.model).init)
-    return potential, pipeline
-
-
-def build_rank_optimizer(
-    cfg: Config, model: torch.nn.Module, par: ParallelState
-) -> torch.optim.Optimizer:
-    """AdamW over this rank's parameters (state sharded over data parallel if configured).
-    Under μP one parameter group per learning-rate multiplier, the same groups on every rank
-    (some empty) so that optimizer state saved under one layout loads under another."""
-    params = list(model.parameters())
-    scales = mup_scales(cfg.model).lr
-    if scales:
-        multipliers = [1.0, *sorted(set(scales.values()) - {1.0})]  # group 0: the base lr
-        groups = {m: [] for m in multipliers}
-        for full, _, _, tensor, is_param in global_named_tensors(model):
-            if is_param:
-                groups[scales.get(full, 1.0)].append(tensor)
-        params = [{"params": groups[m], "lr": cfg.train.lr * m} for m in multipliers]
-    return build_optimizer(
-        params, cfg.train.lr, cfg.train.weight_decay, par.dp_group, shard=cfg.train.shard_optimizer
-    )
 
 
 class Trainer:
@@ -122,11 +87,25 @@ class Trainer:
         saved = checkpoint.read_common(found) if found is not None else None
         if saved is not None:
             records.check_resumable(cfg, saved, found, self.sources, self.out_dir)
+        pretrained = None  # a resumed fine-tuning run continues from its own checkpoint
+        if cfg.train.init_from is not None and found is None:
+            pretrained = Pretrained(cfg.train.init_from)
+            pretrained.check(cfg.model)
         self.statistics = records.training_statistics(self.sources, self.par, saved)
+        if pretrained is not None:
+            self.statistics = pretrained.adapt_statistics(self.statistics, cfg)
         self.potential, self.pipeline = build_rank_model(cfg, self.par, self.dtype)
         set_model_statistics(self.potential, self.statistics)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
+        if pretrained is not None:
+            fresh = pretrained.load_into(self.model, self.par, cfg)
+        frozen = freeze(cfg, self.model)
+        if pretrained is not None:
+            self.log(describe(pretrained, cfg, fresh, frozen))
         self.optimizer = build_rank_optimizer(cfg, self.model, self.par)
+        self.average = (
+            WeightAverage(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        )
         saved = saved or {}
         self.compute = budget.Compute.from_state(saved.get("compute"))
         self.early = budget.EarlyStopping(
@@ -171,6 +150,7 @@ class Trainer:
             "compute": self.compute.state_dict(),
             "early": self.early.state_dict(),
             "config": config_to_dict(self.cfg),
+            "ema": self.average.state_dict() if self.average else None,
         }
 
     def _epoch_batch_atoms(self) -> list[int]:
@@ -199,7 +179,9 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of the same model and data saved under any parallel
         layout (a different data-parallel size resumes the data order approximately)."""
-        common = checkpoint.load(path, self.model, self.optimizer, self.par)
+        common = checkpoint.load(path, self.model, self.optimizer, self.par, self.average)
+        if self.average is not None and common.get("ema"):
+            self.average.load_state_dict(common["ema"])
         self.scheduler.load_state_dict(common["scheduler"])
         self.step = common["step"]
         positions = common["data"].get("sources", [common["data"]])  # older: one dataset
@@ -226,6 +208,7 @@ class Trainer:
             self.par,
             keep=self.cfg.train.keep_checkpoints,
             best=best,
+            average=self.average,
         )
         if self.par.is_main:
             state = {**self.compute.state_dict(), "step": self.step, "max_steps": self.max_steps}
@@ -289,6 +272,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         out = None
         if terms:  # this rank holds the loss (the last pipeline stage, or every rank)
             out = {f"loss/{k}": float(sum(t[k] for t in terms)) / len(terms) for k in terms[0]}
@@ -421,7 +406,8 @@ class Trainer:
     def _validate_and_log(self, writer, bar) -> dict[str, float] | None:
         if not any(len(s.data.indices["val"]) for s in self.sources):
             return None
-        val = self.validate()  # every rank takes part (tensor parallel needs it)
+        with averaged(self.model, self.average):  # the weights that will be served
+            val = self.validate()  # every rank takes part (tensor parallel needs it)
         if writer:
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, self.step)
