@@ -54,6 +54,9 @@ class ModelConfig:
     weights start smaller, so a learning rate tuned at the base width holds at any width)."""
     mup_base_width: int = 64
     """Under model.parametrization=mup, the width at which μP equals the standard one."""
+    sized_for: str | None = None
+    """The family a named size (configs/model/*.yaml) was sized for: with another
+    model.family the run warns, giving the parameter count it gets instead."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_z <= 118:

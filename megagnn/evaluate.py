@@ -1,32 +1,63 @@
 """Evaluate a trained run on a split of its dataset (by default the held-out test split).
 
 python -m megagnn.evaluate --run runs/quickstart [--split test] [--data other/dataset]
+    (--run: a run, checkpoint or consolidated folder, or an inference package .pt2)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
 
 from megagnn.config import ConfigError, config_from_dict
+from megagnn.convert import is_consolidated
 from megagnn.data.shards import DataError, atomic_write_json
-from megagnn.inference.calculator import load_model
+from megagnn.elements import UnknownElementError, check_elements
+from megagnn.inference.calculator import load_model, saved_config
+from megagnn.inference.package import Package, PackagePotential
 from megagnn.training.build import DTYPES, default_device
-from megagnn.training.checkpoint import CheckpointError, read_common, resolve
+from megagnn.training.checkpoint import CheckpointError, resolve
 from megagnn.training.evaluation import evaluate
 from megagnn.training.sources import DataSplits, dataset_entries, read_splits, recorded_run
+
+
+def _load(source: str, which: str, device: torch.device):
+    """(model, run config, step, dtype) of a run/checkpoint folder, a consolidated folder or
+    an inference package."""
+    if source.endswith(".pt2"):
+        package = Package(source)
+        if "run_config" not in package.metadata:
+            raise ConfigError(
+                f"{source} does not record its run's config (packaged before it was kept); "
+                "evaluate the checkpoint or consolidated folder it came from"
+            )
+        config = json.loads(package.metadata["run_config"])
+        return PackagePotential(package), config, -1, package.dtype
+    if is_consolidated(source):
+        config, step = saved_config(source)
+        dtype = DTYPES[config_from_dict(config).train.precision]
+        return load_model(source, device, dtype), config, step, dtype
+    path = resolve(source, which)
+    config, step = saved_config(path)
+    dtype = DTYPES[config_from_dict(config).train.precision]
+    return load_model(path, device, dtype), config, step, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="megagnn.evaluate",
-        description="Mean absolute errors of a checkpoint on a dataset split, next to trivial "
-        "baselines (reference energies only; zero forces and stress).",
+        description="Mean absolute errors of a trained model on a dataset split, next to "
+        "trivial baselines (reference energies only; zero forces and stress). Structures "
+        "holding an element the model never trained on are refused, naming it.",
     )
     p.add_argument(
-        "--run", required=True, help="run folder (its latest checkpoint) or a checkpoint folder"
+        "--run",
+        required=True,
+        help="run folder (its best or latest checkpoint), checkpoint folder, consolidated "
+        "folder or inference package (.pt2)",
     )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
@@ -38,39 +69,57 @@ def main(argv: list[str] | None = None) -> int:
         help="which checkpoint of a run folder: best (lowest validation loss, kept by runs "
         "with train.patience; otherwise the latest) or latest (default: %(default)s)",
     )
+    p.add_argument(
+        "--allow-unknown-elements",
+        action="store_true",
+        help="evaluate structures with elements the model never trained on (their count is "
+        "reported as unknown_element_structures) instead of refusing them",
+    )
     args = p.parse_args(argv)
     try:
-        checkpoint = resolve(args.run, args.checkpoint)
-        state = read_common(checkpoint)
-        cfg = config_from_dict(state["config"])
+        device = default_device()
+        model, config, step, dtype = _load(args.run, args.checkpoint, device)
+        cfg = config_from_dict(config)
         if args.data:
             cfg.data.path = args.data
-        device, dtype = default_device(), DTYPES[cfg.train.precision]
-        model = load_model(checkpoint, device, dtype)
         # a multi-dataset run is evaluated on each of its datasets, through its own head
         entries = [(cfg.data.path, 0, 1.0)] if args.data else dataset_entries(cfg)
-        metrics = {"split": args.split, "step": state["step"]}
-        run_dir = None if args.data else recorded_run(args.run)
+        metrics = {"split": args.split, "step": step}
+        run_dir = None if args.data or args.run.endswith(".pt2") else recorded_run(args.run)
         for path, head, _ in entries:
             recorded = None
             if run_dir is not None:  # the split the run trained with, not a recomputed one
                 recorded = read_splits(run_dir, cfg.model.heads[head] if len(entries) > 1 else None)
             data = DataSplits(cfg, path=path, head=head, recorded=recorded)
+            package = isinstance(model, PackagePotential)
+            known = model.package.elements if package else model.elements(head)
+            unknown, holding = data.unknown_elements(args.split, known)
+            if unknown:
+                check_elements(
+                    unknown,
+                    known,
+                    f"{args.run} (head {cfg.model.heads[head]}, "
+                    f"{holding} structures of the {args.split} split of {path})",
+                    args.allow_unknown_elements,
+                )
             sampler = data.sampler(args.split, shuffle=False)
             result = evaluate(model, data.graphs, sampler, device, dtype, progress=True)
+            if package and not model.has_references:
+                result = {k: v for k, v in result.items() if "baseline_energy" not in k}
             result["structures"] = len(data.indices[args.split])
+            result["unknown_element_structures"] = holding
             prefix = f"{cfg.model.heads[head]}/" if len(entries) > 1 else ""
             metrics.update({prefix + k: v for k, v in result.items()})
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, UnknownElementError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.split} split, step {state['step']}:")
+    print(f"{args.split} split" + (f", step {step}:" if step >= 0 else ":"))
     units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å^3"}
     for key, value in metrics.items():
         if key.endswith("_mae"):
             unit = next(u for k, u in units.items() if k in key.rsplit("/", 1)[-1])
             print(f"  {key:40s} {value:.5f} {unit}")
-        elif key.endswith("structures"):
+        elif key.endswith("structures") and (value or "unknown" not in key):
             print(f"  {key:40s} {value}")
     for key in [k for k in metrics if k.endswith("forces_mae") and "baseline" not in k]:
         prefix = key.removesuffix("forces_mae")

@@ -121,3 +121,54 @@ def test_mup_scales_hidden_and_output_weights_with_the_width(emt_dataset, tmp_pa
     torch.testing.assert_close(weights[output], reference[output] / 2)  # 1/sqrt(4)
     assert torch.equal(weights[hidden], reference[hidden])
     assert torch.equal(weights[embedding], reference[embedding])
+
+
+def test_time_budget_parses_and_excludes_other_lengths():
+    from megagnn.config import ConfigError, parse_duration
+
+    assert parse_duration("1:30:00") == 5400 and parse_duration("90:00") == 5400
+    assert parse_duration(7.5) == 7.5
+    for bad in ("1:2:3:4", "soon", "-5"):
+        with pytest.raises(ConfigError, match="HH:MM:SS"):
+            parse_duration(bad)
+    with pytest.raises(ConfigError, match="keep one"):
+        tiny_config("unused", "unused", "train.time_budget=60", "train.epochs=1")
+
+
+def test_schedule_follows_the_clock_under_a_time_budget():
+    import torch
+
+    from megagnn.training.schedule import warmup_cosine
+
+    cfg = tiny_config("unused", "unused", "train.warmup_steps=2", "train.min_lr_ratio=0.1").train
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    spent = [0.0]
+    sched = warmup_cosine(opt, cfg, 10, progress=lambda: spent[0])
+    for _ in range(5):  # past warmup, no time spent: the peak
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(1.0)
+    spent[0] = 0.5
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.1 + 0.9 * 0.5)
+    spent[0] = 1.0
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)
+
+
+def test_time_budget_stops_with_a_checkpoint_before_it_ends(emt_dataset, tmp_path, capsys):
+    budget = 12.0
+    overrides = [f"train.time_budget={budget}", "train.max_steps=1", "train.save_every=1000"]
+    trainer = Trainer(tiny_config(emt_dataset, tmp_path, *overrides, "train.eval_every=5"))
+    trainer.train()
+    assert trainer.step > 1  # max_steps does not bound a time-budget run
+    assert trainer.compute.wall_s < budget
+    assert "time budget: stopped at step" in capsys.readouterr().out
+    assert read_common(resolve(tmp_path))["step"] == trainer.step  # saved at the stop
+    # the learning rate followed the clock down to about its end
+    lr = trainer.scheduler.get_last_lr()[0] / trainer.cfg.train.lr
+    assert lr < 0.25
+    # resuming counts the time already spent: nothing or almost nothing is left
+    again = Trainer(tiny_config(emt_dataset, tmp_path, *overrides, "train.eval_every=5"))
+    assert again.compute.wall_s == pytest.approx(trainer.compute.wall_s)
+    again.train()
+    assert trainer.step <= again.step and again.compute.wall_s < budget

@@ -88,13 +88,15 @@ def main(argv=None) -> int:
             )
         else:
             from megagnn.inference import export_package, load_model
+            from megagnn.inference.calculator import saved_config
 
             if not args.out.endswith(".pt2"):
                 raise ValueError(f"the package file must end in .pt2, not {args.out!r}")
             dtype = getattr(torch, args.dtype)
             print(f"compiling {args.source} ({args.dtype}, {args.device}) ...", file=sys.stderr)
             model = load_model(args.source, dtype=dtype)
-            path = export_package(model, args.out, dtype, device=args.device)
+            run_config = saved_config(args.source)[0]
+            path = export_package(model, args.out, dtype, args.device, run_config)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from megagnn import keys as K
 from megagnn.config import config_from_dict
-from megagnn.convert import is_consolidated, load_consolidated
+from megagnn.convert import CONFIG, is_consolidated, load_consolidated
 from megagnn.data.graph import (
     atoms_to_graph,
     atoms_to_record,
@@ -50,6 +50,17 @@ def load_model(
         if absent:
             raise checkpoint.CheckpointError(f"{path} lacks {', '.join(absent)}")
     return model.to(device, dtype).eval()
+
+
+def saved_config(path: str | Path) -> tuple[dict, int]:
+    """(the run's whole config, its step) of a run, checkpoint or consolidated folder."""
+    if is_consolidated(path):
+        import json
+
+        info = json.loads((Path(path) / CONFIG).read_text())
+        return info["config"], int(info["step"])
+    common = checkpoint.read_common(path)
+    return common["config"], int(common["step"])
 
 
 class MegaGNNCalculator(Calculator):

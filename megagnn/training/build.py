@@ -37,6 +37,20 @@ def build_rank_model(
     return potential, pipeline
 
 
+def size_warning(cfg: Config) -> str | None:
+    """A warning when model.family is not the family the named size was made for (the
+    widths of one family give another a different parameter count)."""
+    sized_for = cfg.model.sized_for
+    if sized_for is None or sized_for == cfg.model.family:
+        return None
+    count = sum(p.numel() for p in build_model(cfg.model, device="meta").parameters())
+    return (
+        f"model.family={cfg.model.family} with a size made for {sized_for}: {count:,} "
+        f"parameters, not the size's nominal count; use configs/model/{cfg.model.family}-*.yaml "
+        "(or set model.sized_for=null to silence this)"
+    )
+
+
 def parameter_names(cfg: Config) -> list[str]:
     """Every parameter's name in the whole (unsharded) model, whatever this rank holds."""
     return [name for name, _ in build_model(cfg.model, device="meta").named_parameters()]

@@ -38,8 +38,8 @@ HEAD = re.compile(r"energy_head\.mlps\.(\d+)\.(.+)")
 class Pretrained:
     """A pretrained model to start from: a run, checkpoint or consolidated folder."""
 
-    def __init__(self, source: str | Path):
-        self.source = str(source)
+    def __init__(self, source: str | Path, device: torch.device | None = None):
+        self.source, self.device = str(source), device or torch.device("cpu")
         self.consolidated = is_consolidated(source)
         if self.consolidated:
             self.path = Path(source)
@@ -62,9 +62,11 @@ class Pretrained:
         from megatron.core.dist_checkpointing import ShardedTensor
 
         meta = dc.load_tensors_metadata(str(self.path))[f"model.{name}"]
-        into = torch.empty(meta.global_shape, dtype=meta.dtype)
-        wanted = {name: ShardedTensor.from_rank_offsets(f"model.{name}", into, replica_id=0)}
-        return checkpoint.load_raw(dc, wanted, self.path)[name]
+        into = torch.empty(meta.global_shape, dtype=meta.dtype, device=self.device)
+        # every rank reads the whole tensor: one of them is its main replica
+        rank = torch.distributed.get_rank()
+        wanted = {name: ShardedTensor.from_rank_offsets(f"model.{name}", into, replica_id=rank)}
+        return checkpoint.load_raw(dc, wanted, self.path)[name].cpu()
 
     def check(self, cfg: ModelConfig) -> None:
         """Refuse a trunk that differs from the pretrained one, naming each field."""

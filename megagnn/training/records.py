@@ -33,7 +33,7 @@ def check_resumable(
     """Refuse to resume a checkpoint of another model or other data: a changed split, split
     seed or dataset list would silently mix held-out data into training."""
     saved = config_from_dict(common["config"])
-    changes = config_changes(saved.model, cfg.model, "model")
+    changes = config_changes(saved.model, cfg.model, "model", ignore=("sized_for",))
     # the loader's worker count changes nothing the model sees
     changes += config_changes(saved.data, cfg.data, "data", ignore=("num_workers",))
     if changes:

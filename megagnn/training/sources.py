@@ -88,6 +88,32 @@ class DataSplits:
             drop_last=split == "train",
         )
 
+    def unknown_elements(self, split: str, known: set[int] | None) -> tuple[set[int], int]:
+        """The elements of ``split`` outside ``known`` and how many of its structures hold
+        one (one pass over the split's atomic numbers, shard by shard)."""
+        if known is None:
+            return set(), 0
+        idx = np.sort(self.indices[split])
+        starts = self.dataset.shard_starts
+        allowed = np.zeros(256, dtype=bool)
+        allowed[list(known)] = True
+        unknown, count = set(), 0
+        for k in np.unique(np.searchsorted(starts, idx, side="right") - 1):
+            local = idx[(idx >= starts[k]) & (idx < starts[k + 1])] - starts[k]
+            a = self.dataset.read_shard(int(k), ["atomic_numbers", "atom_offsets"])
+            z, offsets = a["atomic_numbers"].astype(np.int64), a["atom_offsets"]
+            bad = ~allowed[z]
+            if not bad.any():
+                continue
+            per_structure = np.add.reduceat(bad, offsets[:-1]) if len(z) else bad
+            sizes = np.diff(offsets)
+            per_structure = np.where(sizes > 0, per_structure, 0)[local]
+            count += int((per_structure > 0).sum())
+            chosen = np.zeros(len(sizes), dtype=bool)
+            chosen[local] = True
+            unknown |= set(np.unique(z[bad & np.repeat(chosen, sizes)]).tolist())
+        return unknown, count
+
     def statistics(self) -> dict:
         """Normalisation statistics of the training split (one streaming pass)."""
         return training_statistics(

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from functools import partial
@@ -36,6 +35,7 @@ from megagnn.training.build import (
     build_rank_optimizer,
     default_device,
     freeze,
+    size_warning,
 )
 from megagnn.training.checkpoint import rng_state
 from megagnn.training.ema import WeightAverage, averaged
@@ -44,6 +44,7 @@ from megagnn.training.finetune import Pretrained, describe
 from megagnn.training.loss import loss_terms
 from megagnn.training.schedule import warmup_cosine
 from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
+from megagnn.training.stopping import StopSignals, TimeBudget, agree
 
 
 class Trainer:
@@ -67,6 +68,8 @@ class Trainer:
                 "train.kernels=triton without CUDA needs TRITON_INTERPRET=1 in the "
                 "environment (the interpreter: slow, for tests); use 'auto' or 'torch'"
             )
+        if (text := size_warning(cfg)) is not None and self.par.is_main:
+            warnings.warn(text, stacklevel=2)
         ops.set_backend(cfg.train.kernels)
         ops.set_deterministic(cfg.train.deterministic)
         ops.set_dot_precision(cfg.train.kernel_dot)
@@ -84,12 +87,17 @@ class Trainer:
         self.data = self.sources[0].data
         self._streams = None
         found = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.train.resume else None
+        if found is not None:  # said first: a reused out_dir must not resume unnoticed
+            self.log(
+                f"resuming {found} (train.resume=true and {self.out_dir} holds a checkpoint; "
+                "use another train.out_dir or train.resume=false to start over)"
+            )
         saved = checkpoint.read_common(found) if found is not None else None
         if saved is not None:
             records.check_resumable(cfg, saved, found, self.sources, self.out_dir)
         pretrained = None  # a resumed fine-tuning run continues from its own checkpoint
         if cfg.train.init_from is not None and found is None:
-            pretrained = Pretrained(cfg.train.init_from)
+            pretrained = Pretrained(cfg.train.init_from, self.device)
             pretrained.check(cfg.model)
         self.statistics = records.training_statistics(self.sources, self.par, saved)
         if pretrained is not None:
@@ -119,7 +127,14 @@ class Trainer:
             self.max_steps = budget.planned_steps(
                 cfg.train, self._epoch_batch_atoms(), self.par.dp_size, self.compute.flops_per_atom
             )
-        self.scheduler = warmup_cosine(self.optimizer, cfg.train, self.max_steps)
+        budget_s = cfg.train.time_budget_s
+        self.clock = TimeBudget(budget_s) if budget_s is not None else None
+        progress = None
+        if self.clock is not None:  # the schedule follows the wall clock, not a step count
+            self.max_steps = 2**62
+            progress = lambda: self.clock.progress(self.compute.wall_s)  # noqa: E731
+        self.scheduler = warmup_cosine(self.optimizer, cfg.train, self.max_steps, progress)
+        self._saved_clock = time.perf_counter()
         self.step = 0
         self.bad_steps = 0
         if self.par.is_main:
@@ -128,7 +143,6 @@ class Trainer:
         if found is not None:
             self.resume(found)
             self.log(f"resumed from {found} at step {self.step}")
-        self.stop_signal: int | None = None  # set by the SIGTERM handler during train()
 
     def log(self, text: str) -> None:
         if self.par.is_main:
@@ -151,6 +165,7 @@ class Trainer:
             "early": self.early.state_dict(),
             "config": config_to_dict(self.cfg),
             "ema": self.average.state_dict() if self.average else None,
+            "clock": self.clock.longest if self.clock else None,
         }
 
     def _epoch_batch_atoms(self) -> list[int]:
@@ -182,6 +197,8 @@ class Trainer:
         common = checkpoint.load(path, self.model, self.optimizer, self.par, self.average)
         if self.average is not None and common.get("ema"):
             self.average.load_state_dict(common["ema"])
+        if self.clock is not None and common.get("clock"):  # durations seen before
+            self.clock.longest.update(common["clock"])
         self.scheduler.load_state_dict(common["scheduler"])
         self.step = common["step"]
         positions = common["data"].get("sources", [common["data"]])  # older: one dataset
@@ -199,6 +216,7 @@ class Trainer:
     def save(self, best: bool = False) -> None:
         """Collective sharded save; ``latest`` (and with ``best``, ``best``) moves only once
         every rank has written. The run's compute so far goes to compute.json."""
+        started = time.perf_counter()
         checkpoint.save(
             self.ckpt_dir,
             self.step,
@@ -214,6 +232,9 @@ class Trainer:
             state = {**self.compute.state_dict(), "step": self.step, "max_steps": self.max_steps}
             state["best"] = self.early.state_dict() if self.cfg.train.patience else None
             atomic_write_json(self.out_dir / records.COMPUTE, state)
+        self._saved_clock = time.perf_counter()
+        if self.clock is not None:
+            self.clock.record("save", self._saved_clock - started)
 
     # -- loop ----------------------------------------------------------------------------
     def next_batches(self) -> list[dict]:
@@ -325,30 +346,38 @@ class Trainer:
             )
         )
         bar = tqdm(
-            total=self.max_steps,
+            total=self.max_steps if self.clock is None else None,
             initial=self.step,
             desc="train",
             disable=not (cfg.progress and main),
         )
         t0, atoms_seen, last = time.perf_counter(), 0, {}
         saved_at, tick = self.step, time.perf_counter()
-        with self._catch_stop_signals():
+        signals, clock = StopSignals(), self.clock
+        with signals.caught():
             while self.step < self.max_steps:
                 now = time.perf_counter()  # wall time of everything: steps, validation, saves
                 self.compute.wall_s, tick = self.compute.wall_s + now - tick, now
-                if self._stop_requested():
+                time_up = clock is not None and clock.next_is_last(self.compute.wall_s)
+                stop, time_up = agree(
+                    [signals.received or 0, time_up], self.device, self.par.world_size
+                )
+                if stop:
                     if saved_at != self.step:
                         self.save()
                     self.log(
-                        f"stopped by {signal.Signals(self.stop_signal).name} at step "
+                        f"stopped by {signal.Signals(stop).name} at step "
                         f"{self.step}; checkpoint saved, rerun the same command to resume"
                     )
                     break
                 micro = self.next_batches()
+                started = time.perf_counter()
                 if self.compute.flops_per_atom is None:  # the first step is counted
                     metrics = self._measure_flops(micro)
                 else:
                     metrics = self.train_step(micro)
+                if clock is not None and self.step:  # the first, FLOP-counted step is slow
+                    clock.record("step", time.perf_counter() - started)
                 self.scheduler.step()
                 self.step += 1
                 # all replicas, about: each replica's batches have about as many atoms
@@ -360,7 +389,7 @@ class Trainer:
                     continue
                 self.bad_steps = 0
                 last = metrics
-                final = self.step == self.max_steps
+                final = self.step == self.max_steps or bool(time_up)
                 bar.update(self.step - bar.n)
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4g}")
                 if writer and (self.step % cfg.log_every == 0 or final):
@@ -374,12 +403,29 @@ class Trainer:
                     t0, atoms_seen = time.perf_counter(), 0
                 improved = False
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
+                    started = time.perf_counter()
                     val = self._validate_and_log(writer, bar)
+                    if clock is not None:
+                        clock.record("validate", time.perf_counter() - started)
                     if val is not None and "loss" in val and cfg.patience:
                         improved = self.early.update(val["loss"], self.step)
-                if improved or self.early.stop or self.step % cfg.save_every == 0 or final:
+                since_save = time.perf_counter() - self._saved_clock
+                if (
+                    improved
+                    or self.early.stop
+                    or self.step % cfg.save_every == 0
+                    or final
+                    or 0 < cfg.save_every_s <= since_save
+                ):
                     self.save(best=improved)
                     saved_at = self.step
+                if time_up:
+                    left = clock.seconds - self.compute.wall_s - (time.perf_counter() - tick)
+                    self.log(
+                        f"time budget: stopped at step {self.step} with {left:.0f} s of "
+                        f"{clock.seconds:.0f} s left; checkpoint saved"
+                    )
+                    break
                 if self.early.stop:
                     self.log(
                         f"early stop at step {self.step}: the validation loss has not improved "
@@ -414,35 +460,6 @@ class Trainer:
             self._append_metrics({f"val/{k}": v for k, v in val.items()})
             bar.write(f"step {self.step}: " + _format(val))
         return val
-
-    @contextlib.contextmanager
-    def _catch_stop_signals(self):
-        """SIGTERM (a scheduler preempting the job; torchrun forwards it to every worker)
-        only sets a flag: the loop saves at the next step boundary and returns cleanly."""
-        self.stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield  # Python delivers signals to the main thread only
-            return
-
-        def handler(signum, frame):
-            self.stop_signal = signum
-
-        previous = signal.signal(signal.SIGTERM, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal: ranks receive it at different moments, and
-        all must stop (and save) at the same step."""
-        flag = self.stop_signal or 0
-        if torch.distributed.is_initialized() and self.par.world_size > 1:
-            box = torch.tensor([flag], device=self.device)
-            torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
-            flag = int(box)
-        self.stop_signal = flag or None
-        return bool(flag)
 
     def _append_metrics(self, metrics: dict[str, float]) -> None:
         records.append_metrics(self.out_dir, self.step, metrics)
