@@ -13,6 +13,7 @@ EDGE_INDEX = "edge_index"  # [2, E] int64, (sender j, receiver i), sorted by rec
 CELL_SHIFTS = "cell_shifts"  # [E, 3] float, integer lattice shifts: r_ij = x_j - x_i + S_ij @ cell
 HEAD = "head"  # [B] int64, index of the energy head (dataset family) of each structure
 ENERGY = "energy"  # [B] float eV
+ENERGIES = "energies"  # [N] float eV, each atom's share of ENERGY (scaled output + reference)
 FORCES = "forces"  # [N, 3] float eV/Å
 STRESS = "stress"  # [B, 3, 3] float eV/Å^3, ASE sign convention (1/V dE/dstrain)
 HAS_ENERGY = "has_energy"  # [B] bool, target energy present

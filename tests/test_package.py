@@ -71,9 +71,11 @@ def test_package_matches_the_model(packaged, name):
     assert package.metadata["elements"] == "1,6,8,29,79"
     atoms = structures()[name]
     batch = to_device(atoms_to_graph(atoms, 4.0), "cpu", torch.float64)
-    energy, forces, stress = package(*graph_inputs(batch))
+    energy, forces, stress, energies = package(*graph_inputs(batch))
     ref = expected(model, atoms)
     torch.testing.assert_close(energy.item(), ref["energy"], **TOL)
+    torch.testing.assert_close(energies.sum().item(), ref["energy"], **TOL)
+    assert energies.shape == (len(atoms),) and package.has_energies
     torch.testing.assert_close(forces.numpy(), ref["forces"], **TOL)
     if atoms.pbc.all():
         torch.testing.assert_close(stress.numpy(), ref["stress"], **TOL)
@@ -90,6 +92,11 @@ def test_calculator_runs_the_package(packaged):
         np.testing.assert_allclose(b.get_forces(), a.get_forces(), rtol=1e-9, atol=1e-12)
         if atoms.pbc.all():
             np.testing.assert_allclose(b.get_stress(), a.get_stress(), rtol=1e-9, atol=1e-12)
+        # per-atom energies: each atom's share, summing to the energy
+        per_atom = a.get_potential_energies()
+        assert per_atom.shape == (len(atoms),)
+        np.testing.assert_allclose(per_atom.sum(), a.get_potential_energy(), rtol=1e-12)
+        np.testing.assert_allclose(b.get_potential_energies(), per_atom, rtol=1e-9, atol=1e-12)
 
 
 def test_many_structures_per_call_match_one_by_one(packaged):
@@ -102,6 +109,7 @@ def test_many_structures_per_call_match_one_by_one(packaged):
         for atoms, got in zip(many, calc.predict(many, max_atoms=budget), strict=True):
             ref = expected(model, atoms)
             np.testing.assert_allclose(got["energy"], ref["energy"], rtol=1e-9)
+            np.testing.assert_allclose(got["energies"].sum(), ref["energy"], rtol=1e-9)
             np.testing.assert_allclose(got["forces"], ref["forces"], rtol=1e-9, atol=1e-12)
             if atoms.pbc.all():
                 voigt = full_3x3_to_voigt_6_stress(ref["stress"])

@@ -113,31 +113,28 @@ class MegaGNNCalculator(Calculator):
         batch[K.HEAD][:] = self.head
         periodic = bool(self.atoms.pbc.all())
         if self.package is not None:
-            energy, forces, stress = self.package(*graph_inputs(batch, self.head))
-            self._store(
-                float(energy), forces, stress if periodic and self.package.has_stress else None
-            )
+            energy, forces, stress, *energies = self.package(*graph_inputs(batch, self.head))
+            stress = stress if periodic and self.package.has_stress else None
+            self._store(float(energy), forces, stress, energies[0] if energies else None)
             return
         out = self.model(batch, compute_stress=periodic and self.model.cfg.stress)
-        self._store(
-            float(out[K.ENERGY][0].detach()), out.get(K.FORCES), out.get(K.STRESS, [None])[0]
-        )
+        stress = out.get(K.STRESS, [None])[0]
+        self._store(float(out[K.ENERGY][0].detach()), out.get(K.FORCES), stress, out[K.ENERGIES])
 
     def predict(self, structures: list[Atoms], max_atoms: int = 4096) -> list[dict]:
         """Energy, forces and (periodic cells) stress of many structures, evaluated in
         batches of at most ``max_atoms`` atoms (a larger structure goes alone): for
         screening, where one structure per call leaves a GPU idle. A package, compiled for
         one structure, evaluates them one by one. Returns one dict per structure, in order,
-        with ``energy`` (eV), ``forces`` [n, 3] (eV/Å) and ``stress`` (Voigt, eV/Å^3, or
-        None)."""
+        with ``energy`` (eV), ``energies`` [n] (per atom, eV), ``forces`` [n, 3] (eV/Å) and
+        ``stress`` (Voigt, eV/Å^3, or None)."""
         if self.package is not None:
             out = []
             for atoms in structures:
                 self.calculate(atoms.copy(), ["energy", "forces"], all_changes)
                 r = self.results
-                out.append(
-                    {"energy": r["energy"], "forces": r["forces"], "stress": r.get("stress")}
-                )
+                keys = ("energy", "energies", "forces", "stress")
+                out.append({k: r.get(k) for k in keys})
             return out
         for atoms in structures:
             self.check(atoms)
@@ -160,12 +157,14 @@ class MegaGNNCalculator(Calculator):
         if forces is not None:
             forces = forces.detach().cpu().double().split(batch[K.N_ATOMS].tolist())
         stress = out.get(K.STRESS)
+        energies = out[K.ENERGIES].detach().cpu().double().split(batch[K.N_ATOMS].tolist())
         results = []
         for i, atoms in enumerate(structures):
             s = stress[i].detach().cpu().double().numpy() if stress is not None else None
             results.append(
                 {
                     "energy": float(out[K.ENERGY][i].detach()),
+                    "energies": energies[i].numpy(),
                     "forces": None if forces is None else forces[i].numpy(),
                     "stress": full_3x3_to_voigt_6_stress(s)
                     if s is not None and atoms.pbc.all()
@@ -174,8 +173,10 @@ class MegaGNNCalculator(Calculator):
             )
         return results
 
-    def _store(self, energy: float, forces, stress) -> None:
+    def _store(self, energy: float, forces, stress, energies=None) -> None:
         self.results = {"energy": energy, "free_energy": energy}
+        if energies is not None:  # atoms.get_potential_energies()
+            self.results["energies"] = energies.detach().cpu().numpy().astype(np.float64)
         if forces is not None:
             self.results["forces"] = forces.detach().cpu().numpy().astype(np.float64)
         if stress is not None:

@@ -6,7 +6,8 @@ One call maps a structure of any size to energy, forces and stress:
              pbc [3] bool, edge_index [2, E] i64 (sender j, receiver i; sorted by receiver),
              cell_shifts [E, 3] f64 (r_ij = x_j - x_i + S_ij @ cell), head [] i64
     outputs  energy [] eV, forces [N, 3] eV/Å, stress [3, 3] eV/Å^3 (zeros unless the cell is
-             periodic in all three directions and the model predicts stress)
+             periodic in all three directions and the model predicts stress), energies [N] eV
+             (per atom, summing to energy; packages before 2026-12 end at stress)
 
 Conservative forces are a gradient: the model's forward, ``autograd.grad`` included, is
 first traced by ``make_fx`` into one graph of plain tensor ops (the backward written out),
@@ -36,7 +37,8 @@ INPUTS = ("positions", "atomic_numbers", "cell", "pbc", "edge_index", "cell_shif
 
 
 class _Serve(nn.Module):
-    """One structure in, (energy, forces, stress) out: the package's calling convention."""
+    """One structure in, (energy, forces, stress, energies) out: the package's calling
+    convention."""
 
     def __init__(self, model: Potential):
         super().__init__()
@@ -57,7 +59,8 @@ class _Serve(nn.Module):
         stress = self.model.cfg.stress and self.model.cfg.forces == "conservative"
         out = self.model(batch, compute_forces=True, compute_stress=stress)
         zero_stress = torch.zeros_like(cell)
-        return out[K.ENERGY][0], out[K.FORCES], out[K.STRESS][0] if stress else zero_stress
+        stress_out = out[K.STRESS][0] if stress else zero_stress
+        return out[K.ENERGY][0], out[K.FORCES], stress_out, out[K.ENERGIES]
 
 
 def example_inputs(
@@ -106,6 +109,7 @@ def metadata(
         "megagnn_version": megagnn.__version__,
         "format": "megagnn-aoti-1",
         "inputs": ",".join(INPUTS),
+        "outputs": "energy,forces,stress,energies",
         "cutoff": repr(float(cfg.cutoff)),
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
@@ -173,7 +177,8 @@ def export_package(
 
 
 class Package:
-    """A loaded inference package: ``package(*inputs)`` -> (energy, forces, stress)."""
+    """A loaded inference package: ``package(*inputs)`` -> (energy, forces, stress) and,
+    from packages that have them, per-atom energies (``has_energies``)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -193,13 +198,15 @@ class Package:
         self.cutoff = float(self.metadata["cutoff"])
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.has_stress = self.metadata["stress"] == "true"
+        self.has_energies = "energies" in self.metadata.get("outputs", "")
         self.device = torch.device(self.metadata.get("device", "cpu"))
         # the elements the model was trained on (None: recorded nothing, checks nothing)
         listed = self.metadata.get("elements", "")
         self.elements = {int(z) for z in listed.split(",") if z} or None
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(energy, forces, stress) on the package's device, from inputs on any device."""
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(energy, forces, stress[, energies]) on the package's device, from inputs on any
+        device."""
         return tuple(self.runner(*(t.to(self.device) for t in inputs)))
 
 
@@ -236,7 +243,7 @@ class PackagePotential(nn.Module):
                 batch[K.CELL_SHIFTS][keep],
                 batch[K.HEAD][b],
             )
-            energy, force, stress = (t.to(batch[K.POSITIONS]) for t in self.package(*inputs))
+            energy, force, stress = (t.to(batch[K.POSITIONS]) for t in self.package(*inputs)[:3])
             energies.append(energy.reshape(1))
             forces.append(force)
             stresses.append(stress.reshape(1, 3, 3))

@@ -241,6 +241,7 @@ class Potential(nn.Module):
         reference = self.atomic_energies[head, batch[K.ATOMIC_NUMBERS]]  # [N]
         atomic = (y.to(dtype) * self.scale[head] + reference).to(dtype)
         out = {K.ENERGY: segment_sum(atomic, graph_of_atom, batch[K.CELL].shape[0])}
+        out[K.ENERGIES] = atomic
         if raw_edges is not None and self.force_head is not None:
             out[K.FORCES] = self.force_head(h, raw_edges)
         return out
