@@ -195,6 +195,18 @@ def test_corrupt_shard_and_manifest_are_named(tmp_path, emt_extxyz):
         ShardedDataset(out)
 
 
+def _rotated_slab():
+    """A two-layer fcc slab, cell and atoms rotated off the axes and moved to negative
+    coordinates (vesin before 0.5.8 missed pairs in such mixed-periodicity boxes)."""
+    slab = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 1)
+    slab.cell[2] = [0, 0, 12.0]  # vacuum, not periodic
+    slab.pbc = [True, True, False]
+    slab.rotate(37, "z", rotate_cell=True)
+    slab.rotate(21, "x", rotate_cell=True)
+    slab.translate([-7.0, -3.0, -5.0])
+    return slab
+
+
 def _pairs(i, j, shifts):
     return sorted(zip(i.tolist(), j.tolist(), map(tuple, shifts.tolist()), strict=True))
 
@@ -214,8 +226,15 @@ def _pairs(i, j, shifts):
             "Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[0, 7, 0], pbc=[False, True, False]
         ),  # wire
         Atoms("CuAu", positions=[[0, 0, 0], [9, 0, 0]]),  # two isolated atoms
+        Atoms(
+            "Cu4",
+            positions=[[-3.1, -2.2, -1.5], [-0.4, -4.9, -2.8], [-4.4, -0.3, -0.2], [-1, -1, -4]],
+            cell=[5, 6, 0],
+            pbc=[True, True, False],
+        ),  # slab at negative coordinates
+        _rotated_slab(),
     ],
-    ids=["triclinic", "small-hcp", "slab", "wire", "isolated"],
+    ids=["triclinic", "small-hcp", "slab", "wire", "isolated", "slab-negative", "slab-rotated"],
 )
 def test_neighbor_list_matches_ase(atoms):
     atoms.rattle(0.05, seed=4)
