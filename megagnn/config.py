@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class ModelConfig:
     family: str = "painn"
-    """Backbone: 'schnet' (continuous filters) or 'painn' (equivariant vectors)."""
+    """Backbone: 'schnet' (continuous filters), 'painn' (equivariant vectors) or 'egnn'
+    (Satorras et al. 2021, invariant messages from both atoms' features and the distance)."""
     hidden: int = 64
     """Channel width H of every block."""
     layers: int = 3
@@ -61,8 +62,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_z <= 118:
             raise ConfigError(f"model.max_z={self.max_z}: use 1..118 (the periodic table)")
-        if self.family not in ("schnet", "painn"):
-            raise ConfigError(f"model.family={self.family!r}: use 'schnet' or 'painn'")
+        if self.family not in ("schnet", "painn", "egnn"):
+            raise ConfigError(f"model.family={self.family!r}: use 'schnet', 'painn' or 'egnn'")
         if self.rbf not in ("gaussian", "bessel"):
             raise ConfigError(f"model.rbf={self.rbf!r}: use 'gaussian' or 'bessel'")
         if self.forces not in ("conservative", "direct", "none"):

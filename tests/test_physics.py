@@ -13,7 +13,7 @@ from megagnn.data import atoms_to_graph, collate, structure_to_graph, to_device
 from megagnn.models import build_model
 
 CUTOFF = 4.0
-FAMILIES = ["schnet", "painn"]
+FAMILIES = ["schnet", "painn", "egnn"]
 
 
 def make_model(family, forces="conservative", seed=0):

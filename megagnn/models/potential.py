@@ -11,12 +11,13 @@ from torch.utils.checkpoint import checkpoint
 from megagnn import keys as K
 from megagnn.config import ModelConfig
 from megagnn.models.edges import Edges, sort_by_receiver
+from megagnn.models.egnn import EGNN
 from megagnn.models.painn import PaiNN
 from megagnn.models.radial import make_basis
 from megagnn.models.schnet import SchNet
 from megagnn.ops import radial_basis, segment_sum
 
-BACKBONES = {"schnet": SchNet, "painn": PaiNN}
+BACKBONES = {"schnet": SchNet, "painn": PaiNN, "egnn": EGNN}
 
 
 class EnergyHead(nn.Module):

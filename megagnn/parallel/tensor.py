@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from megagnn.models.egnn import EGNN
 from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
@@ -72,6 +73,17 @@ def _painn(backbone: PaiNN, group: Group, nodes: bool) -> None:
         upd.split_dv = Boundary(nodes_to_channels if nodes else split_to_region, group)
 
 
+def _egnn(backbone: EGNN, group: Group, nodes: bool) -> None:
+    for block in backbone.blocks:
+        # h [N, H] or [N/tp, H] (all-gather) -> A h, B h on own channels [N, 2H/tp]
+        block.pair = ColumnParallelLinear(block.pair, group, node_parallel=nodes)
+        block.radial[2] = ColumnParallelLinear(block.radial[2], group)  # [E, H/tp]
+        # Σ_j σ(z_ij) [N, H/tp] -> m: all-reduce [N, H] or reduce-scatter [N/tp, H]
+        block.message = RowParallelLinear(block.message, group, node_parallel=nodes)
+        block.node[0] = ColumnParallelLinear(block.node[0], group, node_parallel=nodes)
+        block.node[2] = RowParallelLinear(block.node[2], group, node_parallel=nodes)
+
+
 def _direct_forces(head: DirectForceHead, group: Group) -> None:
     head.node = ColumnParallelLinear(head.node, group)  # [N, H/tp]
     head.radial = ColumnParallelLinear(head.radial, group)  # [E, H/tp]
@@ -88,6 +100,8 @@ def parallelize_tensor(model: Potential, group: Group, node_parallel: bool = Fal
         _schnet(backbone, group, node_parallel)
     elif isinstance(backbone, PaiNN):
         _painn(backbone, group, node_parallel)
+    elif isinstance(backbone, EGNN):
+        _egnn(backbone, group, node_parallel)
     else:
         raise TypeError(f"no tensor-parallel plan for {type(backbone).__name__}")
     if node_parallel:

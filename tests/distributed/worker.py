@@ -141,7 +141,7 @@ def main():
     # a pipeline runs two microbatches, so 1F1B overlaps them and gradients accumulate
     n_micro = 2 if args.pipeline > 1 else 1
     report = []
-    for family in ("schnet", "painn"):
+    for family in ("schnet", "painn", "egnn"):
         for forces in force_modes:
             torch.manual_seed(0)
             cfg = ModelConfig(
