@@ -22,6 +22,7 @@ setup(
         # process groups and (on GPU) DDP/optimizer; 0.17+ needs Python 3.12
         "megatron-core==0.16.1",
         "psutil",  # megatron-core needs it for dist_checkpointing but does not declare it
+        "e3nn>=0.5",  # spherical harmonics and Clebsch-Gordan coefficients (model.family=irrep)
     ],
     extras_require={
         # triton runs the kernels' tests on CPU through its interpreter

@@ -24,10 +24,13 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class ModelConfig:
     family: str = "painn"
-    """Backbone: 'schnet' (continuous filters), 'painn' (equivariant vectors) or 'egnn'
-    (Satorras et al. 2021, invariant messages from both atoms' features and the distance)."""
+    """Backbone: 'schnet' (continuous filters), 'painn' (equivariant vectors), 'egnn'
+    (Satorras et al. 2021, invariant messages from both atoms' features and the distance)
+    or 'irrep' (features of degree up to model.lmax, tensor-product messages)."""
     hidden: int = 64
     """Channel width H of every block."""
+    lmax: int = 2
+    """model.family=irrep: the largest degree L of node features and spherical harmonics."""
     layers: int = 3
     """Number of interaction blocks L."""
     num_rbf: int = 16
@@ -62,8 +65,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_z <= 118:
             raise ConfigError(f"model.max_z={self.max_z}: use 1..118 (the periodic table)")
-        if self.family not in ("schnet", "painn", "egnn"):
-            raise ConfigError(f"model.family={self.family!r}: use 'schnet', 'painn' or 'egnn'")
+        if self.family not in ("schnet", "painn", "egnn", "irrep"):
+            raise ConfigError(
+                f"model.family={self.family!r}: use 'schnet', 'painn', 'egnn' or 'irrep'"
+            )
+        if not 1 <= self.lmax <= 4:
+            raise ConfigError(f"model.lmax={self.lmax}: use 1..4")
         if self.rbf not in ("gaussian", "bessel"):
             raise ConfigError(f"model.rbf={self.rbf!r}: use 'gaussian' or 'bessel'")
         if self.forces not in ("conservative", "direct", "none"):
@@ -355,6 +362,11 @@ class Config:
                     f"data.datasets: {source.path} trains head {source.head!r}, which is not "
                     f"in model.heads={self.model.heads}; add it there"
                 )
+        if self.parallel.node_parallel and self.model.family == "irrep":
+            raise ConfigError(
+                "parallel.node_parallel has no plan for model.family=irrep yet (its features "
+                "are split by channel only); set parallel.node_parallel=false"
+            )
         pipeline = self.parallel.pipeline
         if pipeline > 1 and self.model.forces == "conservative":
             raise ConfigError(

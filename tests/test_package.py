@@ -196,8 +196,8 @@ def test_cpp_runner_matches_python(packaged, tmp_path):
 
 
 def test_every_family_exports(tmp_path):
-    """SchNet and EGNN compile into packages too (PaiNN: the fixture above)."""
-    for family in ("schnet", "egnn"):
+    """SchNet, EGNN and IrrepNet compile into packages too (PaiNN: the fixture above)."""
+    for family in ("schnet", "egnn", "irrep"):
         torch.manual_seed(0)
         cfg = ModelConfig(family=family, hidden=8, layers=2, num_rbf=8, radial_hidden=8, cutoff=4.0)
         model = build_model(cfg).double().eval()

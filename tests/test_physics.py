@@ -13,7 +13,7 @@ from megagnn.data import atoms_to_graph, collate, structure_to_graph, to_device
 from megagnn.models import build_model
 
 CUTOFF = 4.0
-FAMILIES = ["schnet", "painn", "egnn"]
+FAMILIES = ["schnet", "painn", "egnn", "irrep"]
 
 
 def make_model(family, forces="conservative", seed=0):
@@ -224,3 +224,37 @@ def test_smooth_at_cutoff(family):
     assert forces[2] == 0
     # the force vanishes continuously: tiny just inside, smaller the closer to the cutoff
     assert forces[1] < 1e-9 and forces[1] < forces[0]
+
+
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_irrep_features_transform_by_wigner_matrices(reflect):
+    """IrrepNet's node features of every degree l <= 2 transform by the Wigner matrix
+    D^l(R) of the rotation (and by (-1)^l D^l under a reflection: natural parity)."""
+    from e3nn import o3
+
+    model = make_model("irrep")
+    atoms = alloy()
+    rot = torch.as_tensor(Rotation.random(random_state=11).as_matrix())
+    sign = -1.0 if reflect else 1.0
+
+    def features(a):
+        batch = to_device(atoms_to_graph(a, CUTOFF), "cpu", torch.float64)
+        edges, _ = model.edges(batch, batch[K.POSITIONS], batch[K.CELL])
+        state = model.run_blocks(model.backbone.blocks, model.embed(batch[K.ATOMIC_NUMBERS]), edges)
+        return state[0].detach()  # [N, 9, C]
+
+    moved = atoms.copy()
+    moved.positions = sign * atoms.positions @ rot.numpy().T
+    moved.set_cell(sign * atoms.get_cell()[:] @ rot.numpy().T)
+    x, y = features(atoms), features(moved)
+    points = torch.randn(64, 3, dtype=torch.float64)
+    for l in range(3):
+        # D^l(R) from the harmonics themselves, Y(R r) = D Y(r), by least squares (exact to
+        # round-off; e3nn's D_from_matrix goes through Euler angles and loses ~1e-7 here)
+        before = o3.spherical_harmonics(l, points, True, normalization="component")
+        after = o3.spherical_harmonics(l, points @ rot.T, True, normalization="component")
+        d = torch.linalg.lstsq(before, after).solution.T  # [2l+1, 2l+1]
+        expected = torch.einsum("ab,nbc->nac", d, x[:, l * l : (l + 1) ** 2])
+        expected = expected * (sign**l)
+        torch.testing.assert_close(y[:, l * l : (l + 1) ** 2], expected, rtol=1e-8, atol=1e-12)
+        assert x[:, l * l : (l + 1) ** 2].abs().max() > 1e-3  # the degree is populated

@@ -12,12 +12,20 @@ from megagnn import keys as K
 from megagnn.config import ModelConfig
 from megagnn.models.edges import Edges, sort_by_receiver
 from megagnn.models.egnn import EGNN
+from megagnn.models.irrep import IrrepNet
 from megagnn.models.painn import PaiNN
 from megagnn.models.radial import make_basis
 from megagnn.models.schnet import SchNet
 from megagnn.ops import radial_basis, segment_sum
 
-BACKBONES = {"schnet": SchNet, "painn": PaiNN, "egnn": EGNN}
+BACKBONES = {"schnet": SchNet, "painn": PaiNN, "egnn": EGNN, "irrep": IrrepNet}
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    args = (cfg.hidden, cfg.layers, cfg.num_rbf, cfg.max_z, cfg.radial_hidden)
+    if cfg.family == "irrep":
+        return IrrepNet(*args, lmax=cfg.lmax)
+    return BACKBONES[cfg.family](*args)
 
 
 class EnergyHead(nn.Module):
@@ -65,9 +73,7 @@ class Potential(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = BACKBONES[cfg.family](
-            cfg.hidden, cfg.layers, cfg.num_rbf, cfg.max_z, cfg.radial_hidden
-        )
+        self.backbone = build_backbone(cfg)
         self.basis = make_basis(cfg.rbf, cfg.cutoff, cfg.num_rbf)
         self.energy_head = EnergyHead(cfg.hidden, len(cfg.heads))
         self.force_head = (

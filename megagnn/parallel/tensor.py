@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from megagnn.models.egnn import EGNN
+from megagnn.models.irrep import IrrepNet
 from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
@@ -84,6 +85,22 @@ def _egnn(backbone: EGNN, group: Group, nodes: bool) -> None:
         block.node[2] = RowParallelLinear(block.node[2], group, node_parallel=nodes)
 
 
+def _irrep(backbone: IrrepNet, group: Group, nodes: bool) -> None:
+    if nodes:
+        raise ValueError(
+            "model.family=irrep has no node-parallel plan: parallel.node_parallel=false"
+        )
+    for block in backbone.blocks:
+        # x [N, (L+1)², C] replicated -> every degree's channels split [N, 2l+1, C/tp]
+        for l, linear in enumerate(block.up.linears):
+            block.up.linears[l] = ColumnParallelLinear(linear, group)
+        block.radial[2] = ColumnParallelLinear(block.radial[2], group)  # [E, P C/tp]
+        # the tensor product and the neighbour sum act on each rank's channels; then one
+        # all-reduce per degree: [N, 2l+1, C] (scalars with their gates: [N, 1, (L+1) C])
+        for l, linear in enumerate(block.out.linears):
+            block.out.linears[l] = RowParallelLinear(linear, group)
+
+
 def _direct_forces(head: DirectForceHead, group: Group) -> None:
     head.node = ColumnParallelLinear(head.node, group)  # [N, H/tp]
     head.radial = ColumnParallelLinear(head.radial, group)  # [E, H/tp]
@@ -102,6 +119,8 @@ def parallelize_tensor(model: Potential, group: Group, node_parallel: bool = Fal
         _painn(backbone, group, node_parallel)
     elif isinstance(backbone, EGNN):
         _egnn(backbone, group, node_parallel)
+    elif isinstance(backbone, IrrepNet):
+        _irrep(backbone, group, node_parallel)
     else:
         raise TypeError(f"no tensor-parallel plan for {type(backbone).__name__}")
     if node_parallel:

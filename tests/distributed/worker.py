@@ -38,6 +38,7 @@ from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.loss import loss_terms
 
 TOL = dict(rtol=1e-9, atol=1e-11)
+FAMILIES = ("schnet", "painn", "egnn", "irrep")
 
 
 def structures():
@@ -141,7 +142,8 @@ def main():
     # a pipeline runs two microbatches, so 1F1B overlaps them and gradients accumulate
     n_micro = 2 if args.pipeline > 1 else 1
     report = []
-    for family in ("schnet", "painn", "egnn"):
+    families = ("schnet", "painn", "egnn") if args.node_parallel else FAMILIES
+    for family in families:
         for forces in force_modes:
             torch.manual_seed(0)
             cfg = ModelConfig(
