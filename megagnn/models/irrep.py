@@ -3,7 +3,8 @@
 Node features are irreducible representations of O(3) up to degree L, stored as
 ``x [N, (L+1)², C]``: rows l² ... (l+1)² - 1 hold the 2l + 1 components of degree l (parity
 (-1)^l), every degree with the same C channels, so tensor parallelism splits the last axis
-like any other width. A block (Batzner et al. 2022, eqs. 3-5; Batatia et al. 2022, eq. 8):
+like any other width. A block (the interaction of NequIP, Batzner et al. 2022, with MACE's
+channel-wise couplings, Batatia et al. 2022; no many-body product yet):
 
     y_j   = W_up^l x_j                                 per-degree channel mixing
     m_ij  = Σ_p R_p(r_ij) ⊙ (y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}    channel-wise tensor product
