@@ -9,24 +9,18 @@ Any LAMMPS input can be used the same way: see megagnn.inference.lammps.
     python examples/lammps_md.py --run runs/quickstart --steps 1000 --temperature 600
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import ase.io
 import numpy as np
-from md import held_out_structure
+from md import simulation_parser, starting_structure
 
 from megagnn.inference.lammps import MegaGNNFix, start_lammps
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument("--run", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--model", help="checkpoint, consolidated folder or .pt2 (default: --run)")
-    p.add_argument("--structure", help="ASE-readable periodic file (default: held out)")
+    p = simulation_parser(__doc__)
     p.add_argument("--repeat", type=int, default=1, help="supercell repeats per cell vector")
     p.add_argument("--steps", type=int, default=1000, help="MD steps")
     p.add_argument("--dt", type=float, default=1.0, help="time step (fs)")
@@ -35,7 +29,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=100, help="thermo output interval")
     args = p.parse_args()
 
-    atoms = ase.io.read(args.structure) if args.structure else held_out_structure(args.run)
+    atoms = starting_structure(args)
     atoms = atoms.repeat((args.repeat,) * 3)
     species = sorted(set(atoms.get_chemical_symbols()))
     with tempfile.TemporaryDirectory() as tmp:

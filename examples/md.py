@@ -34,17 +34,30 @@ def held_out_structure(run: str) -> Atoms:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--run", required=True, help="run folder or checkpoint file")
+def simulation_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every simulation example shares: the run, the model, the structure."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--run", required=True, help="run folder or checkpoint folder")
     p.add_argument("--model", help="checkpoint, consolidated folder or .pt2 (default: --run)")
     p.add_argument("--structure", help="ASE-readable file (default: a held-out structure)")
+    return p
+
+
+def starting_structure(args: argparse.Namespace) -> Atoms:
+    """--structure, else the first structure of the run's test split."""
+    return ase.io.read(args.structure) if args.structure else held_out_structure(args.run)
+
+
+def main() -> None:
+    p = simulation_parser(__doc__)
     p.add_argument("--steps", type=int, default=200, help="MD steps")
     p.add_argument("--dt", type=float, default=1.0, help="time step in fs")
     p.add_argument("--temperature", type=float, default=300.0, help="initial temperature (K)")
     args = p.parse_args()
 
-    atoms = ase.io.read(args.structure) if args.structure else held_out_structure(args.run)
+    atoms = starting_structure(args)
     atoms.calc = MegaGNNCalculator(args.model or args.run)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
     dyn = VelocityVerlet(atoms, args.dt * units.fs)

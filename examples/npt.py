@@ -10,25 +10,17 @@ run's test split, repeated --repeat times along each cell vector.
     python examples/npt.py --run runs/quickstart --temperature 600 --pressure 0 --steps 2000
 """
 
-import argparse
-
-import ase.io
 import numpy as np
 from ase import units
 from ase.md.nose_hoover_chain import IsotropicMTKNPT
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-from md import held_out_structure
+from md import simulation_parser, starting_structure
 
 from megagnn.inference import MegaGNNCalculator
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument("--run", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--model", help="checkpoint, consolidated folder or .pt2 (default: --run)")
-    p.add_argument("--structure", help="ASE-readable periodic file (default: held out)")
+    p = simulation_parser(__doc__)
     p.add_argument("--repeat", type=int, default=1, help="supercell repeats per cell vector")
     p.add_argument("--steps", type=int, default=1000, help="MD steps")
     p.add_argument("--dt", type=float, default=2.0, help="time step (fs)")
@@ -39,7 +31,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=50, help="print every this many steps")
     args = p.parse_args()
 
-    atoms = ase.io.read(args.structure) if args.structure else held_out_structure(args.run)
+    atoms = starting_structure(args)
     if not atoms.pbc.all():
         raise SystemExit("NPT needs a cell periodic in all three directions")
     atoms = atoms.repeat((args.repeat,) * 3)

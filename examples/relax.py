@@ -10,25 +10,18 @@ run's checkpoint, or --model: a consolidated folder or an inference package (.pt
     python examples/relax.py --run runs/quickstart --fmax 0.01 --out relaxed.extxyz
 """
 
-import argparse
-
 import ase.io
 import numpy as np
 from ase import units
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
-from md import held_out_structure
+from md import simulation_parser, starting_structure
 
 from megagnn.inference import MegaGNNCalculator
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument("--run", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--model", help="checkpoint, consolidated folder or .pt2 (default: --run)")
-    p.add_argument("--structure", help="ASE-readable file (default: a held-out structure)")
+    p = simulation_parser(__doc__)
     p.add_argument("--fmax", type=float, default=0.01, help="force tolerance (eV/Å)")
     p.add_argument("--steps", type=int, default=500, help="most optimiser steps")
     p.add_argument("--pressure", type=float, default=0.0, help="target pressure (GPa)")
@@ -36,7 +29,7 @@ def main() -> None:
     p.add_argument("--out", help="write the relaxed structure to this file")
     args = p.parse_args()
 
-    atoms = ase.io.read(args.structure) if args.structure else held_out_structure(args.run)
+    atoms = starting_structure(args)
     atoms.calc = MegaGNNCalculator(args.model or args.run)
     periodic = bool(atoms.pbc.all())
     start = atoms.get_potential_energy()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from megagnn.models.edges import Edges
+from megagnn.models.scalar import ScalarBackbone
 
 
 class EGNNBlock(nn.Module):
@@ -52,30 +53,8 @@ class EGNNBlock(nn.Module):
         return (h + self.node(torch.cat([h, m], dim=-1)),)
 
 
-class EGNN(nn.Module):
-    """Embedding -> L EGNN blocks -> per-atom scalar features [N, H]; node state ``(h,)``
-    (``pack``/``unpack`` for pipeline stages; ``split_nodes``/``gather_nodes``: where
-    tensor parallelism may enter and leave a node-parallel region)."""
+class EGNN(ScalarBackbone):
+    """Embedding -> L EGNN blocks -> per-atom scalar features [N, H]."""
 
     def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
-        super().__init__()
-        self.hidden = hidden
-        self.embedding = nn.Embedding(max_z + 1, hidden)
-        self.blocks = nn.ModuleList(
-            EGNNBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
-        )
-        self.split_nodes = nn.Identity()
-        self.gather_nodes = nn.Identity()
-
-    def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.split_nodes(self.embedding(atomic_numbers)),)  # [N, H]
-
-    def scalars(self, state: tuple[torch.Tensor]) -> torch.Tensor:
-        return self.gather_nodes(state[0])  # [N, H]
-
-    @staticmethod
-    def pack(state: tuple[torch.Tensor]) -> torch.Tensor:
-        return state[0]
-
-    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (x,)
+        super().__init__(hidden, layers, max_z, lambda: EGNNBlock(hidden, num_rbf, radial_hidden))

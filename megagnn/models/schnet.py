@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from megagnn.models.edges import Edges
+from megagnn.models.scalar import ScalarBackbone
 from megagnn.ops import cfconv
 
 
@@ -44,33 +45,8 @@ class SchNetBlock(nn.Module):
         return (h + self.f2out(agg * edges.inv_avg_neighbors),)
 
 
-class SchNet(nn.Module):
-    """Embedding -> L continuous-filter blocks -> per-atom scalar features [N, H].
-
-    The node state between blocks is ``(h,)``; ``pack``/``unpack`` turn it into one
-    [N, W] tensor for pipeline stages. ``split_nodes``/``gather_nodes`` are where
-    tensor parallelism may enter and leave a node-parallel region.
-    """
+class SchNet(ScalarBackbone):
+    """Embedding -> L continuous-filter blocks -> per-atom scalar features [N, H]."""
 
     def __init__(self, hidden: int, layers: int, num_rbf: int, max_z: int, radial_hidden: int):
-        super().__init__()
-        self.hidden = hidden
-        self.embedding = nn.Embedding(max_z + 1, hidden)
-        self.blocks = nn.ModuleList(
-            SchNetBlock(hidden, num_rbf, radial_hidden) for _ in range(layers)
-        )
-        self.split_nodes = nn.Identity()
-        self.gather_nodes = nn.Identity()
-
-    def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.split_nodes(self.embedding(atomic_numbers)),)  # [N, H]
-
-    def scalars(self, state: tuple[torch.Tensor]) -> torch.Tensor:
-        return self.gather_nodes(state[0])  # [N, H]
-
-    @staticmethod
-    def pack(state: tuple[torch.Tensor]) -> torch.Tensor:
-        return state[0]
-
-    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (x,)
+        super().__init__(hidden, layers, max_z, lambda: SchNetBlock(hidden, num_rbf, radial_hidden))
