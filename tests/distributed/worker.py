@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--pipeline", type=int, default=1)
     ap.add_argument("--backend", default="torch", help="megagnn.ops backend of the parallel model")
     ap.add_argument("--node-parallel", action="store_true", help="node-parallel regions too")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="model families to check")
     args = ap.parse_args()
     layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
     state = init_parallel(layout)
@@ -142,7 +143,9 @@ def main():
     # a pipeline runs two microbatches, so 1F1B overlaps them and gradients accumulate
     n_micro = 2 if args.pipeline > 1 else 1
     report = []
-    families = ("schnet", "painn", "egnn") if args.node_parallel else FAMILIES
+    families = args.families.split(",")
+    if args.node_parallel:  # IrrepNet has no node-parallel plan
+        families = [f for f in families if f != "irrep"]
     for family in families:
         for forces in force_modes:
             torch.manual_seed(0)
