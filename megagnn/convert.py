@@ -40,12 +40,15 @@ SAFETENSORS_DTYPES = {
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
-def _read_tensor(dc, path: Path, key: str, meta) -> torch.Tensor:
-    """One whole global tensor, assembled from the shards that hold it."""
+def read_tensor(dc, path: Path, key: str, meta, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One whole global tensor, assembled from the shards that hold it, on ``device`` (the
+    communication device when every rank of a job reads it: one of them is its main
+    replica)."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    target = torch.empty(meta.global_shape, dtype=meta.dtype)
-    wanted = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=0)}
+    target = torch.empty(meta.global_shape, dtype=meta.dtype, device=device)
+    rank = torch.distributed.get_rank()  # dist_checkpointing() made a group if there was none
+    wanted = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=rank)}
     return checkpoint.load_raw(dc, wanted, path)[key]
 
 
@@ -91,7 +94,7 @@ def consolidate(
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key in tqdm(keys, desc="consolidate", unit=" tensors", disable=not progress):
-            tensor = _read_tensor(dc, path, sources[key], meta[sources[key]]).contiguous()
+            tensor = read_tensor(dc, path, sources[key], meta[sources[key]]).contiguous()
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         f.flush()
         os.fsync(f.fileno())

@@ -36,11 +36,7 @@ def _load(source: str, which: str, device: torch.device):
             )
         config = json.loads(package.metadata["run_config"])
         return PackagePotential(package), config, -1, package.dtype
-    if is_consolidated(source):
-        config, step = saved_config(source)
-        dtype = DTYPES[config_from_dict(config).train.precision]
-        return load_model(source, device, dtype), config, step, dtype
-    path = resolve(source, which)
+    path = source if is_consolidated(source) else resolve(source, which)
     config, step = saved_config(path)
     dtype = DTYPES[config_from_dict(config).train.precision]
     return load_model(path, device, dtype), config, step, dtype

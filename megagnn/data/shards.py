@@ -358,6 +358,15 @@ class ShardedDataset:
         except (OSError, KeyError) as e:
             raise DataError(f"shard {f.filename} is corrupt or truncated: {e}") from e
 
+    def read_selected(self, indices: np.ndarray, keys: list[str]):
+        """For each shard holding some of the sorted record ``indices``: (their indices
+        within the shard, the shard's whole ``keys`` arrays). One read per shard, for
+        streaming passes over a split."""
+        starts = self.shard_starts
+        for k in np.unique(np.searchsorted(starts, indices, side="right") - 1):
+            local = indices[(indices >= starts[k]) & (indices < starts[k + 1])] - starts[k]
+            yield local, self.read_shard(int(k), keys)
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         k, local = self._locate(int(index))
         f = self._file(k)

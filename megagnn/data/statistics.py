@@ -67,15 +67,12 @@ def training_statistics(
     train = np.sort(np.asarray(train, dtype=np.int64))
     if len(train) == 0:
         raise ValueError("training statistics need at least one training structure")
-    starts = dataset.shard_starts
     stored_edges = dataset.manifest.get("cutoff") == cutoff
     fit = _NormalEquations()
     elements = np.zeros(MAX_Z + 1, dtype=bool)
     n_atoms = force_sq = force_count = edges = 0
     keys = ["atomic_numbers", "atom_offsets", "energy", "forces"]
-    for k in np.unique(np.searchsorted(starts, train, side="right") - 1):
-        local = train[(train >= starts[k]) & (train < starts[k + 1])] - starts[k]
-        a = dataset.read_shard(int(k), keys + (["n_edges"] if stored_edges else []))
+    for local, a in dataset.read_selected(train, keys + (["n_edges"] if stored_edges else [])):
         sizes = np.diff(a["atom_offsets"])
         chosen = np.zeros(len(sizes), dtype=bool)
         chosen[local] = True

@@ -3,6 +3,7 @@ or an inference package (``.pt2``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,6 @@ def load_model(
 def saved_config(path: str | Path) -> tuple[dict, int]:
     """(the run's whole config, its step) of a run, checkpoint or consolidated folder."""
     if is_consolidated(path):
-        import json
-
         info = json.loads((Path(path) / CONFIG).read_text())
         return info["config"], int(info["step"])
     common = checkpoint.read_common(path)
@@ -129,12 +128,11 @@ class MegaGNNCalculator(Calculator):
         with ``energy`` (eV), ``energies`` [n] (per atom, eV), ``forces`` [n, 3] (eV/Å) and
         ``stress`` (Voigt, eV/Å^3, or None)."""
         if self.package is not None:
+            keys = ("energy", "energies", "forces", "stress")
             out = []
             for atoms in structures:
                 self.calculate(atoms.copy(), ["energy", "forces"], all_changes)
-                r = self.results
-                keys = ("energy", "energies", "forces", "stress")
-                out.append({k: r.get(k) for k in keys})
+                out.append({k: self.results.get(k) for k in keys})
             return out
         for atoms in structures:
             self.check(atoms)

@@ -34,23 +34,22 @@ class WeightAverage:
         torch._foreach_lerp_(list(self.shadow.values()), self.params, weight)
         self.updates += 1
 
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p in self.params:
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[p])
+            self.shadow[p].copy_(tmp)
+
     @contextlib.contextmanager
     def applied(self):
         """Swap the averaged weights into the model for the duration (validation, saving
         ``best``), then back."""
-        with torch.no_grad():
-            for p in self.params:
-                tmp = p.detach().clone()
-                p.copy_(self.shadow[p])
-                self.shadow[p].copy_(tmp)
+        self._swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p in self.params:
-                    tmp = p.detach().clone()
-                    p.copy_(self.shadow[p])
-                    self.shadow[p].copy_(tmp)
+            self._swap()
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates}

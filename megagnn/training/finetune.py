@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from megagnn.config import Config, ConfigError, ModelConfig, config_from_dict
-from megagnn.convert import CONFIG, WEIGHTS, is_consolidated
+from megagnn.convert import CONFIG, WEIGHTS, is_consolidated, read_tensor
 from megagnn.parallel.state import ParallelState
 from megagnn.training import checkpoint
 
 TRUNK = ("family", "hidden", "layers", "num_rbf", "radial_hidden", "rbf", "cutoff")
-TRUNK += ("envelope_p", "max_z")
+TRUNK += ("envelope_p", "max_z", "lmax")
 """Model fields that must equal the pretrained model's: they set the trunk's shapes or the
 function its weights compute."""
 STATISTICS = ("scale", "atomic_energies", "trained_elements", "avg_num_neighbors")
@@ -59,14 +59,8 @@ class Pretrained:
             with safe_open(str(self.path / WEIGHTS), "pt") as f:
                 return f.get_tensor(name)
         dc = checkpoint.dist_checkpointing()
-        from megatron.core.dist_checkpointing import ShardedTensor
-
         meta = dc.load_tensors_metadata(str(self.path))[f"model.{name}"]
-        into = torch.empty(meta.global_shape, dtype=meta.dtype, device=self.device)
-        # every rank reads the whole tensor: one of them is its main replica
-        rank = torch.distributed.get_rank()
-        wanted = {name: ShardedTensor.from_rank_offsets(f"model.{name}", into, replica_id=rank)}
-        return checkpoint.load_raw(dc, wanted, self.path)[name].cpu()
+        return read_tensor(dc, self.path, f"model.{name}", meta, self.device).cpu()
 
     def check(self, cfg: ModelConfig) -> None:
         """Refuse a trunk that differs from the pretrained one, naming each field."""

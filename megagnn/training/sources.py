@@ -94,13 +94,10 @@ class DataSplits:
         if known is None:
             return set(), 0
         idx = np.sort(self.indices[split])
-        starts = self.dataset.shard_starts
         allowed = np.zeros(256, dtype=bool)
         allowed[list(known)] = True
         unknown, count = set(), 0
-        for k in np.unique(np.searchsorted(starts, idx, side="right") - 1):
-            local = idx[(idx >= starts[k]) & (idx < starts[k + 1])] - starts[k]
-            a = self.dataset.read_shard(int(k), ["atomic_numbers", "atom_offsets"])
+        for local, a in self.dataset.read_selected(idx, ["atomic_numbers", "atom_offsets"]):
             z, offsets = a["atomic_numbers"].astype(np.int64), a["atom_offsets"]
             bad = ~allowed[z]
             if not bad.any():

@@ -35,10 +35,6 @@ class StopSignals:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""
-
 
 class TimeBudget:
     """Whether the next step still fits in the budget, with the validation and checkpoint

@@ -127,13 +127,13 @@ def test_resume_under_another_layout(emt_dataset, tmp_path):
 
 def _all_tensors(path):
     """Every global tensor of a checkpoint (weights and optimizer moments), by key."""
-    from megagnn.convert import _read_tensor
+    from megagnn.convert import read_tensor
     from megagnn.training import checkpoint
 
     path = checkpoint.resolve(path)
     meta = checkpoint.dist_checkpointing().load_tensors_metadata(str(path))
     dc = checkpoint.dist_checkpointing()
-    return {k: _read_tensor(dc, path, k, m) for k, m in meta.items()}
+    return {k: read_tensor(dc, path, k, m) for k, m in meta.items()}
 
 
 def test_reshard_round_trips_and_resumes(emt_dataset, tmp_path):
