@@ -4,7 +4,7 @@ leak-free split: test energy, force and stress MAE, parameters, structures/s; th
 longer run per model at the smallest size.
 
     python benchmarks/architectures.py --data emt=data/emt/processed xtb=data/xtb/processed \\
-        --sizes 100k 1m --budget 240 --long-data xtb --long-budget 900 \\
+        --sizes 100k 1m --budget 270 --long-data xtb --long-budget 1200 \\
         --mace-python .venv-mace/bin/python --work runs/architectures \\
         --out benchmarks/results/architectures-cpu
 
@@ -12,8 +12,8 @@ Each point is an ordinary run: `megagnn.pretrain` with the size's config from
 configs/model/ (painn is mgnn-<size>) on --config's recipe, train.time_budget=--budget,
 weight average 0.99, then `megagnn.evaluate` on the test split; MACE is
 benchmarks/mace_baseline.py (its own environment, see there) on the split exported by
-tools/export_split.py, with the channel count whose parameter count is nearest the
-megagnn families' mean at that size. Every run gets one thread and --jobs run at once, so
+tools/export_split.py, with the channel count whose parameter count is nearest the size's
+nominal count (1m: 10^6). Every run gets one thread and --jobs run at once, so
 each gets the same CPU time; the split of every megagnn run is checked to be the one MACE
 trained on. Finished points are kept in --work and are not rerun.
 """
@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import yaml
-from results_io import write_results  # benchmarks/, the scripts' own folder
+from llm_techniques import model_overrides  # benchmarks/, the scripts' own folder
+from results_io import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("schnet", "painn", "egnn", "irrep")
@@ -42,9 +42,12 @@ def size_config(family: str, size: str) -> Path:
     return ROOT / "configs" / "model" / f"{'mgnn' if family == 'painn' else family}-{size}.yaml"
 
 
-def model_overrides(path: Path) -> list[str]:
-    values = yaml.safe_load(path.read_text()).get("model", {})
-    return [f"model.{k}={json.dumps(v)}" for k, v in values.items()]
+def nominal_parameters(size: str) -> float:
+    """'100k' -> 1e5, '1m' -> 1e6, '1b' -> 1e9 (the names of configs/model/)."""
+    units = {"k": 1e3, "m": 1e6, "b": 1e9}
+    if size[-1:] not in units:
+        raise SystemExit(f"--sizes {size}: use a configs/model/ size name such as 100k or 1m")
+    return float(size[:-1]) * units[size[-1]]
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -186,6 +189,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs/architectures"), help="run folders")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
+    targets = {size: nominal_parameters(size) for size in args.sizes}  # checked before any run
+    missing = [str(size_config(f, s)) for f in args.families for s in args.sizes]
+    missing = [m for m in missing if not Path(m).exists()]
+    if missing:
+        raise SystemExit(f"no size config {', '.join(missing)}: see configs/model/")
 
     work = Path(args.work)
     datasets = dict(d.split("=", 1) for d in args.data)
@@ -200,7 +208,6 @@ def main(argv=None) -> int:
     points = [(d, args.sizes[0], args.long_budget, "long") for d in args.long_data]
     points += [(d, s, args.budget, "equal time") for d in datasets for s in args.sizes]
     channels: dict[tuple[str, str], int] = {}
-    targets = {"100k": 1e5, "1m": 1e6, "10m": 1e7}
     for d, size, budget, kind in points:
         tag = f"{size}-{int(budget)}s"
         for fam in args.families:
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
             jobs.append(
                 (
                     label,
-                    lambda s=splits[d], c=c, b=budget, g=kind == "long", o=out: mace_point(
+                    lambda s=splits[d], c=c, b=budget, g=long, o=out: mace_point(
                         args, s, c, b, g, o
                     ),
                 )

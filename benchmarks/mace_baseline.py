@@ -36,16 +36,14 @@ import numpy as np
 import torch
 
 
-def load(path: Path, keyspec, z_table, cutoff, data_mod):
-    import ase.io
-
-    atoms = ase.io.read(path, ":")
+def to_graphs(atoms, keyspec, z_table, cutoff, data_mod):
+    """MACE's configurations and graphs of ``atoms``; stress counts only for periodic cells
+    that carry one."""
     configs = data_mod.config_from_atoms_list(atoms, key_specification=keyspec)
     graphs = [data_mod.AtomicData.from_config(c, z_table=z_table, cutoff=cutoff) for c in configs]
-    has_stress = [("REF_stress" in a.info) and bool(a.pbc.all()) for a in atoms]
-    for g, s in zip(graphs, has_stress, strict=True):
-        g.stress_weight = torch.tensor(float(s))
-    return atoms, configs, graphs
+    for a, g in zip(atoms, graphs, strict=True):
+        g.stress_weight = torch.tensor(float("REF_stress" in a.info and a.pbc.all()))
+    return configs, graphs
 
 
 def build(args, z_table, e0s, avg_neighbors, mean, rms):
@@ -164,21 +162,13 @@ def main(argv=None) -> int:
     )
     import ase.io
 
-    zs = sorted(
-        {
-            int(z)
-            for f in ("train", "val", "test")
-            for a in ase.io.read(split / f"{f}.extxyz", ":")
-            for z in a.numbers
-        }
-    )
+    atoms = {f: ase.io.read(split / f"{f}.extxyz", ":") for f in ("train", "val", "test")}
+    zs = sorted({int(z) for structures in atoms.values() for a in structures for z in a.numbers})
     z_table = tools.AtomicNumberTable(zs)
-    train_atoms, train_cfg, train = load(
-        split / "train.extxyz", keyspec, z_table, args.cutoff, data_mod
-    )
-    _, _, val = load(split / "val.extxyz", keyspec, z_table, args.cutoff, data_mod)
-    _, _, test = load(split / "test.extxyz", keyspec, z_table, args.cutoff, data_mod)
-    mean_atoms = np.mean([len(a) for a in train_atoms])
+    train_cfg, train = to_graphs(atoms["train"], keyspec, z_table, args.cutoff, data_mod)
+    _, val = to_graphs(atoms["val"], keyspec, z_table, args.cutoff, data_mod)
+    _, test = to_graphs(atoms["test"], keyspec, z_table, args.cutoff, data_mod)
+    mean_atoms = np.mean([len(a) for a in atoms["train"]])
     batch_size = max(1, round(args.max_atoms / mean_atoms))
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True)
     e0s = data_mod.compute_average_E0s(train_cfg, z_table)
@@ -202,10 +192,9 @@ def main(argv=None) -> int:
     opt = torch.optim.Adam(
         model.parameters(), lr=args.lr, amsgrad=True, weight_decay=args.weight_decay
     )
-    scale = float(rms)
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False)
     history = []
-    step, atoms, updates, start, longest = 0, 0, 0, time.perf_counter(), 0.0
+    step, atoms_seen, start, longest = 0, 0, time.perf_counter(), 0.0
     next_eval = args.eval_every_s or math.inf
     done = False
     while not done:
@@ -226,18 +215,17 @@ def main(argv=None) -> int:
             for g in opt.param_groups:
                 g["lr"] = lr
             out = model(batch.to_dict(), training=True, compute_force=True, compute_virials=True)
-            loss = loss_fn(out, batch, scale, args)
+            loss = loss_fn(out, batch, rms, args)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
-            d = min(args.ema_decay, (1 + updates) / (10 + updates))
+            d = min(args.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for a, q in zip(average.parameters(), model.parameters(), strict=True):
                     a.mul_(d).add_(q.detach(), alpha=1 - d)
-            updates += 1
             step += 1
-            atoms += batch.num_nodes
+            atoms_seen += batch.num_nodes
             longest = max(longest, time.perf_counter() - t0)
             if time.perf_counter() - start > next_eval:
                 history.append(
@@ -259,7 +247,7 @@ def main(argv=None) -> int:
         "steps": step,
         "train_time_s": train_s,
         "structures_per_s": structures / train_s,
-        "atoms_per_s": atoms / train_s,
+        "atoms_per_s": atoms_seen / train_s,
         "batch_structures": batch_size,
         "avg_num_neighbors": avg_neighbors,
         "val_history": history,
