@@ -17,8 +17,11 @@ R_p is a radial MLP of the edge length with one weight per path and channel; the
 multiplies degree l > 0 channels by sigmoids of extra scalars and passes scalars through
 SiLU (Weiler et al. 2018). Spherical harmonics (component normalisation) and the
 Clebsch-Gordan coefficients are e3nn's, in its real basis (e3nn is well tested, its
-harmonics are plain polynomials that differentiate twice and export); the contraction is
-one einsum per path, written out so tensor parallelism and later a fused kernel see it.
+harmonics are plain polynomials that differentiate twice and export). The contraction is
+written out, one batched matmul per output degree over the stacked rows of every path into
+it (``coupling_plan``), so tensor parallelism and later a fused kernel see it: on a CPU this
+is ~20% faster per training step than one einsum per path, whose radial-weight slices cost
+a full-size zero fill each in backward and double backward.
 """
 
 from __future__ import annotations
@@ -84,13 +87,45 @@ class DegreeLinear(nn.Module):
         return [lin(degree(x, l)) for l, lin in enumerate(self.linears)]
 
 
+@functools.lru_cache(maxsize=8)
+def coupling_plan(lmax: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The paths of ``paths(lmax)`` regrouped by output degree l3, for one batched matmul per
+    l3. The inputs of the paths into l3 are stacked into S_l3 rows (path p contributes the
+    2 l1 + 1 rows of its feature degree); returns, over the rows of every l3 in turn,
+    ``rows`` (the row of x each one reads, [ΣS]) and ``path`` (the path it belongs to,
+    [ΣS]), and per l3 the coefficients ``cg [(L+1)², S_l3, 2l3+1]`` that turn the edge's
+    harmonics into the [S_l3, 2l3+1] coupling of those rows (Clebsch-Gordan blocks placed
+    at the path's harmonic degree, divided by sqrt(paths into l3)). fp64 on the host, also
+    when the model is built on the meta device."""
+    with torch.device("cpu"):
+        return _coupling_plan(lmax)
+
+
+def _coupling_plan(lmax: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    all_paths = paths(lmax)
+    rows, path, cgs = [], [], []
+    for l3 in range(lmax + 1):
+        into = [(p, q) for p, q in enumerate(all_paths) if q[2] == l3]
+        size = sum(2 * l1 + 1 for _, (l1, _, _) in into)
+        cg = torch.zeros((lmax + 1) ** 2, size, 2 * l3 + 1, dtype=torch.float64)
+        start = 0
+        for p, (l1, l2, _) in into:
+            stop = start + 2 * l1 + 1
+            block = clebsch_gordan(l1, l2, l3).transpose(0, 1) / math.sqrt(len(into))
+            cg[l2 * l2 : (l2 + 1) ** 2, start:stop] = block  # [2l2+1, 2l1+1, 2l3+1]
+            rows += range(l1 * l1, (l1 + 1) ** 2)
+            path += [p] * (2 * l1 + 1)
+            start = stop
+        cgs.append(cg)
+    return torch.tensor(rows), torch.tensor(path), cgs
+
+
 class IrrepBlock(nn.Module):
     def __init__(self, hidden: int, lmax: int, num_rbf: int, radial_hidden: int):
         super().__init__()
         self.hidden, self.lmax = hidden, lmax
         self.paths = paths(lmax)
-        for p in self.paths:
-            clebsch_gordan(*p)  # computed now, not inside an export trace
+        coupling_plan(lmax)  # computed now, not inside an export trace
         self.up = DegreeLinear(lmax, hidden, hidden)
         # radial weights, channel-major (channel c, path p at c * P + p): a contiguous split
         # over tensor-parallel ranks keeps every path of a channel together
@@ -101,29 +136,28 @@ class IrrepBlock(nn.Module):
         )
         # out: scalars get C outputs plus one gate per channel of every degree l > 0
         self.out = DegreeLinear(lmax, hidden, hidden, scalar_out=(lmax + 1) * hidden)
-        self.into = {l3: sum(p[2] == l3 for p in self.paths) for l3 in range(lmax + 1)}
 
     def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
         (x,) = state  # [N, (L+1)², C]
-        y = self.up(x)  # per degree [N, 2l+1, C/tp]
+        rows, path, cgs = coupling_plan(self.lmax)
+        rows, path = rows.to(x.device), path.to(x.device)
+        y = torch.cat(self.up(x), dim=1)  # [N, (L+1)², C/tp]
         sh = spherical_harmonics(self.lmax, edges.unit).to(x.dtype)  # [E, (L+1)²]
-        channels = y[0].shape[-1]
         w = self.radial(edges.rbf) * edges.envelope.unsqueeze(-1).to(x.dtype)
-        w = w.view(-1, channels, len(self.paths))  # [E, C/tp, P]
-        sender = edges.sender
-        out = [0.0] * (self.lmax + 1)
-        for p, (l1, l2, l3) in enumerate(self.paths):
-            cg = clebsch_gordan(l1, l2, l3).to(device=x.device, dtype=x.dtype)
-            ylm = sh[:, l2 * l2 : (l2 + 1) * (l2 + 1)]  # [E, 2l2+1]
-            # (y_j^{l1} ⊗ Y^{l2})^{l3} per channel, weighted by the radial MLP
-            # two-operand contractions: a three-operand einsum picks its order from the
-            # sizes, which an export with symbolic edge counts cannot follow
-            coupling = torch.einsum("eb,abk->eak", ylm, cg)  # [E, 2l1+1, 2l3+1]
-            prod = torch.einsum("eac,eak->ekc", y[l1][sender], coupling)  # [E, 2l3+1, C/tp]
-            out[l3] = out[l3] + prod * w[:, None, :, p]
-        messages = torch.cat(
-            [out[l] / math.sqrt(self.into[l]) for l in range(self.lmax + 1)], dim=1
-        )  # [E, (L+1)², C/tp]
+        # [E, P, C/tp]: path-major, so the rows below gather contiguous channel vectors
+        w = w.view(-1, y.shape[-1], len(self.paths)).transpose(1, 2).contiguous()
+        # every path's input rows, weighted by its radial MLP: R_p(r_ij) ⊙ y_j^{l1}
+        z = y.index_select(1, rows)[edges.sender] * w.index_select(1, path)  # [E, ΣS, C/tp]
+        messages = []
+        parts = z.split([cg.shape[1] for cg in cgs], dim=1)  # [E, S_l3, C/tp] per l3
+        for l3, (cg, z_l3) in enumerate(zip(cgs, parts, strict=True)):
+            cg = cg.to(device=x.device, dtype=x.dtype)
+            size = cg.shape[1]
+            # Σ over the paths into l3 of (R_p y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}: one matmul of
+            # the edge's coupling [2l3+1, S] with its weighted rows [S, C/tp]
+            coupling = (sh @ cg.view(sh.shape[1], -1)).view(-1, size, 2 * l3 + 1)
+            messages.append(torch.bmm(coupling.transpose(1, 2), z_l3))  # [E, 2l3+1, C/tp]
+        messages = torch.cat(messages, dim=1)  # [E, (L+1)², C/tp]
         agg = edges.aggregate(messages) * edges.inv_avg_neighbors  # [N, (L+1)², C/tp]
         mixed = self.out(agg)  # scalars [N, 1, (L+1) C], degrees l > 0 [N, 2l+1, C]
         scalars, gates = mixed[0][..., : self.hidden], mixed[0][..., self.hidden :]

@@ -41,6 +41,7 @@ from megagnn.training.checkpoint import rng_state
 from megagnn.training.ema import WeightAverage, averaged
 from megagnn.training.evaluation import evaluate
 from megagnn.training.finetune import Pretrained, describe
+from megagnn.training.host_memory import keep_freed_memory
 from megagnn.training.loss import loss_terms
 from megagnn.training.schedule import warmup_cosine
 from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
@@ -58,6 +59,8 @@ class Trainer:
         self.cfg = cfg
         self.par = parallel or ParallelState(device=default_device())
         self.device = self.par.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the step's activations reuse the heap (see host_memory)
         self.dtype = DTYPES[cfg.train.precision]
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
