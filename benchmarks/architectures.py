@@ -33,17 +33,13 @@ import numpy as np
 from llm_techniques import model_overrides  # benchmarks/, the scripts' own folder
 from results_io import write_results
 
+from megagnn.training import host_memory
+
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("schnet", "painn", "egnn", "irrep")
-# one thread per run, and the same host allocator for megagnn and MACE: freed activations
-# stay in glibc's heap (what megagnn.training.host_memory sets inside megagnn runs)
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-}
+# one thread per run, and the same host allocator for megagnn and MACE (freed activations
+# stay in glibc's heap, as megagnn sets for itself on CPUs)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **host_memory.ENVIRONMENT}
 
 
 def size_config(family: str, size: str) -> Path:
