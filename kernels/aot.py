@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -218,8 +219,23 @@ def compile_launch(fn, launch: Launch, arch: int = 90) -> Compiled:
     )
 
 
-def compile_all(arch: int = 90) -> list[Compiled]:
-    return [compile_launch(fn, launch, arch) for fn, launch in launches()]
+_TO_COMPILE: list[tuple] = []  # what forked workers of compile_all compile, by index
+
+
+def _compile_one(i: int, arch: int) -> Compiled:
+    return compile_launch(*_TO_COMPILE[i], arch)
+
+
+def compile_all(arch: int = 90, workers: int | None = None) -> list[Compiled]:
+    """Every launch compiled, in order, by ``workers`` forked processes (default: one per
+    CPU; triton.compile and ptxas hold one core each)."""
+    _TO_COMPILE[:] = launches()
+    workers = min(workers or os.cpu_count() or 1, len(_TO_COMPILE))
+    if workers <= 1:
+        return [_compile_one(i, arch) for i in range(len(_TO_COMPILE))]
+    # fork: the workers inherit the recorded launches (JIT functions do not pickle)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.starmap(_compile_one, [(i, arch) for i in range(len(_TO_COMPILE))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     p.add_argument("--json", action="store_true", help="print one JSON record per launch")
+    p.add_argument("--workers", type=int, default=None, help="compiling processes (default: CPUs)")
     args = p.parse_args(argv)
-    results = compile_all(args.arch)
+    results = compile_all(args.arch, args.workers)
     if args.json:
         print(json.dumps([asdict(c) for c in results]))
         return 0

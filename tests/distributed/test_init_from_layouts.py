@@ -28,7 +28,7 @@ def test_fine_tuning_starts_a_tensor_parallel_run_from_one_process(emt_dataset, 
         f"train.init_from={init}",
         "train.lr_multipliers=['*=0.0']",  # quoted: a bare * is a YAML alias
         "train.ema_decay=0.5",
-        "train.time_budget=20",
+        "train.time_budget=6",
     )
     assert "fine-tuning from" in out and "time budget: stopped at step" in out
     before = load_model(pretrained).state_dict()
