@@ -31,6 +31,9 @@ class ModelConfig:
     """Channel width H of every block."""
     lmax: int = 2
     """model.family=irrep: the largest degree L of node features and spherical harmonics."""
+    correlation: int = 1
+    """model.family=irrep: body order of the node update, 1 (the neighbour sum A) or 2 (also
+    A ⊗ A, channel-wise: MACE's product basis to second order)."""
     layers: int = 3
     """Number of interaction blocks L."""
     num_rbf: int = 16
@@ -71,6 +74,8 @@ class ModelConfig:
             )
         if not 1 <= self.lmax <= 4:
             raise ConfigError(f"model.lmax={self.lmax}: use 1..4")
+        if self.correlation not in (1, 2) or (self.correlation > 1 and self.family != "irrep"):
+            raise ConfigError(f"model.correlation={self.correlation}: use 1, or 2 with irrep")
         if self.rbf not in ("gaussian", "bessel"):
             raise ConfigError(f"model.rbf={self.rbf!r}: use 'gaussian' or 'bessel'")
         if self.forces not in ("conservative", "direct", "none"):

@@ -18,6 +18,8 @@ def test_yaml_include_and_overrides(tmp_path):
         ("model.hiden=3", "unknown config key"),
         ("optim.lr=1", "unknown config key"),
         ("model.family=gat", "use 'schnet', 'painn', 'egnn' or 'irrep'"),
+        ("model.correlation=2", "2 with irrep"),
+        ("model.correlation=3", "use 1, or 2"),
         ("model.hidden=abc", "expected an integer"),
         ("train.resume=maybe", "expected true/false"),
         ("data.split=[0.5, 0.5]", "three fractions"),

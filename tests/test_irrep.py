@@ -55,3 +55,23 @@ def test_block_matches_per_path_einsums():
     expected = reference_messages(block, x, edges)
     torch.testing.assert_close(captured["agg"], expected, rtol=1e-12, atol=1e-12)
     assert expected[-2:].abs().max() == 0  # atoms without edges receive nothing
+
+
+def test_product_matches_per_path_einsums():
+    """correlation=2 adds Σ_p w_p(s_i) ⊙ (A_i^{l1} ⊗ A_i^{l2})^{l3} / sqrt(paths into l3) to
+    the neighbour sum A_i, channel by channel."""
+    torch.manual_seed(1)
+    block = IrrepBlock(hidden=8, lmax=2, num_rbf=6, radial_hidden=16, correlation=2).double()
+    edges = RandomEdges(n_atoms=7, n_edges=40, num_rbf=6, seed=1)
+    x = torch.randn(7, 9, 8, dtype=torch.float64)
+    captured = {}
+    block.out.register_forward_pre_hook(lambda _, args: captured.update(b=args[0]))
+    block((x,), edges)
+    a = reference_messages(block, x, edges)
+    w = block.product(x[:, 0, :]).view(7, 8, len(block.paths))
+    out = [0.0] * (block.lmax + 1)
+    for p, (l1, l2, l3) in enumerate(block.paths):
+        term = torch.einsum("nac,nbc,abk,nc->nkc", degree(a, l1), degree(a, l2),
+                            clebsch_gordan(l1, l2, l3), w[:, :, p])  # fmt: skip
+        out[l3] = out[l3] + term / math.sqrt(sum(q[2] == l3 for q in block.paths))
+    torch.testing.assert_close(captured["b"], a + torch.cat(out, dim=1), rtol=1e-12, atol=1e-12)

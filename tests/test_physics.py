@@ -13,13 +13,16 @@ from megagnn.data import atoms_to_graph, collate, structure_to_graph, to_device
 from megagnn.models import build_model
 
 CUTOFF = 4.0
-FAMILIES = ["schnet", "painn", "egnn", "irrep"]
+# irrep-c2: IrrepNet with the second-order product of its neighbour sums (model.correlation)
+FAMILIES = ["schnet", "painn", "egnn", "irrep", "irrep-c2"]
 
 
 def make_model(family, forces="conservative", seed=0):
     torch.manual_seed(seed)
+    family, _, variant = family.partition("-")
     cfg = ModelConfig(
         family=family,
+        correlation=2 if variant == "c2" else 1,
         hidden=16,
         layers=2,
         num_rbf=8,
@@ -226,13 +229,14 @@ def test_smooth_at_cutoff(family):
     assert forces[1] < 1e-9 and forces[1] < forces[0]
 
 
+@pytest.mark.parametrize("family", ["irrep", "irrep-c2"])
 @pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
-def test_irrep_features_transform_by_wigner_matrices(reflect):
+def test_irrep_features_transform_by_wigner_matrices(reflect, family):
     """IrrepNet's node features of every degree l <= 2 transform by the Wigner matrix
     D^l(R) of the rotation (and by (-1)^l D^l under a reflection: natural parity)."""
     from e3nn import o3
 
-    model = make_model("irrep")
+    model = make_model(family)
     atoms = alloy()
     rot = torch.as_tensor(Rotation.random(random_state=11).as_matrix())
     sign = -1.0 if reflect else 1.0

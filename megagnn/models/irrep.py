@@ -4,18 +4,22 @@ Node features are irreducible representations of O(3) up to degree L, stored as
 ``x [N, (L+1)², C]``: rows l² ... (l+1)² - 1 hold the 2l + 1 components of degree l (parity
 (-1)^l), every degree with the same C channels, so tensor parallelism splits the last axis
 like any other width. A block (the interaction of NequIP, Batzner et al. 2022, with MACE's
-channel-wise couplings, Batatia et al. 2022; no many-body product yet):
+channel-wise couplings, Batatia et al. 2022):
 
     y_j   = W_up^l x_j                                 per-degree channel mixing
     m_ij  = Σ_p R_p(r_ij) ⊙ (y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}    channel-wise tensor product
-    m_i   = Σ_j e(r_ij) m_ij / n_avg
-    x_i  += Gate(W_out^l m_i)
+    A_i   = Σ_j e(r_ij) m_ij / n_avg
+    B_i   = A_i [+ Σ_p w_p(s_i) ⊙ (A_i^{l1} ⊗ A_i^{l2})^{l3}]   with model.correlation=2
+    x_i  += Gate(W_out^l B_i)
 
 over the paths p = (l1, l2, l3) with |l1 - l2| <= l3 <= l1 + l2 and l1 + l2 + l3 even (the
 products that keep natural parity, so the model is E(3)-equivariant, reflections included).
 R_p is a radial MLP of the edge length with one weight per path and channel; the Gate
 multiplies degree l > 0 channels by sigmoids of extra scalars and passes scalars through
-SiLU (Weiler et al. 2018). Spherical harmonics (component normalisation) and the
+SiLU (Weiler et al. 2018). The optional product is MACE's product basis B to second order
+(three-body features from one neighbour sum), per channel, with path weights w_p from a
+small MLP of the atom's scalars s_i where MACE keeps a table per element; it acts on atoms,
+not edges, so it costs little. Spherical harmonics (component normalisation) and the
 Clebsch-Gordan coefficients are e3nn's, in its real basis (e3nn is well tested, its
 harmonics are plain polynomials that differentiate twice and export). The contraction is
 written out, one batched matmul per output degree over the stacked rows of every path into
@@ -120,8 +124,42 @@ def _coupling_plan(lmax: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Te
     return torch.tensor(rows), torch.tensor(path), cgs
 
 
+def couple(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    second: torch.Tensor,
+    lmax: int,
+    index: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Σ_p w_p ⊙ (x^{l1} ⊗ second^{l2})^{l3} per output degree l3, channel-wise, over the
+    paths p of ``paths(lmax)``, for B items: features ``x [B, (L+1)², C]`` (or rows
+    ``index [B]`` of a bigger x, gathered after the path rows are picked), path weights
+    ``w [B, P, C]``, and ``second`` either [B, (L+1)²] (edge harmonics, the same for every
+    channel) or [B, (L+1)², C]. Returns [B, 2l3+1, C] for l3 = 0..L."""
+    rows, path, cgs = coupling_plan(lmax)
+    rows, path = rows.to(x.device), path.to(x.device)
+    z = x.index_select(1, rows)  # every path's input rows
+    z = (z if index is None else z[index]) * w.index_select(1, path)  # [B, ΣS, C]
+    out = []
+    for l3, (cg, z_l3) in enumerate(zip(cgs, z.split([c.shape[1] for c in cgs], 1), strict=True)):
+        cg = cg.to(device=x.device, dtype=x.dtype)
+        size = cg.shape[1]
+        if second.dim() == 2:  # one coupling [2l3+1, S] per item, a matmul with its rows
+            coupling = (second @ cg.view(second.shape[1], -1)).view(-1, size, 2 * l3 + 1)
+            out.append(torch.bmm(coupling.transpose(1, 2), z_l3))  # [B, 2l3+1, C]
+        else:  # a coupling per channel
+            coupling = torch.einsum("bkc,ksm->bsmc", second, cg)  # [B, S, 2l3+1, C]
+            out.append(torch.einsum("bsmc,bsc->bmc", coupling, z_l3))
+    return out
+
+
+PRODUCT_HIDDEN = 16  # width of the MLP that gives A ⊗ A's path weights (about 6% of a block)
+
+
 class IrrepBlock(nn.Module):
-    def __init__(self, hidden: int, lmax: int, num_rbf: int, radial_hidden: int):
+    def __init__(
+        self, hidden: int, lmax: int, num_rbf: int, radial_hidden: int, correlation: int = 1
+    ):
         super().__init__()
         self.hidden, self.lmax = hidden, lmax
         self.paths = paths(lmax)
@@ -134,31 +172,29 @@ class IrrepBlock(nn.Module):
             nn.SiLU(),
             nn.Linear(radial_hidden, len(self.paths) * hidden),
         )
+        # correlation 2: weights of A ⊗ A's paths per atom, from a small MLP of its scalars
+        # (MACE's depend on the element), channel-major like the radial weights
+        self.product = None
+        if correlation > 1:
+            self.product = nn.Sequential(
+                nn.Linear(hidden, PRODUCT_HIDDEN),
+                nn.SiLU(),
+                nn.Linear(PRODUCT_HIDDEN, len(self.paths) * hidden),
+            )
         # out: scalars get C outputs plus one gate per channel of every degree l > 0
         self.out = DegreeLinear(lmax, hidden, hidden, scalar_out=(lmax + 1) * hidden)
 
     def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
         (x,) = state  # [N, (L+1)², C]
-        rows, path, cgs = coupling_plan(self.lmax)
-        rows, path = rows.to(x.device), path.to(x.device)
         y = torch.cat(self.up(x), dim=1)  # [N, (L+1)², C/tp]
         sh = spherical_harmonics(self.lmax, edges.unit).to(x.dtype)  # [E, (L+1)²]
         w = self.radial(edges.rbf) * edges.envelope.unsqueeze(-1).to(x.dtype)
-        # [E, P, C/tp]: path-major, so the rows below gather contiguous channel vectors
-        w = w.view(-1, y.shape[-1], len(self.paths)).transpose(1, 2).contiguous()
-        # every path's input rows, weighted by its radial MLP: R_p(r_ij) ⊙ y_j^{l1}
-        z = y.index_select(1, rows)[edges.sender] * w.index_select(1, path)  # [E, ΣS, C/tp]
-        messages = []
-        parts = z.split([cg.shape[1] for cg in cgs], dim=1)  # [E, S_l3, C/tp] per l3
-        for l3, (cg, z_l3) in enumerate(zip(cgs, parts, strict=True)):
-            cg = cg.to(device=x.device, dtype=x.dtype)
-            size = cg.shape[1]
-            # Σ over the paths into l3 of (R_p y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}: one matmul of
-            # the edge's coupling [2l3+1, S] with its weighted rows [S, C/tp]
-            coupling = (sh @ cg.view(sh.shape[1], -1)).view(-1, size, 2 * l3 + 1)
-            messages.append(torch.bmm(coupling.transpose(1, 2), z_l3))  # [E, 2l3+1, C/tp]
-        messages = torch.cat(messages, dim=1)  # [E, (L+1)², C/tp]
-        agg = edges.aggregate(messages) * edges.inv_avg_neighbors  # [N, (L+1)², C/tp]
+        # messages Σ_p (R_p(r_ij) ⊙ y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}, [E, (L+1)², C/tp]
+        messages = torch.cat(couple(y, self._path_major(w), sh, self.lmax, edges.sender), 1)
+        agg = edges.aggregate(messages) * edges.inv_avg_neighbors  # A_i [N, (L+1)², C/tp]
+        if self.product is not None:  # + Σ_p w_p(s_i) ⊙ (A_i^{l1} ⊗ A_i^{l2})^{l3}
+            w = self._path_major(self.product(x[:, 0, :]))  # [N, P, C/tp]
+            agg = agg + torch.cat(couple(agg, w, agg, self.lmax), 1)
         mixed = self.out(agg)  # scalars [N, 1, (L+1) C], degrees l > 0 [N, 2l+1, C]
         scalars, gates = mixed[0][..., : self.hidden], mixed[0][..., self.hidden :]
         update = [nn.functional.silu(scalars)]
@@ -166,6 +202,12 @@ class IrrepBlock(nn.Module):
             gate = torch.sigmoid(gates[..., (l - 1) * self.hidden : l * self.hidden])
             update.append(mixed[l] * gate)  # [N, 2l+1, C] x [N, 1, C]
         return (x + torch.cat(update, dim=1),)
+
+    def _path_major(self, w: torch.Tensor) -> torch.Tensor:
+        """[B, C/tp · P] channel-major -> [B, P, C/tp], so path rows gather channel vectors."""
+        return (
+            w.view(-1, w.shape[1] // len(self.paths), len(self.paths)).transpose(1, 2).contiguous()
+        )
 
 
 class IrrepNet(nn.Module):
@@ -181,12 +223,13 @@ class IrrepNet(nn.Module):
         max_z: int,
         radial_hidden: int,
         lmax: int = 2,
+        correlation: int = 1,
     ):
         super().__init__()
         self.hidden, self.lmax = hidden, lmax
         self.embedding = nn.Embedding(max_z + 1, hidden)
         self.blocks = nn.ModuleList(
-            IrrepBlock(hidden, lmax, num_rbf, radial_hidden) for _ in range(layers)
+            IrrepBlock(hidden, lmax, num_rbf, radial_hidden, correlation) for _ in range(layers)
         )
 
     def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:

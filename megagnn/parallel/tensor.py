@@ -95,6 +95,8 @@ def _irrep(backbone: IrrepNet, group: Group, nodes: bool) -> None:
         for l, linear in enumerate(block.up.linears):
             block.up.linears[l] = ColumnParallelLinear(linear, group)
         block.radial[2] = ColumnParallelLinear(block.radial[2], group)  # [E, P C/tp]
+        if block.product is not None:  # A ⊗ A's weights from replicated scalars [N, P C/tp]
+            block.product[2] = ColumnParallelLinear(block.product[2], group)
         # the tensor product and the neighbour sum act on each rank's channels; then one
         # all-reduce per degree: [N, 2l+1, C] (scalars with their gates: [N, 1, (L+1) C])
         for l, linear in enumerate(block.out.linears):

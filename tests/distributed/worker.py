@@ -38,7 +38,7 @@ from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.loss import loss_terms
 
 TOL = dict(rtol=1e-9, atol=1e-11)
-FAMILIES = ("schnet", "painn", "egnn", "irrep")
+FAMILIES = ("schnet", "painn", "egnn", "irrep", "irrep-c2")  # c2: model.correlation=2
 
 
 def structures():
@@ -145,12 +145,13 @@ def main():
     report = []
     families = args.families.split(",")
     if args.node_parallel:  # IrrepNet has no node-parallel plan
-        families = [f for f in families if f != "irrep"]
+        families = [f for f in families if not f.startswith("irrep")]
     for family in families:
         for forces in force_modes:
             torch.manual_seed(0)
             cfg = ModelConfig(
-                family=family,
+                family=family.partition("-")[0],
+                correlation=2 if family.endswith("-c2") else 1,
                 hidden=16,
                 layers=3,
                 num_rbf=8,
