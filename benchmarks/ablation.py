@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from architectures import parameters  # benchmarks/, the scripts' own folder
 from results_io import write_results
 
 from megagnn.training import host_memory
@@ -53,15 +54,10 @@ def point(args, name: str, overrides: list[str], seed: int) -> dict:
         with (out / "evaluate.log").open("w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     compute = json.loads((out / "compute.json").read_text())
-    params = next(
-        int(line.split(", ")[1].split()[0].replace(",", ""))
-        for line in (out / "train.log").read_text().splitlines()
-        if line.startswith("model: ")
-    )
     return {
         "variant": name,
         "seed": seed,
-        "parameters": params,
+        "parameters": parameters(out),
         "steps": compute["step"],
         "step_s": compute["wall_s"] / compute["step"],
         **{k: json.loads(metrics.read_text())[k] for k, _ in METRICS},
