@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from architectures import parameters  # benchmarks/, the scripts' own folder
+from architectures import parameters, trend  # benchmarks/, the scripts' own folder
 from results_io import write_results
 
 from megagnn.training import host_memory
@@ -43,7 +43,8 @@ def point(args, name: str, overrides: list[str], seed: int) -> dict:
     metrics = out / "test.json"
     if not metrics.exists():
         sets = [f"data.path={args.data}", f"train.out_dir={out}", f"train.seed={seed}"]
-        sets += [f"train.max_steps={args.steps}", "train.progress=false", "train.eval_every=0"]
+        sets += [f"train.max_steps={args.steps}", "train.progress=false"]
+        sets += [f"train.eval_every={args.eval_every}", "train.eval_structures=500"]
         sets += ["train.save_every=1000000", "train.ema_decay=0.99", *args.base, *overrides]
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", args.config, "--set", *sets]
@@ -54,20 +55,26 @@ def point(args, name: str, overrides: list[str], seed: int) -> dict:
         with (out / "evaluate.log").open("w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=ENV)
     compute = json.loads((out / "compute.json").read_text())
+    history = [
+        {"step": m["step"], "forces_mae": m["val/forces_mae"]}
+        for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "val/forces_mae" in m
+    ]
     return {
         "variant": name,
         "seed": seed,
         "parameters": parameters(out),
         "steps": compute["step"],
         "step_s": compute["wall_s"] / compute["step"],
+        "val_history": history,
         **{k: json.loads(metrics.read_text())[k] for k, _ in METRICS},
     }
 
 
 def table(rows: list[dict], variants: list[str]) -> str:
     head = "| variant | parameters | seeds | step s (x first) | "
-    head += " | ".join(label for _, label in METRICS) + " |"
-    lines = [head, "|" + "---|" * (4 + len(METRICS))]
+    head += " | ".join(label for _, label in METRICS) + " | val forces, last validations |"
+    lines = [head, "|" + "---|" * (5 + len(METRICS))]
     first = np.mean([r["step_s"] for r in rows if r["variant"] == variants[0]])
     for name in variants:
         mine = [r for r in rows if r["variant"] == name]
@@ -78,6 +85,7 @@ def table(rows: list[dict], variants: list[str]) -> str:
             values = [1000 * r[key] for r in mine]
             per_seed = " / ".join(f"{v:.1f}" for v in values)
             cells.append(f"{np.mean(values):.1f} ({per_seed})")
+        cells.append(" / ".join(trend(r["val_history"]) for r in mine))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -101,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         "baseline of the step-time ratio)",
     )
     p.add_argument("--steps", type=int, default=250, help="training steps of every run")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="steps between validations on 500 validation structures (0: none); the table "
+        "shows the last three force MAEs, to tell a converged run from an improving one",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--work", default="runs/ablation", help="run folders")
