@@ -367,11 +367,6 @@ class Config:
                     f"data.datasets: {source.path} trains head {source.head!r}, which is not "
                     f"in model.heads={self.model.heads}; add it there"
                 )
-        if self.parallel.node_parallel and self.model.family == "irrep":
-            raise ConfigError(
-                "parallel.node_parallel has no plan for model.family=irrep yet (its features "
-                "are split by channel only); set parallel.node_parallel=false"
-            )
         pipeline = self.parallel.pipeline
         if pipeline > 1 and self.model.forces == "conservative":
             raise ConfigError(

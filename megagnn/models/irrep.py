@@ -183,6 +183,9 @@ class IrrepBlock(nn.Module):
             )
         # out: scalars get C outputs plus one gate per channel of every degree l > 0
         self.out = DegreeLinear(lmax, hidden, hidden, scalar_out=(lmax + 1) * hidden)
+        # tensor-parallel boundary: the product's weights are needed for every atom, from
+        # scalars that a node-parallel region holds only for this rank's atoms
+        self.gather_nodes = nn.Identity()
 
     def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
         (x,) = state  # [N, (L+1)², C]
@@ -193,7 +196,7 @@ class IrrepBlock(nn.Module):
         messages = torch.cat(couple(y, self._path_major(w), sh, self.lmax, edges.sender), 1)
         agg = edges.aggregate(messages) * edges.inv_avg_neighbors  # A_i [N, (L+1)², C/tp]
         if self.product is not None:  # + Σ_p w_p(s_i) ⊙ (A_i^{l1} ⊗ A_i^{l2})^{l3}
-            w = self._path_major(self.product(x[:, 0, :]))  # [N, P, C/tp]
+            w = self._path_major(self.product(self.gather_nodes(x[:, 0, :])))  # [N, P, C/tp]
             agg = agg + torch.cat(couple(agg, w, agg, self.lmax), 1)
         mixed = self.out(agg)  # scalars [N, 1, (L+1) C], degrees l > 0 [N, 2l+1, C]
         scalars, gates = mixed[0][..., : self.hidden], mixed[0][..., self.hidden :]
@@ -213,7 +216,8 @@ class IrrepBlock(nn.Module):
 class IrrepNet(nn.Module):
     """Embedding (scalars from Z, higher degrees zero) -> L blocks -> per-atom scalars
     [N, C]. Node state ``(x,)`` with x [N, (L+1)², C]; ``pack``/``unpack`` flatten it for
-    pipeline stages."""
+    pipeline stages. ``split_nodes``/``gather_nodes`` are where tensor parallelism may enter
+    and leave a node-parallel region."""
 
     def __init__(
         self,
@@ -231,14 +235,16 @@ class IrrepNet(nn.Module):
         self.blocks = nn.ModuleList(
             IrrepBlock(hidden, lmax, num_rbf, radial_hidden, correlation) for _ in range(layers)
         )
+        self.split_nodes = nn.Identity()
+        self.gather_nodes = nn.Identity()
 
     def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:
         s = self.embedding(atomic_numbers)  # [N, C]
         rest = s.new_zeros(s.shape[0], (self.lmax + 1) ** 2 - 1, s.shape[1])
-        return (torch.cat([s.unsqueeze(1), rest], dim=1),)  # [N, (L+1)², C]
+        return (self.split_nodes(torch.cat([s.unsqueeze(1), rest], dim=1)),)  # [N, (L+1)², C]
 
     def scalars(self, state: tuple[torch.Tensor]) -> torch.Tensor:
-        return state[0][:, 0, :]  # [N, C]
+        return self.gather_nodes(state[0][:, 0, :])  # [N, C]
 
     def pack(self, state: tuple[torch.Tensor]) -> torch.Tensor:
         return state[0].flatten(1)  # [N, (L+1)² C]

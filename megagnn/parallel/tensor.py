@@ -86,21 +86,22 @@ def _egnn(backbone: EGNN, group: Group, nodes: bool) -> None:
 
 
 def _irrep(backbone: IrrepNet, group: Group, nodes: bool) -> None:
-    if nodes:
-        raise ValueError(
-            "model.family=irrep has no node-parallel plan: parallel.node_parallel=false"
-        )
     for block in backbone.blocks:
-        # x [N, (L+1)², C] replicated -> every degree's channels split [N, 2l+1, C/tp]
+        # x [N, (L+1)², C] replicated, or [N/tp, (L+1)², C] (all-gathered per degree)
+        # -> every degree's channels split [N, 2l+1, C/tp]
         for l, linear in enumerate(block.up.linears):
-            block.up.linears[l] = ColumnParallelLinear(linear, group)
+            block.up.linears[l] = ColumnParallelLinear(linear, group, node_parallel=nodes)
         block.radial[2] = ColumnParallelLinear(block.radial[2], group)  # [E, P C/tp]
         if block.product is not None:  # A ⊗ A's weights from replicated scalars [N, P C/tp]
+            if nodes:  # scalars [N/tp, C] -> [N, C] (all-gather; the MLP's first layer is
+                # replicated work, so backward keeps this rank's rows)
+                block.gather_nodes = Boundary(gather_from_nodes, group)
             block.product[2] = ColumnParallelLinear(block.product[2], group)
-        # the tensor product and the neighbour sum act on each rank's channels; then one
-        # all-reduce per degree: [N, 2l+1, C] (scalars with their gates: [N, 1, (L+1) C])
+        # the tensor product and the neighbour sum act on each rank's channels; then per
+        # degree an all-reduce [N, 2l+1, C], or a reduce-scatter [N/tp, 2l+1, C] (scalars
+        # with their gates: [N(/tp), 1, (L+1) C]); the gate and residual act on those rows
         for l, linear in enumerate(block.out.linears):
-            block.out.linears[l] = RowParallelLinear(linear, group)
+            block.out.linears[l] = RowParallelLinear(linear, group, node_parallel=nodes)
 
 
 def _direct_forces(head: DirectForceHead, group: Group) -> None:

@@ -144,8 +144,6 @@ def main():
     n_micro = 2 if args.pipeline > 1 else 1
     report = []
     families = args.families.split(",")
-    if args.node_parallel:  # IrrepNet has no node-parallel plan
-        families = [f for f in families if not f.startswith("irrep")]
     for family in families:
         for forces in force_modes:
             torch.manual_seed(0)
