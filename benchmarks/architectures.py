@@ -16,6 +16,12 @@ tools/export_split.py, with the channel count whose parameter count is nearest t
 nominal count (1m: 10^6). Every run gets one thread and --jobs run at once, so
 each gets the same CPU time; the split of every megagnn run is checked to be the one MACE
 trained on. Finished points are kept in --work and are not rerun.
+
+The long runs show where each model ends when trained to convergence: every one validates
+along the way (the table gives the last three validations), and --long-budget may give a
+model that converges later more time, e.g. `--long-only --long-budget 1500 irrep=4800
+mace=3300` (the budget is the end of the time-following schedule, so rows differ in time,
+not in recipe).
 """
 
 from __future__ import annotations
@@ -144,6 +150,20 @@ def mace_point(args, split: Path, channels: int, budget: float, long: bool, out:
     return r
 
 
+def long_budgets(entries: list[str]) -> dict[str, float]:
+    """--long-budget entries -> {model: seconds}, "" for every model not named."""
+    budgets = {"": 900.0}
+    for entry in entries:
+        name, _, seconds = entry.rpartition("=")
+        if name not in ("", *FAMILIES, "mace"):
+            raise SystemExit(f"--long-budget {entry}: name one of {', '.join(FAMILIES)}, mace")
+        try:
+            budgets[name] = float(seconds)
+        except ValueError:
+            raise SystemExit(f"--long-budget {entry}: give SECONDS or MODEL=SECONDS") from None
+    return budgets
+
+
 def same_split(a: Path, b: Path) -> bool:
     x, y = np.load(a / "splits.npz"), np.load(b / "splits.npz")
     return all(np.array_equal(x[k], y[k]) for k in ("train", "val", "test"))
@@ -182,7 +202,17 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", default=["100k", "1m"], help="named sizes")
     p.add_argument("--budget", type=float, default=240.0, help="training seconds per point")
     p.add_argument("--long-data", nargs="*", default=[], help="datasets of the long runs")
-    p.add_argument("--long-budget", type=float, default=900.0, help="seconds per long run")
+    p.add_argument(
+        "--long-budget",
+        nargs="+",
+        default=["900"],
+        metavar="[MODEL=]SECONDS",
+        help="seconds per long run: one number for every model, then MODEL=SECONDS (a "
+        "family or mace) for a model that needs another budget to converge",
+    )
+    p.add_argument(
+        "--long-only", action="store_true", help="only the long runs (no equal-time points)"
+    )
     p.add_argument(
         "--long-eval-every", type=int, default=400, help="steps between validations (long runs)"
     )
@@ -194,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     targets = {size: nominal_parameters(size) for size in args.sizes}  # checked before any run
+    long_budget = long_budgets(args.long_budget)
     missing = [str(size_config(f, s)) for f in args.families for s in args.sizes]
     missing = [m for m in missing if not Path(m).exists()]
     if missing:
@@ -209,12 +240,14 @@ def main(argv=None) -> int:
 
     jobs = []  # (label dict, callable)
     # the long runs first, so that the pool ends with short runs on both slots
-    points = [(d, args.sizes[0], args.long_budget, "long") for d in args.long_data]
-    points += [(d, s, args.budget, "equal time") for d in datasets for s in args.sizes]
+    points = [(d, args.sizes[0], long_budget, "long") for d in args.long_data]
+    if not args.long_only:
+        points += [(d, s, {}, "equal time") for d in datasets for s in args.sizes]
     channels: dict[tuple[str, str], int] = {}
-    for d, size, budget, kind in points:
-        tag = f"{size}-{int(budget)}s"
+    for d, size, budgets, kind in points:
         for fam in args.families:
+            budget = budgets.get(fam, budgets.get("", args.budget))
+            tag = f"{size}-{int(budget)}s"
             out = work / d / f"{fam}-{tag}"
             label = {"data": d, "size": size, "budget_s": budget, "kind": kind, "run": str(out)}
             long = kind == "long"
@@ -230,6 +263,8 @@ def main(argv=None) -> int:
             if (d, size) not in channels:
                 channels[d, size] = mace_channels(args, splits[d], targets[size])
             c = channels[d, size]
+            budget = budgets.get("mace", budgets.get("", args.budget))
+            tag = f"{size}-{int(budget)}s"
             out = work / d / f"mace-{tag}"
             label = {"data": d, "size": size, "budget_s": budget, "kind": kind, "run": str(out)}
             jobs.append(
