@@ -11,6 +11,15 @@ the sequence): the node state between blocks and the per-node work between a row
 and the next column-parallel linear hold only this rank's N/tp atoms, so the replicated
 [N, H] activations are divided by tp too. Messages and aggregation still see every atom on
 the rank's channels; all-to-alls move Δs and Δv between the node and channel splits.
+
+The boundary markers, every one an ``nn.Identity`` in the single-device model that a plan
+here may replace with a ``Boundary``; no model has any other:
+- ``Potential.geometry_to_channels``: replicated edge geometry entering channel-split work;
+- ``<backbone>.split_nodes`` / ``<backbone>.gather_nodes`` (every family): into and out of a
+  node-parallel region, around the blocks;
+- ``IrrepBlock.gather_nodes``: node-split scalars that feed replicated per-atom work;
+- ``PaiNNMessage.gather_ds`` / ``PaiNNUpdate.split_dv``: PaiNN's scalar update leaving, and
+  its vector update entering, the channel split.
 """
 
 from __future__ import annotations
