@@ -33,7 +33,7 @@ setup(
         # GFN2-xTB labels for the molecular dataset (tools/generate_molecule_data.py)
         "molecules": ["tblite"],
         "gpu": ["triton>=3.6"],
-        "dev": ["pytest", "triton>=3.6", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -23,7 +23,8 @@ gpu=$("$py" -c "import re, torch; m = re.search(r'[A-Z]\d{2,3}', torch.cuda.get_
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu-$gpu.txt" || true
 
 status=0
-"$py" -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels.py 2>&1 | tee "$out/gpu-tests-$gpu.log" || status=1
+# -o addopts=: one process, without pytest-xdist (a GPU image may not have it)
+"$py" -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" tests/gpu tests/test_kernels.py 2>&1 | tee "$out/gpu-tests-$gpu.log" || status=1
 "$py" benchmarks/kernels.py --out "$out/kernels-$gpu.json" || status=1
 if "$py" -c "import torch_geometric" 2>/dev/null; then
     "$py" tools/profile_throughput.py --model schnet-1m schnet-10m --atoms 4000 --steps 10 \
