@@ -205,10 +205,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--long-budget",
         nargs="+",
-        default=["900"],
+        default=[],
         metavar="[MODEL=]SECONDS",
-        help="seconds per long run: one number for every model, then MODEL=SECONDS (a "
-        "family or mace) for a model that needs another budget to converge",
+        help="seconds per long run: one number for every model (default 900), then "
+        "MODEL=SECONDS (a family or mace) for a model that needs another budget to converge",
     )
     p.add_argument(
         "--long-only", action="store_true", help="only the long runs (no equal-time points)"
@@ -242,11 +242,11 @@ def main(argv=None) -> int:
     # the long runs first, so that the pool ends with short runs on both slots
     points = [(d, args.sizes[0], long_budget, "long") for d in args.long_data]
     if not args.long_only:
-        points += [(d, s, {}, "equal time") for d in datasets for s in args.sizes]
+        points += [(d, s, {"": args.budget}, "equal time") for d in datasets for s in args.sizes]
     channels: dict[tuple[str, str], int] = {}
     for d, size, budgets, kind in points:
         for fam in args.families:
-            budget = budgets.get(fam, budgets.get("", args.budget))
+            budget = budgets.get(fam, budgets[""])
             tag = f"{size}-{int(budget)}s"
             out = work / d / f"{fam}-{tag}"
             label = {"data": d, "size": size, "budget_s": budget, "kind": kind, "run": str(out)}
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
             if (d, size) not in channels:
                 channels[d, size] = mace_channels(args, splits[d], targets[size])
             c = channels[d, size]
-            budget = budgets.get("mace", budgets.get("", args.budget))
+            budget = budgets.get("mace", budgets[""])
             tag = f"{size}-{int(budget)}s"
             out = work / d / f"mace-{tag}"
             label = {"data": d, "size": size, "budget_s": budget, "kind": kind, "run": str(out)}

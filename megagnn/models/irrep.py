@@ -241,7 +241,8 @@ class IrrepNet(nn.Module):
     def embed(self, atomic_numbers: torch.Tensor) -> tuple[torch.Tensor]:
         s = self.embedding(atomic_numbers)  # [N, C]
         rest = s.new_zeros(s.shape[0], (self.lmax + 1) ** 2 - 1, s.shape[1])
-        return (self.split_nodes(torch.cat([s.unsqueeze(1), rest], dim=1)),)  # [N, (L+1)², C]
+        x = torch.cat([s.unsqueeze(1), rest], dim=1)  # [N, (L+1)², C]
+        return (self.split_nodes(x),)  # [N(/tp), (L+1)², C]
 
     def scalars(self, state: tuple[torch.Tensor]) -> torch.Tensor:
         return self.gather_nodes(state[0][:, 0, :])  # [N, C]
