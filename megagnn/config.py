@@ -332,10 +332,24 @@ class ParallelConfig:
     node_parallel: bool = False
     """Node-parallel regions: with tensor > 1, the atoms between blocks and in per-node MLPs
     are split over the tensor-parallel ranks too (Megatron's sequence parallelism)."""
+    data_parallel: str = "auto"
+    """How data-parallel ranks share gradients and optimizer state: 'megatron' (megatron-core
+    DDP, each gradient bucket reduced as soon as the backward pass fills it, and its
+    DistributedOptimizer), 'flat' (one all-reduce after the backward, torch's ZeRO-1) or
+    'auto' (megatron on CUDA with train.shard_optimizer, flat otherwise)."""
+    overlap_grad_reduce: bool = True
+    """megatron: reduce buckets during the backward pass. This needs a gradient for every
+    trainable parameter in every step; turn it off for a model where some get none."""
+    bucket_size: int | None = None
+    """megatron: gradient elements per bucket (None: megatron's default, 4e7 or more)."""
 
     def __post_init__(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:
             raise ConfigError("parallel.tensor and parallel.pipeline must be >= 1")
+        if self.data_parallel not in ("auto", "megatron", "flat"):
+            raise ConfigError(
+                f"parallel.data_parallel={self.data_parallel!r}: use auto, megatron or flat"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size: what is left of the world after tensor x pipeline."""
@@ -366,6 +380,18 @@ class Config:
                 raise ConfigError(
                     f"data.datasets: {source.path} trains head {source.head!r}, which is not "
                     f"in model.heads={self.model.heads}; add it there"
+                )
+        if self.parallel.data_parallel == "megatron":
+            if self.train.precision == "fp64":
+                raise ConfigError(
+                    "parallel.data_parallel=megatron: megatron-core's DistributedOptimizer "
+                    "takes fp32 and bf16 weights, not fp64; use parallel.data_parallel=flat "
+                    "or train.precision=fp32"
+                )
+            if not self.train.shard_optimizer:
+                raise ConfigError(
+                    "parallel.data_parallel=megatron shards the optimizer state; with "
+                    "train.shard_optimizer=false use parallel.data_parallel=flat"
                 )
         pipeline = self.parallel.pipeline
         if pipeline > 1 and self.model.forces == "conservative":

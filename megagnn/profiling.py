@@ -210,18 +210,6 @@ def top_operators(step, device: torch.device, top: int) -> list[dict]:
     ]
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer state this rank holds (its shard, under ZeRO-1)."""
-    from megagnn.parallel.data import local_optimizer
-
-    return sum(
-        v.numel() * v.element_size()
-        for state in local_optimizer(optimizer).state.values()
-        for v in state.values()
-        if torch.is_tensor(v)
-    )
-
-
 def collectives_per_block(trainer: Trainer, micro: list, full: Communication) -> dict | None:
     """Collective calls one block adds to a training step (forward, backward and the force
     loss's double backward), by name: the step's count minus that of the same step with the
@@ -282,7 +270,7 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top:
         "parameters": sum(p.numel() for p in params),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
         "activation_bytes": act["bytes"],
-        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "optimizer_state_bytes": trainer.optimizer.state_bytes(),
         "communication_bytes": comm.bytes,
         "communication_calls": comm.calls,
         "collectives_per_block": per_block,

@@ -1,16 +1,23 @@
-"""Data parallelism on any device: gradient averaging, the global gradient norm and an
-optimizer whose state is sharded over data-parallel ranks.
+"""Data parallelism: how ranks share gradients and optimizer state, behind one interface.
 
-Semantics follow megatron-core's DDP + DistributedOptimizer: each data-parallel rank computes
-its batches' mean loss, gradients are averaged, and every rank keeps the AdamW moments of only
-its share of the parameters (ZeRO stage 1), updates those and hands the new values to the
-others. megatron-core's own classes require CUDA tensors, so this module builds the same
-thing from torch (one flat all-reduce; ``ZeroRedundancyOptimizer``), which runs unchanged on
-gloo and nccl.
+Each data-parallel rank computes its batches' mean loss; gradients are averaged; with
+``train.shard_optimizer`` every rank keeps the AdamW moments of only its share of the
+parameters (ZeRO stage 1), updates those and hands the new values to the others. Two
+implementations (``parallel.data_parallel``):
+
+- ``megatron`` (``megatron_ddp.py``, the default on CUDA): megatron-core DDP, bucketed and
+  overlapped with the backward pass, and its DistributedOptimizer;
+- ``flat`` (here, the default on CPU and in fp64, which megatron's optimizer does not take):
+  one flat all-reduce after the backward and torch's ``ZeroRedundancyOptimizer``.
+
+Both give the trainer and the checkpoint the same calls: ``zero_grad``, ``no_sync`` around a
+microbatch's backward, ``reduce``, ``clip`` (returns the global norm), ``step``, and the
+moments each rank holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -18,8 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megagnn.config import Config
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.mappings import Group
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def average_gradients(model: nn.Module, group: Group) -> None:
@@ -89,7 +99,90 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer.optim
 
 
-def owned_parameters(optimizer: torch.optim.Optimizer) -> set[torch.Tensor]:
-    """Parameters whose optimizer state lives on this rank."""
-    local = local_optimizer(optimizer)
-    return {p for group in local.param_groups for p in group["params"]}
+class FlatDataParallel:
+    """Gradients averaged in one all-reduce after the backward; AdamW, or with
+    ``dp_group`` and ``shard`` torch's ZeRO-1 over whole parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list,
+        lr: float,
+        weight_decay: float,
+        tp_group: Group = None,
+        pp_group: Group = None,
+        dp_group: Group = None,
+        shard: bool = True,
+    ):
+        self.model = model
+        self.groups = (tp_group, pp_group, dp_group)
+        self.optimizer = build_optimizer(param_groups, lr, weight_decay, dp_group, shard)
+        self.local = local_optimizer(self.optimizer)
+        self.sharded = self.local is not self.optimizer  # over data-parallel ranks
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def poison(self) -> None:
+        next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(math.nan)
+
+    def reduce(self) -> None:
+        average_gradients(self.model, self.groups[2])
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model, max_norm, *self.groups[:2])
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def moments(self, loading: bool = False) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """Parameter -> its AdamW moments, for the parameters whose state this rank holds
+        (all, unless sharded); with ``loading``, zeros where there are none yet, to load
+        into in place."""
+        state = self.local.state
+        owned = [p for group in self.local.param_groups for p in group["params"]]
+        if loading:
+            for p in owned:
+                for moment in MOMENTS:
+                    state[p].setdefault(moment, torch.zeros_like(p))
+        return {p: {m: state[p][m] for m in MOMENTS if m in state.get(p, {})} for p in owned}
+
+    def loaded(self, moments: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        """Nothing to do: ``moments(loading=True)`` handed out the state itself."""
+
+    def step_count(self) -> float:
+        state = self.local.state
+        return max((float(s["step"]) for s in state.values() if "step" in s), default=0.0)
+
+    def set_step_count(self, count: float) -> None:
+        for group in self.local.param_groups:
+            for p in group["params"]:
+                self.local.state[p]["step"] = torch.tensor(count, dtype=torch.float32)
+
+    def state_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.local.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
+
+
+DataParallel = FlatDataParallel  # or megatron_ddp.MegatronDataParallel: the same calls
+
+
+def uses_megatron(cfg: Config, device: torch.device, dp_size: int) -> bool:
+    """Whether this run's data parallelism is megatron-core's ('auto': with more than one
+    data-parallel rank, CUDA, a sharded optimizer and fp32/bf16 weights)."""
+    if dp_size == 1:
+        return False
+    if cfg.parallel.data_parallel == "auto":
+        return device.type == "cuda" and cfg.train.shard_optimizer and cfg.train.precision != "fp64"
+    return cfg.parallel.data_parallel == "megatron"

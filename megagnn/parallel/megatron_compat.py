@@ -1,9 +1,12 @@
 """The one place that adapts megatron-core to this project: a lean import, and a CPU shim.
 
-megatron-core's pipeline schedules, point-to-point layer and checkpoint writer ask CUDA for
-the current device, synchronise it, and create a few small tensors with ``device="cuda"``.
-On a machine without CUDA (tests, CI: gloo) those calls are redirected to the CPU, only
-inside those megatron modules; with CUDA present nothing is changed.
+megatron-core's pipeline schedules, point-to-point layer, checkpoint writer, DDP and
+optimizers ask CUDA for the current device, synchronise it, and create a few small tensors
+with ``device="cuda"``. On a machine without CUDA (tests, CI: gloo) those calls are
+redirected to the CPU, only inside those megatron modules; with CUDA present nothing is
+changed. Its DistributedOptimizer also accepts only parameters whose ``Tensor.type()`` names
+a CUDA type: ``cuda_type_names`` lets CPU parameters pass that check, so the exact code a
+GPU run uses is tested on CPU.
 
 Two costs every process would pay for parts of megatron-core that megagnn does not use are
 avoided on every device (measured with megatron-core 0.16.1, torch 2.13 CPU, 2 cores):
@@ -26,6 +29,7 @@ import types
 import warnings
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def import_megatron():
@@ -107,6 +111,12 @@ def install_cpu_shim() -> None:
     core = import_megatron()
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
     import megatron.core.dist_checkpointing.strategies.state_dict_saver as saver
+    import megatron.core.distributed.distributed_data_parallel as ddp
+    import megatron.core.distributed.param_and_grad_buffer as buffers
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.utils as utils
 
     shim = _TorchOnCpu("torch")
     for module in (
@@ -114,5 +124,31 @@ def install_cpu_shim() -> None:
         core.pipeline_parallel.schedules,
         fs_async,  # synchronises CUDA after copying tensors to host memory
         saver,  # creates its agreement flags on the current CUDA device
+        ddp,  # gradient buffers on the current device
+        buffers,
+        distrib_optimizer,  # state and norms on the current device or "cuda"
+        optimizer,
+        clip_grads,
+        utils,  # the multi-tensor l2 norm without apex/TE returns a "cuda" tensor
     ):
         module.torch = shim
+
+
+class _CudaTypeNames(TorchFunctionMode):
+    _NAMES = {
+        "torch.FloatTensor": "torch.cuda.FloatTensor",
+        "torch.HalfTensor": "torch.cuda.HalfTensor",
+        "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return self._NAMES.get(result, result)
+        return result
+
+
+def cuda_type_names() -> contextlib.AbstractContextManager:
+    """Inside it, a CPU tensor's ``type()`` names the CUDA type of its dtype (megatron's
+    optimizers check those names); with CUDA present, nothing changes."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else _CudaTypeNames()

@@ -10,9 +10,9 @@ import torch
 from megagnn.config import Config, ConfigError, TrainConfig
 from megagnn.models import Potential, build_model
 from megagnn.models.mup import mup_scales
-from megagnn.parallel.data import build_optimizer
+from megagnn.parallel.data import DataParallel, FlatDataParallel, uses_megatron
 from megagnn.parallel.materialize import materialize
-from megagnn.parallel.pipeline import PipelineStage, global_named_tensors
+from megagnn.parallel.pipeline import PipelineStage, global_named_tensors, schedule_config
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
 
@@ -88,11 +88,12 @@ def lr_multiplier(cfg: Config, name: str, mup: dict[str, float]) -> float:
 
 
 def build_rank_optimizer(
-    cfg: Config, model: torch.nn.Module, par: ParallelState
-) -> torch.optim.Optimizer:
-    """AdamW over this rank's trainable parameters (state sharded over data parallel if
-    configured). One parameter group per learning-rate multiplier, the same groups on every
-    rank (some empty), so optimizer state saved under one layout loads under another."""
+    cfg: Config, model: torch.nn.Module, par: ParallelState, dtype: torch.dtype | None = None
+) -> DataParallel:
+    """AdamW over this rank's trainable parameters, with the data parallelism that
+    parallel.data_parallel picks (state sharded over data parallel if configured). One
+    parameter group per learning-rate multiplier, the same groups on every rank (some
+    empty), so optimizer state saved under one layout loads under another."""
     mup = mup_scales(cfg.model).lr
     _check_patterns([p for p, _ in _configured(cfg.train)], parameter_names(cfg), "lr_multipliers")
     trainable = [
@@ -111,6 +112,27 @@ def build_rank_optimizer(
         for full, tensor in trainable:
             groups[lr_multiplier(cfg, full, mup)].append(tensor)
         params = [{"params": groups[m], "lr": cfg.train.lr * m} for m in multipliers]
-    return build_optimizer(
-        params, cfg.train.lr, cfg.train.weight_decay, par.dp_group, shard=cfg.train.shard_optimizer
+    train = cfg.train
+    if uses_megatron(cfg, par.device, par.dp_size):
+        from megagnn.parallel.megatron_ddp import MegatronDataParallel
+
+        return MegatronDataParallel(
+            model,
+            params,
+            train.lr,
+            train.weight_decay,
+            par,
+            schedule_config(par, dtype or DTYPES[train.precision]),
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            bucket_size=cfg.parallel.bucket_size,
+        )
+    return FlatDataParallel(
+        model,
+        params,
+        train.lr,
+        train.weight_decay,
+        tp_group=par.tp_group,
+        pp_group=par.pp_group,
+        dp_group=par.dp_group,
+        shard=train.shard_optimizer,
     )

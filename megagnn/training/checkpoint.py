@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megagnn.parallel.data import local_optimizer, owned_parameters
+from megagnn.parallel.data import MOMENTS, DataParallel
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 from megagnn.parallel.pipeline import global_named_tensors
@@ -79,23 +79,23 @@ def dist_checkpointing():
 # -- what each rank holds -------------------------------------------------------------------
 def placements(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    moments: dict[torch.Tensor, dict[str, torch.Tensor]] | None,
+    sharded_moments: bool,
     par: ParallelState,
     average: WeightAverage | None = None,
 ) -> dict[str, tuple[torch.Tensor, list, tuple]]:
     """Global key -> (this rank's tensor, its offsets in the global tensor, replica id) for
-    the weights and buffers (``model.*``), the AdamW moments (``optimizer.*``) and the
-    weight average (``ema.*``).
+    the weights and
+    buffers (``model.*``), the AdamW moments (``optimizer.*``) and the weight average
+    (``ema.*``). ``moments``: the AdamW moments of the parameters whose state this rank
+    holds, ``sharded_moments`` if each has one holder among the data-parallel ranks.
 
     Exactly one rank is the main replica of each piece: tensor-parallel slices are unique per
     TP rank, replicated weights are written by TP rank 0, buffers (present on every pipeline
     stage) by stage 0, all by data-parallel rank 0; a moment sharded over data-parallel
-    ranks (ZeRO) by the rank that owns it.
+    ranks (ZeRO-1) by the rank that holds it.
     """
-    owned = owned_parameters(optimizer) if optimizer is not None else set()
-    moments = local_optimizer(optimizer).state if optimizer is not None else {}
-    # with the optimizer state sharded over data-parallel ranks, each moment has one owner
-    sharded_moments = optimizer is not None and local_optimizer(optimizer) is not optimizer
+    held = moments or {}
     out: dict[str, tuple] = {}
     for key, module, name, tensor, is_param in global_named_tensors(model):
         if is_param and is_sharded(module, name):
@@ -108,11 +108,10 @@ def placements(
         out[f"model.{key}"] = (tensor, offsets, replica)
         if is_param and average is not None:
             out[f"ema.{key}"] = (average.shadow[tensor], offsets, replica)
-        if tensor in owned:
+        if tensor in held:
             owner = (*replica[:2], 0) if sharded_moments else replica
-            state = moments.get(tensor, {})
-            for moment in ("exp_avg", "exp_avg_sq"):
-                value = state.get(moment)  # none before the first step: zero moments
+            for moment in MOMENTS:
+                value = held[tensor].get(moment)  # none before the first step: zeros
                 value = torch.zeros_like(tensor) if value is None else value
                 out[f"optimizer.{key}.{moment}"] = (value, offsets, owner)
     return out
@@ -127,37 +126,35 @@ def global_shape(tensor: torch.Tensor, offsets: list) -> tuple[int, ...]:
 
 def sharded_state_dict(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    moments: dict[torch.Tensor, dict[str, torch.Tensor]] | None,
+    sharded_moments: bool,
     par: ParallelState,
     average: WeightAverage | None = None,
 ) -> dict[str, Any]:
     """ShardedTensors of ``placements``, each under its global key."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    pieces = placements(model, moments, sharded_moments, par, average)
     return {
         key: ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=replica)
-        for key, (tensor, offsets, replica) in placements(model, optimizer, par, average).items()
+        for key, (tensor, offsets, replica) in pieces.items()
     }
 
 
-def _optimizer_common(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+def _optimizer_common(optimizer: DataParallel, device: torch.device) -> dict[str, Any]:
     """Hyperparameters and AdamW's step count (the same for every parameter; a rank may own
     no state yet, so the count is the maximum over ranks, reduced on the compute device:
     AdamW keeps the count on the host, which NCCL refuses)."""
-    state = local_optimizer(optimizer).state
-    count = max((float(s["step"]) for s in state.values() if "step" in s), default=0)
-    step = torch.tensor(count, device=device)
+    step = torch.tensor(optimizer.step_count(), device=device)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return {"param_groups": groups, "step": float(step)}
 
 
-def _restore_optimizer_common(optimizer: torch.optim.Optimizer, common: dict[str, Any]) -> None:
+def _restore_optimizer_common(optimizer: DataParallel, common: dict[str, Any]) -> None:
     for group, saved in zip(optimizer.param_groups, common["param_groups"], strict=True):
         group.update(saved)
-    state = local_optimizer(optimizer).state
-    for p in owned_parameters(optimizer):
-        state[p]["step"] = torch.tensor(common["step"], dtype=torch.float32)
+    optimizer.set_step_count(common["step"])
 
 
 # -- save ------------------------------------------------------------------------------------
@@ -165,7 +162,7 @@ def save(
     ckpt_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: DataParallel | None,
     common: dict[str, Any],
     par: ParallelState,
     keep: int = 2,
@@ -182,7 +179,9 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = sharded_state_dict(model, optimizer, par, average)
+    moments = optimizer.moments() if optimizer is not None else None
+    sharded = optimizer is not None and optimizer.sharded
+    state = sharded_state_dict(model, moments, sharded, par, average)
     if optimizer is not None:
         common = {**common, "optimizer": _optimizer_common(optimizer, par.device)}
     # rank 0 writes the common part; every rank passes rank 0's copy (RNG states may differ)
@@ -252,7 +251,7 @@ def read_common(path: str | Path) -> dict[str, Any]:
 def load(
     path: str | Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: DataParallel | None,
     par: ParallelState,
     average: WeightAverage | None = None,
 ) -> dict[str, Any]:
@@ -261,12 +260,10 @@ def load(
     A checkpoint saved without a weight average starts ``average`` at its weights."""
     dc = dist_checkpointing()
     path = resolve(path)
-    if optimizer is not None:  # moments to load into, as after a first step
-        state = local_optimizer(optimizer).state
-        for p in owned_parameters(optimizer):
-            for moment in ("exp_avg", "exp_avg_sq"):
-                state[p].setdefault(moment, torch.zeros_like(p))
-    state = sharded_state_dict(model, optimizer, par, average)
+    # moments to load into, as after a first step
+    moments = optimizer.moments(loading=True) if optimizer is not None else None
+    sharded = optimizer is not None and optimizer.sharded
+    state = sharded_state_dict(model, moments, sharded, par, average)
     saved = set(dc.load_tensors_metadata(str(path)))
     fresh_average = average is not None and not any(k.startswith("ema.") for k in saved)
     if fresh_average:
@@ -284,6 +281,7 @@ def load(
                 average.shadow[p].copy_(p)
     common = loaded["common"]
     if optimizer is not None:
+        optimizer.loaded(moments)
         _restore_optimizer_common(optimizer, common["optimizer"])
     return common
 
@@ -305,7 +303,7 @@ def load_weights(
     path = resolve(path)
     meta = dc.load_tensors_metadata(str(path))
     wanted, targets, absent = {}, {}, []
-    for key, (tensor, offsets, replica) in placements(model, None, par).items():
+    for key, (tensor, offsets, replica) in placements(model, None, False, par).items():
         name = key.removeprefix("model.")
         source = key_map(name)
         if source is None:

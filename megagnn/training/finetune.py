@@ -138,7 +138,7 @@ class Pretrained:
         absent = []
         with safe_open(str(self.path / WEIGHTS), "pt") as f, torch.no_grad():
             names = set(f.keys())
-            for key, (tensor, offsets, _) in checkpoint.placements(model, None, par).items():
+            for key, (tensor, offsets, _) in checkpoint.placements(model, None, False, par).items():
                 name = key.removeprefix("model.")
                 src = key_map(name)
                 if src is None:

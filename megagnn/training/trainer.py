@@ -25,7 +25,6 @@ from megagnn.data.sampler import (
 )
 from megagnn.data.shards import atomic_write_json
 from megagnn.models import count_parameters
-from megagnn.parallel.data import average_gradients, clip_grad_norm
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState
 from megagnn.training import budget, checkpoint, records
@@ -113,7 +112,8 @@ class Trainer:
         frozen = freeze(cfg, self.model)
         if pretrained is not None:
             self.log(describe(pretrained, cfg, fresh, frozen))
-        self.optimizer = build_rank_optimizer(cfg, self.model, self.par)
+        # gradient reduction and AdamW, as parallel.data_parallel picks (megagnn.parallel.data)
+        self.optimizer = build_rank_optimizer(cfg, self.model, self.par, self.dtype)
         self.average = (
             WeightAverage(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         )
@@ -136,7 +136,9 @@ class Trainer:
         if self.clock is not None:  # the schedule follows the wall clock, not a step count
             self.max_steps = 2**62
             progress = lambda: self.clock.progress(self.compute.wall_s)  # noqa: E731
-        self.scheduler = warmup_cosine(self.optimizer, cfg.train, self.max_steps, progress)
+        self.scheduler = warmup_cosine(
+            self.optimizer.optimizer, cfg.train, self.max_steps, progress
+        )
         self._saved_clock = time.perf_counter()
         self.step = 0
         self.bad_steps = 0
@@ -185,7 +187,7 @@ class Trainer:
             batches = [to_device(first, self.device, self.dtype)] * self.cfg.train.microbatches
             self.model.train()
             _, flops = budget.count_flops(lambda: self.forward_backward(batches))
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             metrics = None
         else:
             batches = micro
@@ -269,11 +271,12 @@ class Trainer:
                 self.pipeline, batches, loss_fn, autocast=self.autocast
             )
         out = []
-        for batch in batches:
+        for i, batch in enumerate(batches):
             with self.autocast():
                 pred = self.model(batch)
             loss, terms = loss_fn(batch, pred)
-            (loss / len(batches)).backward()
+            with self.optimizer.no_sync(last=i == len(batches) - 1):
+                (loss / len(batches)).backward()
             out.append(terms)
         return out
 
@@ -283,17 +286,17 @@ class Trainer:
         cfg = self.cfg.train
         self.model.train()
         batches = [to_device(b, self.device, self.dtype) for b in batches]
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         terms = self.forward_backward(batches)
         if not all(torch.isfinite(t["total"]) for t in terms):
             # poison the gradient so that every rank sees a non-finite global norm below
-            next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(math.nan)
-        average_gradients(self.model, self.par.dp_group)
+            self.optimizer.poison()
+        self.optimizer.reduce()  # the data-parallel mean gradient
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         # the norm is summed over tensor and pipeline ranks: all ranks decide alike
-        grad_norm = clip_grad_norm(self.model, max_norm, self.par.tp_group, self.par.pp_group)
+        grad_norm = self.optimizer.clip(max_norm)
         if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             return None
         self.optimizer.step()
         if self.average is not None:

@@ -1,6 +1,7 @@
 """``torchrun -m megagnn.pretrain`` with tensor, pipeline and data parallelism, on CPU (gloo)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,11 +44,11 @@ def pretrain(nproc, out, dataset, *overrides):
     )
 
 
-def losses(out):
+def losses(out, key="loss/total"):
     """(step, loss) in the order logged (a resumed run first drops what came after its
-    checkpoint, then logs those steps again)."""
+    checkpoint, then logs those steps again); or another logged ``key``."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss/total"]) for r in map(json.loads, lines) if "loss/total" in r]
+    return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
 
 
 DIRECT = ("model.forces=direct", "model.stress=false")
@@ -183,3 +184,65 @@ def test_validation_is_split_over_data_parallel_ranks(emt_dataset, tmp_path, cap
     whole = json.loads(out.read_text())
     for key in ("energy_per_atom_mae", "forces_mae", "stress_mae"):
         assert val[f"val/{key}"] == pytest.approx(whole[key], rel=1e-6), key  # evaluate: fp32
+
+
+# megatron-core's DistributedOptimizer takes fp32/bf16 weights: these runs are fp32, with
+# gradient accumulation, several gradient buckets and clipping that acts
+MEGATRON = (
+    "train.precision=fp32",
+    "train.microbatches=2",
+    "train.grad_clip=0.1",
+    "parallel.bucket_size=1000",
+)
+
+
+@pytest.mark.parametrize(
+    "nproc,layout", [(2, ()), (4, ("parallel.tensor=2",))], ids=["dp2", "tp2dp2"]
+)
+def test_megatron_data_parallel_matches_the_flat_path(emt_dataset, tmp_path, nproc, layout):
+    """megatron-core DDP (buckets reduced during the backward of the conservative-force
+    loss, a second derivative) + DistributedOptimizer train as the flat all-reduce + ZeRO-1
+    path does; its checkpoint resumes under itself and under the flat path."""
+    args = (*MEGATRON, *layout, "train.max_steps=4", "train.save_every=2")
+    flat, megatron = tmp_path / "flat", tmp_path / "megatron"
+    pretrain(nproc, flat, emt_dataset, *args, "parallel.data_parallel=flat")
+    pretrain(nproc, megatron, emt_dataset, *args, "parallel.data_parallel=megatron")
+    a, b = losses(flat), losses(megatron)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert y == pytest.approx(x, rel=1e-6), step
+    # the global norm clipping used (AdamW would hide a wrong one): every rank's share of
+    # the gradient, tensor-parallel slices summed, replicated weights counted once
+    norms = [losses(run, "grad_norm") for run in (flat, megatron)]
+    for (step, x), (_, y) in zip(*norms, strict=True):
+        assert y == pytest.approx(x, rel=1e-6), step
+    if layout:
+        return
+    for path in ("megatron", "flat"):  # resumed from the megatron run's step 2
+        again = tmp_path / f"again-{path}"
+        shutil.copytree(megatron, again)
+        (again / "checkpoints" / "latest").write_text("step-00000002")
+        out = pretrain(nproc, again, emt_dataset, *args, f"parallel.data_parallel={path}")
+        assert "resumed from" in out
+        for (step, x), (_, y) in zip(b, losses(again), strict=True):
+            assert y == pytest.approx(x, rel=1e-6), (path, step)
+
+
+@pytest.mark.parametrize("path", ["flat", "megatron"])
+def test_a_non_finite_loss_on_one_replica_skips_the_step_everywhere(emt_dataset, tmp_path, path):
+    out = torchrun(
+        2,
+        str(Path(__file__).parent / "nan_worker.py"),
+        "--set",
+        f"data.path={emt_dataset}",
+        f"train.out_dir={tmp_path}",
+        "model.hidden=16",
+        "model.layers=2",
+        "model.num_rbf=8",
+        "model.radial_hidden=8",
+        "model.cutoff=4.0",
+        "data.max_atoms=64",
+        "train.progress=false",
+        f"parallel.data_parallel={path}",
+    )
+    assert "NAN GUARD PASSED" in out
