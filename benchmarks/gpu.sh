@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU run should check and measure, in one go:
-#   1. the CUDA tests (tests/gpu) and the kernel parity tests compiled for the device;
+#   1. the CUDA tests (tests/gpu: kernels at realistic sizes, megatron-core DDP and its
+#      DistributedOptimizer on NCCL against the flat path) and the kernel parity tests;
 #   2. benchmarks/kernels.py: every kernel against its reference, training steps with kernels
 #      on and off;
 #   3. tools/profile_throughput.py --compare pyg, when torch_geometric is importable.

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .common import csr_pointers, node_program
 from .reference import segment_sum_reference  # the specification
+from .tuning import Config, choose, size_class
 
 __all__ = ["segment_sum", "segment_sum_reference"]
 
@@ -52,10 +53,6 @@ def _atomic_sum_kernel(
     tl.atomic_add(out_ptr + target[:, None] * H + cols[None, :], value, mask=ok)
 
 
-def _block_h(h: int) -> int:
-    return min(128, triton.next_power_of_2(max(h, 1)))
-
-
 def _launch(
     src: torch.Tensor, index: torch.Tensor, num_segments: int, is_sorted: bool
 ) -> torch.Tensor:
@@ -64,18 +61,34 @@ def _launch(
     flat = src.reshape(src.shape[0], -1).contiguous()  # [E, H]
     e, h = flat.shape
     acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
-    block_h = _block_h(h)
+    key = (src.dtype, h, size_class(e), size_class(num_segments))
     if is_sorted:
         ptr = csr_pointers(index, num_segments)  # [N + 1] CSR row pointers
-        out = torch.empty((num_segments, h), device=src.device, dtype=src.dtype)
-        grid = (num_segments, triton.cdiv(h, block_h))
         acc = tl.float64 if src.dtype == torch.float64 else tl.float32
-        _csr_sum_kernel[grid](flat, ptr, out, h, BLOCK_E=16, BLOCK_H=block_h, ACC=acc)
+
+        def csr(cfg: Config) -> torch.Tensor:
+            out = torch.empty((num_segments, h), device=src.device, dtype=src.dtype)
+            block_h = min(cfg.block_h, triton.next_power_of_2(h))
+            grid = (num_segments, triton.cdiv(h, block_h))
+            _csr_sum_kernel[grid](
+                flat, ptr, out, h, BLOCK_E=cfg.block_e, BLOCK_H=block_h, ACC=acc,
+                **cfg.options(),
+            )  # fmt: skip
+            return out
+
+        out = choose("segment_sum_csr", key, csr)
     else:
-        out = torch.zeros((num_segments, h), device=src.device, dtype=acc_dtype)
-        grid = (triton.cdiv(e, 32), triton.cdiv(h, block_h))
-        _atomic_sum_kernel[grid](flat, index, out, e, h, BLOCK_E=32, BLOCK_H=block_h)
-        out = out.to(src.dtype)
+
+        def atomic(cfg: Config) -> torch.Tensor:
+            out = torch.zeros((num_segments, h), device=src.device, dtype=acc_dtype)
+            block_h = min(cfg.block_h, triton.next_power_of_2(h))
+            grid = (triton.cdiv(e, cfg.block_e), triton.cdiv(h, block_h))
+            _atomic_sum_kernel[grid](
+                flat, index, out, e, h, BLOCK_E=cfg.block_e, BLOCK_H=block_h, **cfg.options()
+            )
+            return out
+
+        out = choose("segment_sum_atomic", key, atomic).to(src.dtype)
     return out.view(num_segments, *src.shape[1:])
 
 

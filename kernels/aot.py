@@ -2,6 +2,7 @@
 
     python -m megagnn.kernels.aot            # a table, sm_90
     python -m megagnn.kernels.aot --json     # one record per launch
+    python -m megagnn.kernels.aot --configs  # every autotuning entry (kernels/tuning.py)
 
 The interpreter (CPU tests) runs kernels as Python and hides what only compiled code shows.
 This drives every launcher on small CPU tensors (fp32, bf16, fp64; forward and backward)
@@ -63,6 +64,7 @@ class Compiled:
     fp32_widenings: int  # cvt.f64.f32 in the PTX: an fp32 value entering fp64 arithmetic
     tensor_core_ops: int  # mma.sync / wgmma instructions in the PTX
     dot: str  # the dot precision of the launch ("ieee", "tf32", "bf16"; "-" without dots)
+    num_warps: int
 
 
 def _arg_type(value) -> str:
@@ -114,7 +116,7 @@ def _drive(dtype: torch.dtype) -> None:
     from . import aggregate, continuous_filter, equivariant_message, radial
 
     g = torch.Generator().manual_seed(0)
-    n, e, h, k, r = 7, 40, 48, 8, 16
+    n, e, h, k, r = 7, 40, 256, 8, 16  # H: wide enough for every channel block
     receiver = torch.sort(torch.randint(0, n, (e,), generator=g)).values
     sender = torch.randint(0, n, (e,), generator=g)
     index = torch.stack([sender, receiver])
@@ -149,26 +151,31 @@ def _drive(dtype: torch.dtype) -> None:
 DOTS = {torch.float32: ("ieee", "tf32"), torch.bfloat16: ("ieee", "bf16"), torch.float64: ("ieee",)}
 
 
-def launches(dtypes=(torch.float32, torch.bfloat16, torch.float64)) -> list[tuple]:
-    """Distinct (JITFunction, Launch) pairs over ``dtypes`` and their dot precisions."""
-    from . import common
+def launches(
+    dtypes=(torch.float32, torch.bfloat16, torch.float64), configs: bool = False
+) -> list[tuple]:
+    """Distinct (JITFunction, Launch) pairs over ``dtypes`` and their dot precisions, as
+    the launchers make them by default, or with ``configs`` for every entry of their
+    autotuning sets (``tuning.CONFIGS``)."""
+    from . import common, tuning
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has nothing to compile")
     seen, out = set(), []
-    for dtype in dtypes:
-        for dot in DOTS[dtype]:
-            common.set_dot_precision(dot)
-            try:
+    entries = range(tuning.set_sizes()) if configs else (0,)
+    for dtype, dot, entry in ((d, x, i) for d in dtypes for x in DOTS[d] for i in entries):
+        common.set_dot_precision(dot)
+        try:
+            with tuning.forcing(entry):
                 recorded = record_launches(lambda d=dtype: _drive(d))
-            finally:
-                common.set_dot_precision("ieee")
-            for fn, args, kwargs in recorded:
-                launch = _as_launch(fn, args, kwargs, _DTYPES[dtype])
-                key = repr([launch.kernel, launch.signature, launch.constexprs, launch.options])
-                if key not in seen:
-                    seen.add(key)
-                    out.append((fn, launch))
+        finally:
+            common.set_dot_precision("ieee")
+        for fn, args, kwargs in recorded:
+            launch = _as_launch(fn, args, kwargs, _DTYPES[dtype])
+            key = repr([launch.kernel, launch.signature, launch.constexprs, launch.options])
+            if key not in seen:
+                seen.add(key)
+                out.append((fn, launch))
     return out
 
 
@@ -216,6 +223,7 @@ def compile_launch(fn, launch: Launch, arch: int = 90) -> Compiled:
         fp32_widenings=len(re.findall(r"cvt\.f64\.f32", ptx)),
         tensor_core_ops=len(re.findall(r"^\s*(?:mma\.sync|wgmma\.mma_async)", ptx, re.M)),
         dot={0: "ieee", 1: "tf32", 2: "bf16"}.get(launch.constexprs.get("DOT"), "-"),
+        num_warps=kernel.metadata.num_warps,
     )
 
 
@@ -226,10 +234,13 @@ def _compile_one(i: int, arch: int) -> Compiled:
     return compile_launch(*_TO_COMPILE[i], arch)
 
 
-def compile_all(arch: int = 90, workers: int | None = None) -> list[Compiled]:
-    """Every launch compiled, in order, by ``workers`` forked processes (default: one per
-    CPU; triton.compile and ptxas hold one core each)."""
-    _TO_COMPILE[:] = launches()
+def compile_all(
+    arch: int = 90, workers: int | None = None, configs: bool = False
+) -> list[Compiled]:
+    """Every launch (with ``configs``, of every autotuning entry) compiled, in order, by
+    ``workers`` forked processes (default: one per CPU; triton.compile and ptxas hold one
+    core each)."""
+    _TO_COMPILE[:] = launches(configs=configs)
     workers = min(workers or os.cpu_count() or 1, len(_TO_COMPILE))
     if workers <= 1:
         return [_compile_one(i, arch) for i in range(len(_TO_COMPILE))]
@@ -244,13 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     p.add_argument("--json", action="store_true", help="print one JSON record per launch")
+    p.add_argument(
+        "--configs",
+        action="store_true",
+        help="every entry of every autotuning set (kernels/tuning.py), not only the defaults",
+    )
     p.add_argument("--workers", type=int, default=None, help="compiling processes (default: CPUs)")
     args = p.parse_args(argv)
-    results = compile_all(args.arch, args.workers)
+    results = compile_all(args.arch, args.workers, args.configs)
     if args.json:
         print(json.dumps([asdict(c) for c in results]))
         return 0
-    columns = ("shared", "registers", "spill_bytes", "fp32_params", "fp32_widenings")
+    columns = ("num_warps", "shared", "registers", "spill_bytes", "fp32_params")
+    columns += ("fp32_widenings",)
     columns += ("tensor_core_ops",)
     print(f"{'kernel':<28} {'dtype':<5} {'dot':<5} " + " ".join(f"{c:>15}" for c in columns))
     for c in results:

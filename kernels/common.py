@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 SSP, SILU = 0, 1  # filter activations: shifted softplus (SchNet), SiLU (PaiNN)
-BLOCK_E = 16  # edges per step of the message kernels (tl.dot needs at least 16 rows)
 # how the filter MLP's tl.dot multiplies fp32 values: exactly (IEEE fp32 FMA, the default:
 # fp32 parity with the reference), or on tensor cores as tf32 or bf16 operands (fp32
 # accumulation; about 1e-3 and 1e-2 relative error). fp64 launches always multiply in fp64.
@@ -176,20 +175,21 @@ class FilterGrads:
     def new(self, shape) -> torch.Tensor:
         return torch.zeros(shape, device=self.rbf.device, dtype=self.dtype)
 
-    def launch(self, h: int, act: int, block_h: int) -> tuple[dict, tuple, tuple]:
-        """(kernel constants, edge-kernel grid, weight-kernel grid) for H = ``h`` channels."""
+    def launch(self, h: int, act: int, block_h: int, block_e: int) -> tuple[dict, tuple, tuple]:
+        """(kernel constants, edge-kernel grid, weight-kernel grid) for H = ``h`` channels,
+        at most ``block_h`` channels a program and ``block_e`` edges a step."""
         block_h = block(h, high=block_h)
         channel_blocks = triton.cdiv(h, block_h)
-        splits = min(triton.cdiv(self.edges, BLOCK_E), max(1, 256 // channel_blocks))
-        self.per_split = triton.cdiv(triton.cdiv(self.edges, splits), BLOCK_E) * BLOCK_E
+        splits = min(triton.cdiv(self.edges, block_e), max(1, 256 // channel_blocks))
+        self.per_split = triton.cdiv(triton.cdiv(self.edges, splits), block_e) * block_e
         splits = triton.cdiv(self.edges, self.per_split)
         self.g_w2 = self.new((splits, self.outputs, self.r))
         self.g_b2 = self.new((splits, self.outputs))
-        consts = dict(E=self.edges, H=h, K=self.k, R=self.r, ACT=act, BLOCK_E=BLOCK_E)
+        consts = dict(E=self.edges, H=h, K=self.k, R=self.r, ACT=act, BLOCK_E=block_e)
         consts.update(BLOCK_K=block(self.k), BLOCK_R=block(self.r), BLOCK_H=block_h)
         consts["ACC"] = tl.float64 if self.dtype == torch.float64 else tl.float32
         consts["DOT"] = dot_code(self.dtype)
-        return consts, (triton.cdiv(self.edges, BLOCK_E),), (channel_blocks, splits)
+        return consts, (triton.cdiv(self.edges, block_e),), (channel_blocks, splits)
 
     def weights(self) -> tuple[torch.Tensor, ...]:
         """dL/dW1 [R, K], dL/db1 [R], dL/dW2 [out, R], dL/db2 [out]."""

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BLOCK_E,
     SILU,
     SSP,
     FilterGrads,
@@ -42,6 +41,7 @@ from .common import (
     store_filter_grads,
     store_weight_grads,
 )
+from .tuning import Config, choose, size_class
 
 __all__ = ["SILU", "SSP", "cfconv", "cfconv_reference"]
 
@@ -153,22 +153,27 @@ def _cfconv_grads(grad, x, rbf, env, edge_index, w1, b1, w2, b2, act):
     [E, H] filter and message gradients live only in registers; [E, R] and [E, K] ones
     (R, K << H) are stored."""
     h = x.shape[1]
-    grads = FilterGrads(rbf, w1, acc_dtype(x.dtype), outputs=h)
-    gx = grads.new(x.shape)
-    if grads.edges and h:
-        sender, receiver = (t.contiguous() for t in edge_index)
-        tensors = (grad.contiguous(), x.contiguous(), rbf.contiguous(), env.contiguous())
-        tensors += (sender, receiver, w1.contiguous(), b1.contiguous())
-        consts, edge_grid, weight_grid = grads.launch(h, act, block_h=64)
-        _cfconv_bwd_edges_kernel[edge_grid](
-            *tensors, w2.contiguous(), b2.contiguous(),
-            gx, grads.g_pre, grads.g_env, grads.g_rbf, **consts,
-        )  # fmt: skip
-        _cfconv_bwd_weights_kernel[weight_grid](
-            *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts
-        )
     like = (x, rbf, env, w1, b1, w2, b2)
-    return cast_like((gx, grads.g_rbf, grads.g_env, *grads.weights()), like)
+    sender, receiver = (t.contiguous() for t in edge_index)
+    tensors = (grad.contiguous(), x.contiguous(), rbf.contiguous(), env.contiguous())
+    tensors += (sender, receiver, w1.contiguous(), b1.contiguous())
+
+    def run(cfg: Config) -> tuple[torch.Tensor, ...]:
+        grads = FilterGrads(rbf, w1, acc_dtype(x.dtype), outputs=h)
+        gx = grads.new(x.shape)
+        if grads.edges and h:
+            consts, edge_grid, weight_grid = grads.launch(h, act, cfg.block_h, cfg.block_e)
+            _cfconv_bwd_edges_kernel[edge_grid](
+                *tensors, w2.contiguous(), b2.contiguous(),
+                gx, grads.g_pre, grads.g_env, grads.g_rbf, **consts, **cfg.options(),
+            )  # fmt: skip
+            _cfconv_bwd_weights_kernel[weight_grid](
+                *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts
+            )
+        return cast_like((gx, grads.g_rbf, grads.g_env, *grads.weights()), like)
+
+    key = (x.dtype, h, rbf.shape[1], w1.shape[0], size_class(rbf.shape[0]))
+    return choose("cfconv_backward", key, run)
 
 
 def cfconv_reference(x, rbf, env, edge_index, num_nodes, w1, b1, w2, b2, act=SSP):
@@ -185,21 +190,27 @@ class CFConv(torch.autograd.Function):
         ctx.save_for_backward(x, rbf, env, edge_index, w1, b1, w2, b2)
         ctx.num_nodes, ctx.act = num_nodes, act
         h = x.shape[1]
-        out = x.new_empty((num_nodes, h))
         if num_nodes == 0 or h == 0:
-            return out
+            return x.new_empty((num_nodes, h))
         ptr = csr_pointers(edge_index[1], num_nodes)
         acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-        block_h = block(h, high=64)
-        grid = (num_nodes, triton.cdiv(h, block_h))
-        _cfconv_kernel[grid](
-            x.contiguous(), rbf.contiguous(), env.contiguous(), edge_index[0].contiguous(), ptr,
-            w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out,
-            h, rbf.shape[1], w1.shape[0],
-            ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
-            BLOCK_H=block_h, ACC=acc, DOT=dot_code(acc_dtype(x.dtype)),
-        )  # fmt: skip
-        return out
+
+        def run(cfg: Config) -> torch.Tensor:
+            out = x.new_empty((num_nodes, h))
+            block_h = block(h, high=cfg.block_h)
+            grid = (num_nodes, triton.cdiv(h, block_h))
+            _cfconv_kernel[grid](
+                x.contiguous(), rbf.contiguous(), env.contiguous(), edge_index[0].contiguous(),
+                ptr, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), out,
+                h, rbf.shape[1], w1.shape[0],
+                ACT=act, BLOCK_E=cfg.block_e, BLOCK_K=block(rbf.shape[1]),
+                BLOCK_R=block(w1.shape[0]), BLOCK_H=block_h, ACC=acc,
+                DOT=dot_code(acc_dtype(x.dtype)), **cfg.options(),
+            )  # fmt: skip
+            return out
+
+        key = (x.dtype, h, rbf.shape[1], w1.shape[0], size_class(rbf.shape[0]))
+        return choose("cfconv", key, run)
 
     @staticmethod
     def backward(ctx, grad):

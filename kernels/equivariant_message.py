@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BLOCK_E,
     SILU,
     FilterGrads,
     acc_dtype,
@@ -40,6 +39,7 @@ from .common import (
     store_filter_grads,
     store_weight_grads,
 )
+from .tuning import Config, choose, size_class
 
 __all__ = ["painn_message", "painn_message_reference"]
 
@@ -269,25 +269,28 @@ def _painn_grads(g_ds, g_dv, phi, v, rbf, env, unit, edge_index, w1, b1, w2, b2,
     """First derivatives (φ, v, rbf, env, r̂, W1, b1, W2, b2) by the two backward kernels;
     no per-edge tensor wider than R or K is stored."""
     h = v.shape[2]
-    grads = FilterGrads(rbf, w1, acc_dtype(phi.dtype), outputs=3 * h)
-    g_phi, g_v, g_unit = grads.new(phi.shape), grads.new(v.shape), grads.new(unit.shape)
-    if grads.edges and h:
-        sender, receiver = (t.contiguous() for t in edge_index)
-        tensors = (g_ds.contiguous(), g_dv.contiguous(), phi.contiguous(), v.contiguous())
-        tensors += (rbf.contiguous(), env.contiguous(), unit.contiguous(), sender, receiver)
-        tensors += (w1.contiguous(), b1.contiguous())
-        # 16 channels a step on 8 warps: the fewest registers per thread, with no spills in
-        # fp32, bf16 or fp64 on sm_90 (python -m megagnn.kernels.aot); 32 spilled
-        consts, edge_grid, weight_grid = grads.launch(h, act, block_h=16)
-        _painn_bwd_edges_kernel[edge_grid](
-            *tensors, w2.contiguous(), b2.contiguous(),
-            g_phi, g_v, grads.g_pre, grads.g_env, g_unit, grads.g_rbf, **consts, num_warps=8,
-        )  # fmt: skip
-        _painn_bwd_weights_kernel[weight_grid](
-            *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts
-        )
     like = (phi, v, rbf, env, unit, w1, b1, w2, b2)
-    return cast_like((g_phi, g_v, grads.g_rbf, grads.g_env, g_unit, *grads.weights()), like)
+    sender, receiver = (t.contiguous() for t in edge_index)
+    tensors = (g_ds.contiguous(), g_dv.contiguous(), phi.contiguous(), v.contiguous())
+    tensors += (rbf.contiguous(), env.contiguous(), unit.contiguous(), sender, receiver)
+    tensors += (w1.contiguous(), b1.contiguous())
+
+    def run(cfg: Config) -> tuple[torch.Tensor, ...]:
+        grads = FilterGrads(rbf, w1, acc_dtype(phi.dtype), outputs=3 * h)
+        g_phi, g_v, g_unit = grads.new(phi.shape), grads.new(v.shape), grads.new(unit.shape)
+        if grads.edges and h:
+            consts, edge_grid, weight_grid = grads.launch(h, act, cfg.block_h, cfg.block_e)
+            _painn_bwd_edges_kernel[edge_grid](
+                *tensors, w2.contiguous(), b2.contiguous(), g_phi, g_v, grads.g_pre,
+                grads.g_env, g_unit, grads.g_rbf, **consts, **cfg.options(),
+            )  # fmt: skip
+            _painn_bwd_weights_kernel[weight_grid](
+                *tensors, grads.g_w2, grads.g_b2, edges_per_split=grads.per_split, **consts
+            )
+        return cast_like((g_phi, g_v, grads.g_rbf, grads.g_env, g_unit, *grads.weights()), like)
+
+    key = (phi.dtype, h, rbf.shape[1], w1.shape[0], size_class(rbf.shape[0]))
+    return choose("painn_backward", key, run)
 
 
 def painn_message_reference(
@@ -310,23 +313,29 @@ class PaiNNMessage(torch.autograd.Function):
         ctx.save_for_backward(phi, v, rbf, env, unit, edge_index, w1, b1, w2, b2)
         ctx.num_nodes, ctx.act = num_nodes, act
         h = v.shape[2]
-        ds = phi.new_empty((num_nodes, h))
-        dv = phi.new_empty((num_nodes, 3, h))
         if num_nodes == 0 or h == 0:
-            return ds, dv
+            return phi.new_empty((num_nodes, h)), phi.new_empty((num_nodes, 3, h))
         ptr = csr_pointers(edge_index[1], num_nodes)
         acc = tl.float64 if phi.dtype == torch.float64 else tl.float32
-        block_h = block(h, high=32)
-        grid = (num_nodes, triton.cdiv(h, block_h))
-        _painn_kernel[grid](
-            phi.contiguous(), v.contiguous(), rbf.contiguous(), env.contiguous(),
-            unit.contiguous(), edge_index[0].contiguous(), ptr,
-            w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), ds, dv,
-            h, rbf.shape[1], w1.shape[0],
-            ACT=act, BLOCK_E=BLOCK_E, BLOCK_K=block(rbf.shape[1]), BLOCK_R=block(w1.shape[0]),
-            BLOCK_H=block_h, ACC=acc, DOT=dot_code(acc_dtype(phi.dtype)),
-        )  # fmt: skip
-        return ds, dv
+
+        def run(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+            ds = phi.new_empty((num_nodes, h))
+            dv = phi.new_empty((num_nodes, 3, h))
+            block_h = block(h, high=cfg.block_h)
+            grid = (num_nodes, triton.cdiv(h, block_h))
+            _painn_kernel[grid](
+                phi.contiguous(), v.contiguous(), rbf.contiguous(), env.contiguous(),
+                unit.contiguous(), edge_index[0].contiguous(), ptr,
+                w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), ds, dv,
+                h, rbf.shape[1], w1.shape[0],
+                ACT=act, BLOCK_E=cfg.block_e, BLOCK_K=block(rbf.shape[1]),
+                BLOCK_R=block(w1.shape[0]), BLOCK_H=block_h, ACC=acc,
+                DOT=dot_code(acc_dtype(phi.dtype)), **cfg.options(),
+            )  # fmt: skip
+            return ds, dv
+
+        key = (phi.dtype, h, rbf.shape[1], w1.shape[0], size_class(rbf.shape[0]))
+        return choose("painn", key, run)
 
     @staticmethod
     def backward(ctx, g_ds, g_dv):

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .reference import polynomial_envelope
+from .tuning import Config, choose, size_class
 
 BESSEL, GAUSSIAN = 0, 1
 
@@ -121,12 +122,18 @@ def _constants(cutoff: float, coeff: float, dtype: torch.dtype, device: torch.de
 
 
 def _launch(kernel, vec, params, kind, cutoff, p, coeff, *tensors):
+    """Fills ``tensors`` (stores only: timing a configuration twice is harmless)."""
     e, k = vec.shape[0], params.numel()
-    grid = (triton.cdiv(e, 64),)
-    kernel[grid](
-        vec, params, _constants(float(cutoff), float(coeff), vec.dtype, vec.device), *tensors, e, k,
-        KIND=kind, P=p, BLOCK_E=64, BLOCK_K=triton.next_power_of_2(max(k, 1)),
-    )  # fmt: skip
+    constants = _constants(float(cutoff), float(coeff), vec.dtype, vec.device)
+
+    def run(cfg: Config) -> None:
+        kernel[(triton.cdiv(e, cfg.block_e),)](
+            vec, params, constants, *tensors, e, k,
+            KIND=kind, P=p, BLOCK_E=cfg.block_e, BLOCK_K=triton.next_power_of_2(max(k, 1)),
+            **cfg.options(),
+        )  # fmt: skip
+
+    choose("radial", (kernel.__name__, vec.dtype, kind, k, size_class(e)), run)
 
 
 def _derivatives(r, params, kind, cutoff, p, coeff):

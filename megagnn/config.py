@@ -220,6 +220,9 @@ class TrainConfig:
     """How the fused kernels' filter MLP multiplies fp32 values: 'ieee' (exact, default),
     'tf32' or 'bf16' (tensor cores, fp32 accumulation; about 1e-3 and 1e-2 relative
     error). fp64 runs always multiply in fp64."""
+    kernel_autotune: bool = False
+    """On a GPU, time every launch configuration of each kernel (kernels/tuning.py) at the
+    first launch of each shape class and keep the fastest; off: each kernel's default."""
     init_from: str | None = None
     """Fine-tuning: start this new run (new optimizer and schedule) from the weights of a
     pretrained run folder, checkpoint folder or consolidated folder, saved under any

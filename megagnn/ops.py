@@ -47,6 +47,18 @@ def set_dot_precision(name: str) -> None:
     set_kernels(name)
 
 
+def set_autotune(flag: bool) -> None:
+    """Let each kernel time its launch configurations on the GPU at the first launch of a
+    shape class and keep the fastest (``megagnn.kernels.tuning``); off: the defaults."""
+    if not flag and "megagnn.kernels.tuning" not in sys.modules:
+        return  # the kernels' default: nothing to load
+    if not _HAVE_TRITON:
+        raise RuntimeError("kernel autotuning is for the triton kernels: pip install triton")
+    from megagnn.kernels.tuning import set_autotune as set_kernels
+
+    set_kernels(flag)
+
+
 def set_deterministic(flag: bool) -> None:
     """Use no kernel whose result depends on the order of atomic additions."""
     global _deterministic

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from megagnn.parallel import device_check
+from megagnn.parallel.data import FlatDataParallel
 from megagnn.parallel.device_check import DeviceError
 from megagnn.training.checkpoint import _optimizer_common
 
@@ -54,7 +55,7 @@ def test_device_tensors_pass(checked):
 def test_checkpoint_optimizer_state_is_reduced_on_the_device(checked):
     """AdamW keeps its step count on the host; the checkpoint's max over ranks must not."""
     param = torch.nn.Parameter(torch.ones(3, device="cpu"))
-    optimizer = torch.optim.AdamW([param])
+    optimizer = FlatDataParallel(torch.nn.ParameterList([param]), [param], 1e-3, 0.0)
     param.grad = torch.ones(3, device="cpu")
     optimizer.step()
     assert _optimizer_common(optimizer, torch.device("cpu"))["step"] == 1.0

@@ -451,3 +451,66 @@ def test_tf32_dot_option_reaches_the_kernels():
     assert common.dot_code(torch.float32) == 0
     with pytest.raises(ValueError, match="dot precision"):
         ops.set_dot_precision("fp8")
+
+
+@pytest.mark.parametrize("entry", range(1, 4))
+def test_every_autotuning_entry_matches_the_reference(entry):
+    """Entry ``entry`` of every launcher's set (kernels/tuning.py; the defaults are the
+    tests above): outputs and first derivatives, with channels wider than the widest block
+    and more edges than the longest step, in fp64."""
+    from megagnn.kernels import cfconv, cfconv_reference, painn_message, painn_message_reference
+    from megagnn.kernels.tuning import forcing, set_sizes
+
+    assert set_sizes() == 4  # a longer set needs its entries here
+    dt = torch.float64
+    with forcing(entry):
+        src = torch.randn(300, 260, dtype=dt)
+        receiver = torch.randint(0, 9, (300,)).sort().values
+        for order in (receiver, receiver[torch.randperm(300)]):
+            out = segment_sum(src, order, 9)
+            torch.testing.assert_close(out, segment_sum_reference(src, order, 9), **TOL[dt])
+        params, coeff = _basis(0, 8, 4.0)
+        vec = torch.randn(300, 3, dtype=dt).requires_grad_()  # lengths to past the cutoff
+        outs = [
+            f(vec, params.to(dt), 0, 4.0, 6, coeff) for f in (radial_basis, radial_basis_reference)
+        ]
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, **TOL[dt])
+        grads = [torch.autograd.grad(sum(t.sum() for t in out), vec)[0] for out in outs]
+        torch.testing.assert_close(*grads, **TOL[dt])
+        x, rbf, env, index, *weights = _cfconv_inputs(9, 150, 140, 8, 9, dt)
+        args = (x, rbf, env, index, 9, *weights, 0)
+        _assert_matches(cfconv, cfconv_reference, args, [x, rbf, env, *weights], dt)
+        phi, v, rbf, env, unit, index, *weights = _painn_inputs(9, 150, 70, 8, 9, dt)
+        args = (phi, v, rbf, env, unit, index, 9, *weights, 1)
+        inputs = [phi, v, rbf, env, unit, *weights]
+        _assert_matches(painn_message, painn_message_reference, args, inputs, dt)
+
+
+def test_autotuning_times_each_entry_once_per_shape_class(monkeypatch):
+    """With autotuning on, the first launch of a shape class times every entry and keeps
+    the fastest; later launches of the class reuse it (a fake clock: CPU has no GPU timer)."""
+    from megagnn.kernels import tuning
+
+    timed = []
+
+    def fake_time(fn):
+        fn()
+        timed.append(len(timed))
+        return [3.0, 1.0, 2.0, 4.0][len(timed) - 1]  # entry 1 is "fastest"
+
+    monkeypatch.setattr(tuning, "_time", fake_time)
+    monkeypatch.setattr(tuning, "_best", {})
+    tuning.set_autotune(True)
+    try:
+        src = torch.randn(50, 33, dtype=torch.float64)
+        index = torch.randint(0, 6, (50,)).sort().values
+        out = segment_sum(src, index, 6)
+        assert len(timed) == len(tuning.CONFIGS["segment_sum_csr"]) == 4
+        ((name, _), best), *_ = tuning._best.items()
+        assert name == "segment_sum_csr" and best == tuning.CONFIGS[name][1]
+        torch.testing.assert_close(out, segment_sum_reference(src, index, 6), **TOL[src.dtype])
+        segment_sum(src[:40], index[:40], 6)  # the same class of sizes: no new timing
+        assert len(timed) == 4
+    finally:
+        tuning.set_autotune(False)

@@ -1,5 +1,6 @@
-"""Every Triton kernel compiled ahead of time for Hopper (sm_90), as its launcher launches it:
-no GPU needed (the triton wheel ships ptxas). Catches what the interpreter cannot."""
+"""Every Triton kernel compiled ahead of time for Hopper (sm_90), as its launcher launches it
+by default and with every entry of its autotuning set (kernels/tuning.py): no GPU needed
+(the triton wheel ships ptxas). Catches what the interpreter cannot."""
 
 import ast
 import json
@@ -29,7 +30,7 @@ def kernel_names() -> set[str]:
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
-    cmd = [sys.executable, "-m", "megagnn.kernels.aot", "--json"]
+    cmd = [sys.executable, "-m", "megagnn.kernels.aot", "--json", "--configs"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
@@ -42,6 +43,33 @@ def test_every_kernel_compiles_in_every_dtype(compiled):
     radial = {n for n in kernel_names() if n.startswith("_radial")}
     assert by_dtype["fp32"] == by_dtype["fp64"] == kernel_names()
     assert by_dtype["bf16"] == kernel_names() - radial  # geometry stays fp32/fp64
+
+
+# the kernel each autotuning set launches first (the others follow its blocks and warps)
+TUNED = {
+    "segment_sum_csr": "_csr_sum_kernel",
+    "segment_sum_atomic": "_atomic_sum_kernel",
+    "cfconv": "_cfconv_kernel",
+    "cfconv_backward": "_cfconv_bwd_edges_kernel",
+    "painn": "_painn_kernel",
+    "painn_backward": "_painn_bwd_edges_kernel",
+    "radial": "_radial_fwd_kernel",
+}
+
+
+def test_every_autotuning_entry_is_compiled(compiled):
+    from megagnn.kernels.tuning import CONFIGS
+
+    assert set(TUNED) == set(CONFIGS)
+    for name, kernel in TUNED.items():
+        for dtype in ("fp32", "bf16", "fp64") if name != "radial" else ("fp32", "fp64"):
+            seen = {
+                (int(c["constexprs"]["BLOCK_E"]), c["num_warps"])
+                for c in compiled
+                if c["kernel"] == kernel and c["dtype"] == dtype
+            }
+            for config in CONFIGS[name]:
+                assert (config.block_e, config.num_warps or 4) in seen, (name, dtype, config)
 
 
 def test_resources_fit_sm90_without_spills(compiled):

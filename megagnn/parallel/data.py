@@ -180,9 +180,10 @@ DataParallel = FlatDataParallel  # or megatron_ddp.MegatronDataParallel: the sam
 
 def uses_megatron(cfg: Config, device: torch.device, dp_size: int) -> bool:
     """Whether this run's data parallelism is megatron-core's ('auto': with more than one
-    data-parallel rank, CUDA, a sharded optimizer and fp32/bf16 weights)."""
-    if dp_size == 1:
-        return False
-    if cfg.parallel.data_parallel == "auto":
+    data-parallel rank, CUDA, a sharded optimizer and fp32/bf16 weights; 'megatron': always,
+    even in one process)."""
+    if cfg.parallel.data_parallel == "megatron":  # even with one rank (a single-GPU check)
+        return True
+    if cfg.parallel.data_parallel == "auto" and dp_size > 1:
         return device.type == "cuda" and cfg.train.shard_optimizer and cfg.train.precision != "fp64"
-    return cfg.parallel.data_parallel == "megatron"
+    return False

@@ -68,7 +68,12 @@ class MegatronDataParallel:
         overlap_grad_reduce: bool = True,
         bucket_size: int | None = None,
     ):
-        import_megatron()
+        core = import_megatron()
+        if not core.parallel_state.model_parallel_is_initialized():
+            raise RuntimeError(
+                "parallel.data_parallel=megatron needs megatron-core's process groups: "
+                "start the run with megagnn.pretrain (or parallel.state.init_parallel)"
+            )
         install_cpu_shim()  # CPU-only machines (tests); nothing with CUDA
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -101,7 +106,7 @@ class MegatronDataParallel:
                 _init_moments,
                 model_chunks=[self.ddp],
                 per_model_buffers={0: self.ddp.buffers},
-                data_parallel_group=par.dp_group,
+                data_parallel_group=core.parallel_state.get_data_parallel_group(),
                 data_parallel_group_gloo=None,
                 data_parallel_group_idx=dist.get_rank(par.tp_group) if par.tp_group else 0,
                 distributed_optimizer_instance_id=0,

@@ -70,10 +70,15 @@ def init_parallel(cfg: ParallelConfig) -> ParallelState:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size = cfg.data_parallel_size(world)
     device = _device()
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world == 1:
-        return ParallelState(device=device)
+        if cfg.data_parallel != "megatron":
+            return ParallelState(device=device)
+        # megatron-core's DDP asked for by name: it needs its process groups, of one rank
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     ps = import_megatron().parallel_state
     if cfg.pipeline > 1:
         install_cpu_shim()

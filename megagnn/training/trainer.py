@@ -75,6 +75,7 @@ class Trainer:
         ops.set_backend(cfg.train.kernels)
         ops.set_deterministic(cfg.train.deterministic)
         ops.set_dot_precision(cfg.train.kernel_dot)
+        ops.set_autotune(cfg.train.kernel_autotune and self.device.type == "cuda")
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
             torch.use_deterministic_algorithms(True)

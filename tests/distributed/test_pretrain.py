@@ -52,6 +52,14 @@ def losses(out, key="loss/total"):
 
 
 DIRECT = ("model.forces=direct", "model.stress=false")
+# megatron-core's DistributedOptimizer takes fp32/bf16 weights: these runs are fp32, with
+# gradient accumulation, several gradient buckets and clipping that acts
+MEGATRON = (
+    "train.precision=fp32",
+    "train.microbatches=2",
+    "train.grad_clip=0.1",
+    "parallel.bucket_size=1000",
+)
 # name: (processes, the layout, the run's other settings)
 LAYOUTS = {
     "schnet-tp2": (2, ("parallel.tensor=2",), ("model.family=schnet",)),
@@ -158,12 +166,15 @@ def test_collectives_get_tensors_on_the_compute_device(emt_dataset, tmp_path, mo
     """NCCL refuses host tensors, gloo takes them: with the device check on, every collective
     refuses a tensor a GPU run would hold on the host. Covers data-parallel training (sharded
     optimizer) with validation, the best and periodic checkpoints and the per-step SIGTERM
-    agreement; reshard to tensor parallelism and resume there (load, TP collectives in the
-    force double backward); a two-stage pipeline (point-to-point, broadcasts)."""
+    agreement, on both data-parallel paths; reshard to tensor parallelism and resume there
+    (load, TP collectives in the force double backward); a two-stage pipeline
+    (point-to-point, broadcasts)."""
     monkeypatch.setenv(device_check.ENV, "1")
     args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2")
     run, tp2 = tmp_path / "run", tmp_path / "tp2"
     pretrain(2, run, emt_dataset, *args, "train.patience=5")
+    megatron = (*MEGATRON, "parallel.data_parallel=megatron")
+    pretrain(2, tmp_path / "megatron", emt_dataset, *args, *megatron)
     step2 = str(run / "checkpoints" / "step-00000002")
     assert convert_main(["reshard", step2, str(tp2), "--tensor", "2"]) == 0
     assert "resumed from" in pretrain(2, tp2, emt_dataset, *args, "parallel.tensor=2")
@@ -186,18 +197,10 @@ def test_validation_is_split_over_data_parallel_ranks(emt_dataset, tmp_path, cap
         assert val[f"val/{key}"] == pytest.approx(whole[key], rel=1e-6), key  # evaluate: fp32
 
 
-# megatron-core's DistributedOptimizer takes fp32/bf16 weights: these runs are fp32, with
-# gradient accumulation, several gradient buckets and clipping that acts
-MEGATRON = (
-    "train.precision=fp32",
-    "train.microbatches=2",
-    "train.grad_clip=0.1",
-    "parallel.bucket_size=1000",
-)
-
-
 @pytest.mark.parametrize(
-    "nproc,layout", [(2, ()), (4, ("parallel.tensor=2",))], ids=["dp2", "tp2dp2"]
+    "nproc,layout",
+    [(1, ()), (2, ()), (4, ("parallel.tensor=2",))],
+    ids=["one-process", "dp2", "tp2dp2"],
 )
 def test_megatron_data_parallel_matches_the_flat_path(emt_dataset, tmp_path, nproc, layout):
     """megatron-core DDP (buckets reduced during the backward of the conservative-force
@@ -216,7 +219,7 @@ def test_megatron_data_parallel_matches_the_flat_path(emt_dataset, tmp_path, npr
     norms = [losses(run, "grad_norm") for run in (flat, megatron)]
     for (step, x), (_, y) in zip(*norms, strict=True):
         assert y == pytest.approx(x, rel=1e-6), step
-    if layout:
+    if nproc != 2:
         return
     for path in ("megatron", "flat"):  # resumed from the megatron run's step 2
         again = tmp_path / f"again-{path}"
