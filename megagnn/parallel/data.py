@@ -99,7 +99,31 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer.optim
 
 
-class FlatDataParallel:
+class LocalState:
+    """The AdamW state this rank holds, in ``self.local`` (a torch optimizer)."""
+
+    local: torch.optim.Optimizer
+
+    def step_count(self) -> float:
+        """AdamW's step count (the same for every parameter; none before the first step)."""
+        state = self.local.state
+        return max((float(s["step"]) for s in state.values() if "step" in s), default=0.0)
+
+    def set_step_count(self, count: float) -> None:
+        for group in self.local.param_groups:
+            for p in group["params"]:
+                self.local.state[p]["step"] = torch.tensor(count, dtype=torch.float32)
+
+    def state_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.local.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
+
+
+class FlatDataParallel(LocalState):
     """Gradients averaged in one all-reduce after the backward; AdamW, or with
     ``dp_group`` and ``shard`` torch's ZeRO-1 over whole parameters."""
 
@@ -156,23 +180,6 @@ class FlatDataParallel:
 
     def loaded(self, moments: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Nothing to do: ``moments(loading=True)`` handed out the state itself."""
-
-    def step_count(self) -> float:
-        state = self.local.state
-        return max((float(s["step"]) for s in state.values() if "step" in s), default=0.0)
-
-    def set_step_count(self, count: float) -> None:
-        for group in self.local.param_groups:
-            for p in group["params"]:
-                self.local.state[p]["step"] = torch.tensor(count, dtype=torch.float32)
-
-    def state_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for s in self.local.state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
-        )
 
 
 DataParallel = FlatDataParallel  # or megatron_ddp.MegatronDataParallel: the same calls

@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megagnn.parallel.data import MOMENTS
+from megagnn.parallel.data import MOMENTS, LocalState
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import cuda_type_names, import_megatron, install_cpu_shim
-from megagnn.parallel.state import ParallelState
 
 
 def _mark_tensor_parallel(model: nn.Module) -> None:
@@ -53,7 +52,7 @@ def _init_moments(optimizer: torch.optim.Optimizer, config=None) -> None:
                 state.setdefault(moment, torch.zeros_like(p))
 
 
-class MegatronDataParallel:
+class MegatronDataParallel(LocalState):
     """megatron-core DDP + DistributedOptimizer over ``model`` (this rank's part), stepping
     AdamW over ``param_groups`` (each with its own learning rate)."""
 
@@ -63,7 +62,6 @@ class MegatronDataParallel:
         param_groups: list,
         lr: float,
         weight_decay: float,
-        par: ParallelState,
         schedule_config,
         overlap_grad_reduce: bool = True,
         bucket_size: int | None = None,
@@ -107,13 +105,15 @@ class MegatronDataParallel:
                 model_chunks=[self.ddp],
                 per_model_buffers={0: self.ddp.buffers},
                 data_parallel_group=core.parallel_state.get_data_parallel_group(),
+                # both only for megatron's own checkpoint formats (megagnn saves ``moments``)
                 data_parallel_group_gloo=None,
-                data_parallel_group_idx=dist.get_rank(par.tp_group) if par.tp_group else 0,
+                data_parallel_group_idx=0,
                 distributed_optimizer_instance_id=0,
             )
         # the gradient norm sums over every rank (no grad_stats_parallel_group: the world):
         # gradient shards, tensor slices and pipeline stages are disjoint
         self.optimizer = adamw  # its param_groups are the ones the scheduler steers
+        self.local = adamw  # its state: this rank's shards
         self.sharded = False  # the checkpoint sees whole moments (``moments``)
         self._poisoned = False
 
@@ -202,20 +202,3 @@ class MegatronDataParallel:
             state = self.megatron._get_main_param_and_optimizer_states(p)
             for m in MOMENTS:
                 state[m].copy_(moments[p][m].reshape(-1)[span.start : span.end])
-
-    def step_count(self) -> float:
-        state = self.optimizer.state
-        return max((float(s["step"]) for s in state.values() if "step" in s), default=0.0)
-
-    def set_step_count(self, count: float) -> None:
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                self.optimizer.state[p]["step"] = torch.tensor(count, dtype=torch.float32)
-
-    def state_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for s in self.optimizer.state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
-        )

@@ -121,7 +121,6 @@ def build_rank_optimizer(
             params,
             train.lr,
             train.weight_decay,
-            par,
             schedule_config(par, dtype or DTYPES[train.precision]),
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             bucket_size=cfg.parallel.bucket_size,
