@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu.sh [RESULTS_DIR]          (default: benchmarks/results)
 #
 # PYTHON picks the interpreter (default python3). Needs CUDA, triton and megagnn installed
-# (pip install -e ".[test]", or with --no-deps when the dependencies come as wheels).
+# (pip install -e ".[test]", or with --no-deps when the dependencies come as wheels: on a
+# node without internet access, benchmarks/offline_wheels.sh says how).
 # Results are named after the GPU (e.g. kernels-h100.json).
 set -euo pipefail
 py=${PYTHON:-python3}
