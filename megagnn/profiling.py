@@ -284,11 +284,14 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top:
     return result
 
 
-def pyg_schnet_step(cfg: ModelConfig, n_atoms: int, steps: int) -> dict:
+def pyg_schnet_step(
+    cfg: ModelConfig, n_atoms: int, steps: int, device: torch.device | None = None
+) -> dict:
     """The baseline of ``profile_throughput.py --compare pyg``: SchNet of the same width, depth
     and radial basis size built from PyTorch Geometric's interaction blocks (message passing
     with its ``propagate``), trained on the same batch with the same loss (energy + forces
-    through autograd) and AdamW. Needs ``pip install torch_geometric`` (not a dependency)."""
+    through autograd) and AdamW, on ``device`` (default: CUDA if there is one, as megagnn's
+    ranks). Needs ``pip install torch_geometric`` (not a dependency)."""
     try:
         from torch_geometric.nn.models.schnet import (
             GaussianSmearing,
@@ -298,8 +301,9 @@ def pyg_schnet_step(cfg: ModelConfig, n_atoms: int, steps: int) -> dict:
     except ImportError as err:
         msg = "--compare pyg needs torch_geometric: pip install torch_geometric"
         raise RuntimeError(msg) from err
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = fixed_batch(n_atoms, cfg.cutoff)
-    batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    batch = {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in batch.items()}
     hidden = cfg.hidden
     model = nn.ModuleDict(
         {
@@ -312,7 +316,7 @@ def pyg_schnet_step(cfg: ModelConfig, n_atoms: int, steps: int) -> dict:
                 nn.Linear(hidden, hidden // 2), ShiftedSoftplus(), nn.Linear(hidden // 2, 1)
             ),
         }
-    )
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sender, receiver = batch[K.EDGE_INDEX]
     shift = torch.einsum("ei,ij->ej", batch[K.CELL_SHIFTS], batch[K.CELL][0])
@@ -336,8 +340,10 @@ def pyg_schnet_step(cfg: ModelConfig, n_atoms: int, steps: int) -> dict:
     step()  # warm-up
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
         step()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     params = list(model.parameters())
     return {
