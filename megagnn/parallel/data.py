@@ -142,7 +142,8 @@ class FlatDataParallel(LocalState):
         self.groups = (tp_group, pp_group, dp_group)
         self.optimizer = build_optimizer(param_groups, lr, weight_decay, dp_group, shard)
         self.local = local_optimizer(self.optimizer)
-        self.sharded = self.local is not self.optimizer  # over data-parallel ranks
+        # moments() covers only this rank's share (ZeRO-1): each moment has one holder
+        self.moments_sharded = self.local is not self.optimizer
 
     @property
     def param_groups(self) -> list[dict]:

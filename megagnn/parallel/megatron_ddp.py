@@ -114,7 +114,7 @@ class MegatronDataParallel(LocalState):
         # gradient shards, tensor slices and pipeline stages are disjoint
         self.optimizer = adamw  # its param_groups are the ones the scheduler steers
         self.local = adamw  # its state: this rank's shards
-        self.sharded = False  # the checkpoint sees whole moments (``moments``)
+        self.moments_sharded = False  # moments() gathers them whole on every rank
         self._poisoned = False
 
     # -- a step ----------------------------------------------------------------------------

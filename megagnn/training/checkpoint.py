@@ -85,10 +85,9 @@ def placements(
     average: WeightAverage | None = None,
 ) -> dict[str, tuple[torch.Tensor, list, tuple]]:
     """Global key -> (this rank's tensor, its offsets in the global tensor, replica id) for
-    the weights and
-    buffers (``model.*``), the AdamW moments (``optimizer.*``) and the weight average
-    (``ema.*``). ``moments``: the AdamW moments of the parameters whose state this rank
-    holds, ``sharded_moments`` if each has one holder among the data-parallel ranks.
+    the weights and buffers (``model.*``), the AdamW moments (``optimizer.*``) and the
+    weight average (``ema.*``). ``moments``: the AdamW moments of the parameters whose state
+    this rank holds; ``sharded_moments``: each has one holder among the data-parallel ranks.
 
     Exactly one rank is the main replica of each piece: tensor-parallel slices are unique per
     TP rank, replicated weights are written by TP rank 0, buffers (present on every pipeline
@@ -180,7 +179,7 @@ def save(
         tmp.mkdir(parents=True)
     dist.barrier()
     moments = optimizer.moments() if optimizer is not None else None
-    sharded = optimizer is not None and optimizer.sharded
+    sharded = optimizer is not None and optimizer.moments_sharded
     state = sharded_state_dict(model, moments, sharded, par, average)
     if optimizer is not None:
         common = {**common, "optimizer": _optimizer_common(optimizer, par.device)}
@@ -262,7 +261,7 @@ def load(
     path = resolve(path)
     # moments to load into, as after a first step
     moments = optimizer.moments(loading=True) if optimizer is not None else None
-    sharded = optimizer is not None and optimizer.sharded
+    sharded = optimizer is not None and optimizer.moments_sharded
     state = sharded_state_dict(model, moments, sharded, par, average)
     saved = set(dc.load_tensors_metadata(str(path)))
     fresh_average = average is not None and not any(k.startswith("ema.") for k in saved)
