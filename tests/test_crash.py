@@ -11,25 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_run import TINY_RUN
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # a constant learning rate: the schedule does not depend on max_steps, so a run resumed with
 # another max_steps follows the same curve as one that never stopped
-SETTINGS = (
-    "model.hidden=16",
-    "model.layers=2",
-    "model.num_rbf=8",
-    "model.radial_hidden=8",
-    "model.cutoff=4.0",
-    "data.max_atoms=64",
-    "data.split=[0.7, 0.15, 0.15]",
-    "train.precision=fp64",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.progress=false",
-    "train.warmup_steps=0",
-    "train.min_lr_ratio=1.0",
-)
+SETTINGS = (*TINY_RUN, "train.warmup_steps=0", "train.min_lr_ratio=1.0")
 
 
 def command(out, dataset, *overrides, nproc=1):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ase.build import bulk
 from launch import torchrun
+from tiny_run import TINY_RUN
 
 from megagnn.data import atoms_to_graph, collate, to_device
 from megagnn.inference import load_model
@@ -20,21 +21,7 @@ from convert_checkpoint import main as convert_main  # noqa: E402
 DT = torch.float64
 
 
-# a tiny model, fp64, every step logged
-SETTINGS = (
-    "model.hidden=16",
-    "model.layers=2",
-    "model.num_rbf=8",
-    "model.radial_hidden=8",
-    "model.cutoff=4.0",
-    "data.max_atoms=64",
-    "data.split=[0.7, 0.15, 0.15]",
-    "train.precision=fp64",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.progress=false",
-    "train.warmup_steps=2",
-)
+SETTINGS = (*TINY_RUN, "train.warmup_steps=2")
 
 
 def pretrain(nproc, out, dataset, *overrides, script=("-m", "megagnn.pretrain")):
