@@ -4,7 +4,10 @@
 #      DistributedOptimizer on NCCL against the flat path) and the kernel parity tests;
 #   2. benchmarks/kernels.py: every kernel against its reference, training steps with kernels
 #      on and off;
-#   3. tools/profile_throughput.py --compare pyg, when torch_geometric is importable.
+#   3. tools/profile_throughput.py --compare pyg, when torch_geometric is importable;
+#   4. a MACE of about 1M parameters (mace-torch, 184 channels) against megagnn's 1M models,
+#      training steps on the same 4000-atom cell, when MACE_SITE names a folder holding
+#      mace-torch and its e3nn 0.4.4 (benchmarks/offline_wheels.sh --mace).
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]          (default: benchmarks/results)
 #
@@ -32,5 +35,11 @@ if "$py" -c "import torch_geometric" 2>/dev/null; then
     "$py" tools/profile_throughput.py --model schnet-1m schnet-10m --atoms 4000 --steps 10 \
         --layouts 1x1 --compare pyg --set model.rbf=gaussian model.stress=false \
         --out "$out/throughput-$gpu-pyg-schnet.json" || status=1
+fi
+if [ -n "${MACE_SITE:-}" ]; then
+    PYTHONPATH="$MACE_SITE:${PYTHONPATH:-}" "$py" benchmarks/mace_baseline.py --throughput 4000 \
+        --channels 184 --device cuda --steps 10 --out "$out/throughput-$gpu-mace.json" || status=1
+    "$py" tools/profile_throughput.py --model mgnn-1m irrep-1m --atoms 4000 --steps 10 \
+        --layouts 1x1 --set model.stress=false --out "$out/throughput-$gpu-1m.json" || status=1
 fi
 exit $status

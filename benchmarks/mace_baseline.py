@@ -8,6 +8,8 @@ Runs in its own environment, because mace-torch pins e3nn 0.4.4 and megagnn need
     .venv-mace/bin/pip install torch==2.13.0 mace-torch==0.3.16
     .venv-mace/bin/python benchmarks/mace_baseline.py --split runs/split --channels 32 \\
         --budget 300 --out mace.json
+    .venv-mace/bin/python benchmarks/mace_baseline.py --throughput 4000 --channels 64 \\
+        --device cuda --out mace-throughput.json      # step time only
 
 The inputs are tools/export_split.py's train/val/test.extxyz (labels under REF_*), so MACE
 sees exactly the structures megagnn trains and tests on. The model is MACE's own
@@ -110,13 +112,91 @@ def errors(model, loader) -> dict[str, float]:
     return {k: sums[k] / counts[k] if counts[k] else float("nan") for k in sums}
 
 
+def throughput(args) -> dict:
+    """Training-step time of MACE on one periodic CuAu cell of about ``args.throughput``
+    atoms, 30% Au, rattled: the structure tools/profile_throughput.py times megagnn on. The
+    loss is energy + forces through autograd (no stress) and the optimizer Adam, on
+    ``args.device``; the median of ``args.steps`` steps after one warm-up step."""
+    import statistics
+
+    from ase.build import bulk
+    from mace import data as data_mod
+    from mace import modules, tools
+    from mace.tools.torch_geometric.dataloader import DataLoader
+
+    device = torch.device(args.device)
+    reps = max(1, round((args.throughput / 4) ** (1 / 3)))
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True) * (reps, reps, reps)
+    rng = np.random.default_rng(args.seed)
+    atoms.numbers[rng.random(len(atoms)) < 0.3] = 79
+    atoms.rattle(0.05, seed=args.seed)
+    atoms.info["REF_energy"] = -3.5 * len(atoms)
+    atoms.arrays["REF_forces"] = rng.normal(0, 0.3, (len(atoms), 3))
+    keyspec = data_mod.KeySpecification(
+        info_keys={"energy": "REF_energy"}, arrays_keys={"forces": "REF_forces"}
+    )
+    z_table = tools.AtomicNumberTable([29, 79])
+    _, graphs = to_graphs([atoms], keyspec, z_table, args.cutoff, data_mod)
+    loader = DataLoader(graphs, batch_size=1)
+    avg_neighbors = float(modules.compute_avg_num_neighbors(loader))
+    args.channels = int(args.channels)
+    model = build(args, z_table, {}, avg_neighbors, 0.0, 1.0).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = next(iter(loader)).to(device)
+    n = len(atoms)
+
+    def step() -> None:
+        out = model(batch.to_dict(), training=True, compute_force=True)
+        loss = ((out["energy"] - batch.energy) / n).square().mean()
+        loss = loss + (out["forces"] - batch.forces).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        "family": "mace",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "parameters": sum(q.numel() for q in model.parameters()),
+        "channels": args.channels,
+        "max_L": args.max_L,
+        "atoms": n,
+        "edges": int(batch.edge_index.shape[1]),
+        "avg_num_neighbors": avg_neighbors,
+        "step_time_s": median,
+        "step_times_s": times,
+        "atoms_per_s": n / median,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--split", required=True, help="folder with train/val/test.extxyz")
+    p.add_argument("--split", help="folder with train/val/test.extxyz (not with --throughput)")
+    p.add_argument(
+        "--throughput",
+        type=int,
+        metavar="ATOMS",
+        help="time training steps on one cell of about ATOMS atoms instead of training on a "
+        "split (megagnn's counterpart: tools/profile_throughput.py --atoms ATOMS)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="with --throughput: timed steps")
+    p.add_argument("--device", default="cpu", help="with --throughput: cpu or cuda")
     p.add_argument(
         "--channels",
         default="32",
@@ -151,6 +231,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(args.seed)
+    if args.throughput is not None:
+        result = throughput(args)
+        text = json.dumps(result, indent=1)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text)
+        return 0
+    if args.split is None:
+        p.error("give --split (or --throughput ATOMS)")
     from mace import data as data_mod
     from mace import modules, tools
     from mace.tools.torch_geometric.dataloader import DataLoader
