@@ -339,7 +339,7 @@ class ParallelConfig:
     """How data-parallel ranks share gradients and optimizer state: 'megatron' (megatron-core
     DDP, each gradient bucket reduced as soon as the backward pass fills it, and its
     DistributedOptimizer), 'flat' (one all-reduce after the backward, torch's ZeRO-1) or
-    'auto' (megatron on CUDA with train.shard_optimizer, flat otherwise)."""
+    'auto' (megatron on CUDA with train.shard_optimizer and fp32/bf16, flat otherwise)."""
     overlap_grad_reduce: bool = True
     """megatron: reduce buckets during the backward pass. This needs a gradient for every
     trainable parameter in every step; turn it off for a model where some get none."""
