@@ -32,6 +32,15 @@ from megagnn.parallel.mappings import Group
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def zero_moments(optimizer: torch.optim.Optimizer, config=None) -> None:
+    """Zero AdamW moments for every parameter of ``optimizer`` that has none yet (to load
+    into). ``config``: megatron's ``init_state_fn`` passes one; it is not needed."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for moment in MOMENTS:
+                optimizer.state[p].setdefault(moment, torch.zeros_like(p))
+
+
 def average_gradients(model: nn.Module, group: Group) -> None:
     """Average every parameter's gradient over ``group`` in one flat all-reduce."""
     if group is None:
@@ -171,12 +180,10 @@ class FlatDataParallel(LocalState):
         """Parameter -> its AdamW moments, for the parameters whose state this rank holds
         (all, unless sharded); with ``loading``, zeros where there are none yet, to load
         into in place."""
+        if loading:
+            zero_moments(self.local)
         state = self.local.state
         owned = [p for group in self.local.param_groups for p in group["params"]]
-        if loading:
-            for p in owned:
-                for moment in MOMENTS:
-                    state[p].setdefault(moment, torch.zeros_like(p))
         return {p: {m: state[p][m] for m in MOMENTS if m in state.get(p, {})} for p in owned}
 
     def loaded(self, moments: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:

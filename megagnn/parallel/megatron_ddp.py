@@ -12,9 +12,9 @@ parameter's gradient accumulator, which the force pass (``autograd.grad`` with r
 positions) never runs: only the loss backward fires them, once per parameter per
 microbatch, so bucketing and overlap hold unchanged (tested against one process).
 
-The checkpoint sees each rank's moments as flat ranges of whole parameters, saved under the
-same global keys as every other layout (``moments``), so a run resumes and reshards across
-this path and the flat one.
+The checkpoint gets every parameter's moments whole, gathered from the ranks' flat shards
+(``moments``) and saved under the same global keys as every other layout, so a run resumes
+and reshards across this path and the flat one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megagnn.parallel.data import MOMENTS, LocalState
+from megagnn.parallel.data import MOMENTS, LocalState, zero_moments
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import cuda_type_names, import_megatron, install_cpu_shim
 
@@ -41,15 +41,6 @@ def _mark_tensor_parallel(model: nn.Module) -> None:
             if is_sharded(module, name):
                 dim = module.partition_dim if p.dim() > 1 else 0
                 set_tensor_model_parallel_attributes(p, True, dim, 1)
-
-
-def _init_moments(optimizer: torch.optim.Optimizer, config=None) -> None:
-    """Zero moments for every main parameter shard that has none (before loading)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            for moment in MOMENTS:
-                state.setdefault(moment, torch.zeros_like(p))
 
 
 class MegatronDataParallel(LocalState):
@@ -101,7 +92,7 @@ class MegatronDataParallel(LocalState):
                 adamw,
                 config,
                 None,  # no loss scaling: fp32 weights, bf16 only under autocast
-                _init_moments,
+                zero_moments,
                 model_chunks=[self.ddp],
                 per_model_buffers={0: self.ddp.buffers},
                 data_parallel_group=core.parallel_state.get_data_parallel_group(),
@@ -196,7 +187,7 @@ class MegatronDataParallel(LocalState):
 
     def loaded(self, moments: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Keep this rank's ranges of whole ``moments`` that a checkpoint filled."""
-        _init_moments(self.optimizer)
+        zero_moments(self.optimizer)
         for p in self.megatron.model_param_group_index_map:
             span = self.megatron._get_model_param_range_map(p)["param"]
             state = self.megatron._get_main_param_and_optimizer_states(p)
