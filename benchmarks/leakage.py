@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
 
+    from megagnn.checkpoint.sharded import read_common
     from megagnn.config import config_from_dict
     from megagnn.inference.calculator import load_model
-    from megagnn.training.checkpoint import read_common
     from megagnn.training.evaluation import evaluate
     from megagnn.training.sources import DataSplits, read_splits
 

@@ -18,12 +18,11 @@ from megagnn.inference import MegaGNNCalculator
 
 
 def held_out_structure(run: str) -> Atoms:
-    from megagnn.config import config_from_dict
+    from megagnn.checkpoint import open_saved
     from megagnn.data.shards import ShardedDataset
-    from megagnn.training.checkpoint import read_common
     from megagnn.training.sources import read_splits
 
-    cfg = config_from_dict(read_common(run)["config"])
+    cfg = open_saved(run).config
     data = ShardedDataset(cfg.data.path)
     splits = read_splits(run)
     if splits is None or not len(splits["test"]):

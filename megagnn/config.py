@@ -529,3 +529,8 @@ def config_from_dict(values: dict) -> Config:
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def upgrade_saved(values: dict) -> dict:
+    """A config dict saved by an older megagnn with the keys moved since renamed."""
+    return values

@@ -1,4 +1,5 @@
-"""Checkpoint conversion through an unsharded intermediate.
+"""Checkpoint conversion through an unsharded intermediate (the formats live in
+``megagnn.checkpoint``).
 
 ``consolidate``: a sharded training checkpoint of any tensor x pipeline layout -> one
 ``model.safetensors`` (global parameter names and shapes) + ``config.json``. The file is
@@ -14,42 +15,30 @@ new layout, so each rank reads its own, and records the layout in the saved conf
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
-import struct
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from megagnn.training import checkpoint
-from megagnn.training.checkpoint import CheckpointError
+from megagnn.checkpoint import CheckpointError, consolidated, open_saved, sharded
+from megagnn.checkpoint.saved import SHARDED
+from megagnn.config import config_to_dict
+from megagnn.precision import DTYPES
+from megagnn.training.build import build_rank_model, build_rank_optimizer
+from megagnn.training.ema import WeightAverage
 from megagnn.training.sources import SPLITS, recorded_run
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.bool: "BOOL",
-}
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
-
-def read_tensor(dc, path: Path, key: str, meta, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One whole global tensor, assembled from the shards that hold it, on ``device`` (the
-    communication device when every rank of a job reads it: one of them is its main
-    replica)."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    target = torch.empty(meta.global_shape, dtype=meta.dtype, device=device)
-    rank = torch.distributed.get_rank()  # dist_checkpointing() made a group if there was none
-    wanted = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=rank)}
-    return checkpoint.load_raw(dc, wanted, path)[key]
+def _refuse_inside(source: Path, out_dir: Path) -> None:
+    """A conversion never writes into the folder it reads."""
+    out, src = out_dir.resolve(), source.resolve()
+    run = recorded_run(source)
+    for folder in {src, *([run.resolve()] if run is not None else [])}:
+        if out == folder or folder in out.parents:
+            raise CheckpointError(
+                f"output {out_dir} lies inside {folder}, which is being read; "
+                "write to another folder"
+            )
 
 
 def consolidate(
@@ -57,70 +46,49 @@ def consolidate(
 ) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` from a checkpoint
     (a checkpoint folder, a run folder or its ``checkpoints`` folder): the averaged weights
-    where the run kept an average (train.ema_decay) and ``average``, else the trained ones."""
-    path = checkpoint.resolve(source)
-    common = checkpoint.read_common(path)
-    dc = checkpoint.dist_checkpointing()
-    meta = dc.load_tensors_metadata(str(path))
+    where the run kept an average (optim.ema_decay) and ``average``, else the trained ones."""
+    saved = open_saved(source)
+    if saved.kind != SHARDED:
+        raise CheckpointError(f"{source} is consolidated already")
+    path, out_dir = saved.path, Path(out_dir)
+    _refuse_inside(Path(source), out_dir)
+    meta = sharded.tensors_metadata(path)
     keys = sorted(k for k in meta if k.startswith("model."))
     if not keys:
         raise CheckpointError(f"{path} holds no model weights")
-    header: dict = {}
-    offset = 0
-    for key in keys:
-        m = meta[key]
-        nbytes = math.prod(m.global_shape) * m.dtype.itemsize
-        header[key.removeprefix("model.")] = {
-            "dtype": SAFETENSORS_DTYPES[m.dtype],
-            "shape": list(m.global_shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
     # the weights themselves: the average where there is one (same names and shapes)
     sources = {k: f"ema.{k.removeprefix('model.')}" for k in keys}
     sources = {k: v if average and v in meta else k for k, v in sources.items()}
-    averaged = any(v != k for k, v in sources.items())
-    header["__metadata__"] = {
-        "format": "pt",
-        "step": str(common["step"]),
-        "weights": "ema" if averaged else "trained",
-    }
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-
-    out_dir = Path(out_dir)
+    weights = "ema" if any(v != k for k, v in sources.items()) else "trained"
+    by_name = {k.removeprefix("model."): sources[k] for k in keys}
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for key in tqdm(keys, desc="consolidate", unit=" tensors", disable=not progress):
-            tensor = read_tensor(dc, path, sources[key], meta[sources[key]]).contiguous()
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / WEIGHTS)
-    config = {"config": common["config"], "step": common["step"], "source": str(path)}
-    config["weights"] = "ema" if averaged else "trained"
-    if "statistics" in common:  # the training split's statistics travel with the weights
-        config["statistics"] = common["statistics"]
-    (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
+    consolidated.write_weights(
+        out_dir / consolidated.WEIGHTS,
+        [(k.removeprefix("model."), meta[k].global_shape, meta[k].dtype) for k in keys],
+        lambda name: sharded.read_tensor(path, by_name[name], meta[by_name[name]]),
+        {"step": str(saved.step), "weights": weights},
+        lambda entries: tqdm(entries, desc="consolidate", unit=" tensors", disable=not progress),
+    )
+    info = {"config": saved.config_dict, "step": saved.step, "source": str(path)}
+    info["weights"] = weights
+    if saved.statistics is not None:  # the training split's statistics travel too
+        info["statistics"] = saved.statistics
+    consolidated.write_config(out_dir, info)
     run = recorded_run(path)  # the run's split travels too, for evaluation
     if run is not None:
         shutil.copyfile(run / SPLITS, out_dir / SPLITS)
-    return out_dir / WEIGHTS
+    return out_dir / consolidated.WEIGHTS
 
 
 def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
     """Collective: every rank of the target layout (``par``) calls it. Loads this rank's part
     of the model and optimizer from ``source`` (saved under any layout) and saves them as
     ``out_dir/checkpoints/step-N``. Returns that folder."""
-    from megagnn.config import config_from_dict, config_to_dict
-    from megagnn.training.build import DTYPES, build_rank_model, build_rank_optimizer
-    from megagnn.training.ema import WeightAverage
-
-    path = checkpoint.resolve(source)
-    common = checkpoint.read_common(path)
-    cfg = config_from_dict(common["config"])
+    saved = open_saved(source)
+    if saved.kind != SHARDED:
+        raise CheckpointError(f"{source} is consolidated: only a training checkpoint reshards")
+    _refuse_inside(Path(source), Path(out_dir))
+    path, cfg = saved.path, saved.config
     cfg.parallel.tensor, cfg.parallel.pipeline = par.tp_size, par.pp_size
     cfg.train.out_dir = str(out_dir)
     if par.pp_size > 1 and cfg.model.forces == "conservative":
@@ -133,27 +101,9 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
     model = (stage or potential).to(par.device, dtype)
     optimizer = build_rank_optimizer(cfg, model, par)
     average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    loaded = checkpoint.load(path, model, optimizer, par, average)
+    shadow = average.shadow if average is not None else None
+    loaded = sharded.load(path, model, optimizer, par, shadow)
     loaded["config"] = config_to_dict(cfg)
-    return checkpoint.save(
-        Path(out_dir) / "checkpoints",
-        loaded["step"],
-        model,
-        optimizer,
-        loaded,
-        par,
-        average=average,
+    return sharded.save(
+        Path(out_dir) / "checkpoints", loaded["step"], model, optimizer, loaded, par, average=shadow
     )
-
-
-def is_consolidated(path: str | Path) -> bool:
-    return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
-
-
-def load_consolidated(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict) of a consolidated checkpoint folder."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    info = json.loads((path / CONFIG).read_text())
-    return info["config"], load_file(str(path / WEIGHTS))

@@ -12,14 +12,13 @@ import sys
 
 import torch
 
+from megagnn.checkpoint import CheckpointError, open_saved
 from megagnn.config import ConfigError, config_from_dict
-from megagnn.convert import is_consolidated
 from megagnn.data.shards import DataError, atomic_write_json
 from megagnn.elements import UnknownElementError, check_elements
-from megagnn.inference.calculator import load_model, saved_config
 from megagnn.inference.package import Package, PackagePotential
-from megagnn.training.build import DTYPES, default_device
-from megagnn.training.checkpoint import CheckpointError, resolve
+from megagnn.parallel.state import default_device
+from megagnn.precision import DTYPES
 from megagnn.training.evaluation import evaluate
 from megagnn.training.sources import DataSplits, dataset_entries, read_splits, recorded_run
 
@@ -36,10 +35,9 @@ def _load(source: str, which: str, device: torch.device):
             )
         config = json.loads(package.metadata["run_config"])
         return PackagePotential(package), config, -1, package.dtype
-    path = source if is_consolidated(source) else resolve(source, which)
-    config, step = saved_config(path)
-    dtype = DTYPES[config_from_dict(config).train.precision]
-    return load_model(path, device, dtype), config, step, dtype
+    saved = open_saved(source, which)
+    dtype = DTYPES[saved.config.train.precision]
+    return saved.model(device, dtype), saved.config_dict, saved.step, dtype
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megagnn.checkpoint import CheckpointError
 from megagnn.config import ConfigError, load_config
 from megagnn.data.shards import DataError
-from megagnn.training.checkpoint import CheckpointError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

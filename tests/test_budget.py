@@ -7,9 +7,9 @@ import math
 import pytest
 from test_training import tiny_config
 
+from megagnn.checkpoint.sharded import read_common, resolve
 from megagnn.evaluate import main as evaluate_main
 from megagnn.training.budget import EarlyStopping, planned_steps
-from megagnn.training.checkpoint import read_common, resolve
 from megagnn.training.trainer import Trainer
 
 

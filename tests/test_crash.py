@@ -98,7 +98,7 @@ def test_sigkill_during_a_step_resumes_the_curve(emt_dataset, tmp_path):
 
 KILL_IN_SAVE = """
 import os, signal, sys
-from megagnn.training import checkpoint
+from megagnn.checkpoint import sharded as checkpoint
 real = checkpoint.dist_checkpointing
 
 def dying():

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megagnn.checkpoint.sharded import _optimizer_common
 from megagnn.parallel import device_check
 from megagnn.parallel.data import FlatDataParallel
 from megagnn.parallel.device_check import DeviceError
-from megagnn.training.checkpoint import _optimizer_common
 
 
 @pytest.fixture

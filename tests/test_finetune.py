@@ -5,8 +5,9 @@ import pytest
 import torch
 from test_training import run_losses, tiny_config
 
+from megagnn.checkpoint.consolidated import load_weights
 from megagnn.config import ConfigError
-from megagnn.convert import consolidate, load_consolidated
+from megagnn.convert import consolidate
 from megagnn.inference import load_model
 from megagnn.training.trainer import Trainer
 
@@ -113,10 +114,10 @@ def test_weight_average_resumes_exactly_and_is_what_is_served(emt_dataset, tmp_p
     assert any(not torch.equal(shadow[n], raw[n]) for n in names)
     served = dict(load_model(tmp_path / "a", dtype=torch.float32).named_parameters())
     consolidate(tmp_path / "a", tmp_path / "c", progress=False)
-    _, weights = load_consolidated(tmp_path / "c")
+    weights = load_weights(tmp_path / "c")
     for n in names:
         torch.testing.assert_close(served[n], shadow[n], rtol=0, atol=0, msg=n)
         torch.testing.assert_close(weights[n], shadow[n], rtol=0, atol=0, msg=n)
     consolidate(tmp_path / "a", tmp_path / "t", progress=False, average=False)
-    _, trained = load_consolidated(tmp_path / "t")
+    trained = load_weights(tmp_path / "t")
     assert all(torch.equal(trained[n], raw[n].detach()) for n in names)

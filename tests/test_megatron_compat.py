@@ -7,7 +7,7 @@ import sys
 
 SCRIPT = """
 import multiprocessing, sys, torch
-from megagnn.training import checkpoint
+from megagnn.checkpoint import sharded as checkpoint
 dc = checkpoint.dist_checkpointing()
 assert "torch._dynamo" not in sys.modules, "megatron-core's fusions were compiled"
 from megatron.core.dist_checkpointing import ShardedTensor

@@ -26,8 +26,8 @@ def test_profile_step_reports_a_training_step():
 def test_communication_counter_sees_tensors_passed_by_keyword():
     import torch.distributed as dist
 
+    from megagnn.checkpoint.sharded import dist_checkpointing
     from megagnn.profiling import count_communication
-    from megagnn.training.checkpoint import dist_checkpointing
 
     dist_checkpointing()  # a one-rank gloo group
     t = torch.zeros(10)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from megagnn import keys as K
+from megagnn.checkpoint.sharded import CheckpointError, read_common
 from megagnn.config import ConfigError, load_config
 from megagnn.data.shards import ShardedDataset
 from megagnn.evaluate import main as evaluate_main
 from megagnn.pretrain import main as pretrain_main
-from megagnn.training.checkpoint import CheckpointError, read_common
 from megagnn.training.trainer import Trainer
 
 
@@ -245,8 +245,11 @@ def test_missing_or_broken_checkpoints_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="missing or incomplete"):
         read_common(tmp_path)
     (step / "metadata.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="step-00000001/metadata.json: corrupt"):
+        read_common(tmp_path)
+    (step / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     (step / "common.pt").write_bytes(b"\x80\x02 truncated")
-    with pytest.raises(CheckpointError, match="step-00000001 is corrupt"):
+    with pytest.raises(CheckpointError, match="step-00000001/common.pt: corrupt"):
         read_common(tmp_path)
 
 
@@ -349,8 +352,8 @@ def test_deterministic_runs_train(emt_dataset, tmp_path):
 def test_checkpoints_older_than_the_element_record_still_load(emt_dataset, tmp_path):
     """A checkpoint written before the model recorded its elements loads, the elements
     rebuilt from the reference energies (the elements the training split held)."""
+    from megagnn.checkpoint import sharded as checkpoint
     from megagnn.inference import load_model
-    from megagnn.training import checkpoint
 
     trainer = Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=1"))
     trainer.train()

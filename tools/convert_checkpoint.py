@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
+from megagnn.checkpoint import CheckpointError, open_saved
 from megagnn.convert import consolidate
-from megagnn.training.checkpoint import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -87,16 +87,15 @@ def main(argv=None) -> int:
                 average=not args.trained_weights,
             )
         else:
-            from megagnn.inference import export_package, load_model
-            from megagnn.inference.calculator import saved_config
+            from megagnn.inference import export_package
 
             if not args.out.endswith(".pt2"):
                 raise ValueError(f"the package file must end in .pt2, not {args.out!r}")
             dtype = getattr(torch, args.dtype)
             print(f"compiling {args.source} ({args.dtype}, {args.device}) ...", file=sys.stderr)
-            model = load_model(args.source, dtype=dtype)
-            run_config = saved_config(args.source)[0]
-            path = export_package(model, args.out, dtype, args.device, run_config)
+            saved = open_saved(args.source)
+            model = saved.model(dtype=dtype)
+            path = export_package(model, args.out, dtype, args.device, saved.config_dict)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

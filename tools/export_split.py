@@ -18,9 +18,8 @@ import numpy as np
 from ase import Atoms
 from tqdm import tqdm
 
-from megagnn.config import config_from_dict
+from megagnn.checkpoint import open_saved
 from megagnn.data.shards import ShardedDataset
-from megagnn.inference.calculator import saved_config
 from megagnn.training.sources import SPLIT_NAMES, dataset_entries, read_splits, recorded_run
 
 
@@ -42,8 +41,7 @@ def record_atoms(rec: dict) -> Atoms:
 
 def export(run: str | Path, out_dir: str | Path, progress: bool = True) -> dict[str, Path]:
     """The run's (first dataset's) split as ``out_dir/<split>.extxyz``; returns the paths."""
-    config, _ = saved_config(run)
-    cfg = config_from_dict(config)
+    cfg = open_saved(run).config
     path, head, _ = dataset_entries(cfg)[0]
     folder = recorded_run(run)
     splits = read_splits(folder, cfg.model.heads[head] if len(dataset_entries(cfg)) > 1 else None)

@@ -3,7 +3,6 @@ or an inference package (``.pt2``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from megagnn import keys as K
-from megagnn.config import config_from_dict
-from megagnn.convert import CONFIG, is_consolidated, load_consolidated
+from megagnn.checkpoint import open_saved
 from megagnn.data.graph import (
     atoms_to_graph,
     atoms_to_record,
@@ -24,9 +22,7 @@ from megagnn.data.graph import (
 )
 from megagnn.elements import check_elements
 from megagnn.inference.package import Package, graph_inputs
-from megagnn.models import Potential, build_model
-from megagnn.parallel.state import ParallelState
-from megagnn.training import checkpoint
+from megagnn.models import Potential
 
 
 def load_model(
@@ -34,32 +30,9 @@ def load_model(
 ) -> Potential:
     """The whole model, in eval mode, from a run folder (its latest checkpoint), a
     checkpoint folder saved under any tensor/pipeline layout (its averaged weights where it
-    has them, train.ema_decay) or a consolidated folder (``tools/convert_checkpoint.py
+    has them, optim.ema_decay) or a consolidated folder (``tools/convert_checkpoint.py
     consolidate``)."""
-    if is_consolidated(path):
-        config, weights = load_consolidated(path)
-        model = build_model(config_from_dict(config).model)
-        for key in model.state_dict().keys() - weights.keys():  # buffers newer than the file
-            derived = checkpoint.derived_from(key)
-            if derived is not None and derived[0] in weights:
-                weights[key] = derived[1](weights[derived[0]])
-        model.load_state_dict(weights)
-    else:
-        cfg = config_from_dict(checkpoint.read_common(path)["config"])
-        model = build_model(cfg.model)
-        absent = checkpoint.load_weights(path, model, ParallelState(device=torch.device("cpu")))
-        if absent:
-            raise checkpoint.CheckpointError(f"{path} lacks {', '.join(absent)}")
-    return model.to(device, dtype).eval()
-
-
-def saved_config(path: str | Path) -> tuple[dict, int]:
-    """(the run's whole config, its step) of a run, checkpoint or consolidated folder."""
-    if is_consolidated(path):
-        info = json.loads((Path(path) / CONFIG).read_text())
-        return info["config"], int(info["step"])
-    common = checkpoint.read_common(path)
-    return common["config"], int(common["step"])
+    return open_saved(path).model(device, dtype)
 
 
 class MegaGNNCalculator(Calculator):

@@ -50,6 +50,11 @@ class ParallelState:
         return dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
 
+def default_device() -> torch.device:
+    """The device of a process run without torchrun: the GPU where there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,12 +15,7 @@ from megagnn.parallel.materialize import materialize
 from megagnn.parallel.pipeline import PipelineStage, global_named_tensors, schedule_config
 from megagnn.parallel.state import ParallelState
 from megagnn.parallel.tensor import parallelize_tensor
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp64": torch.float64}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from megagnn.precision import DTYPES
 
 
 def build_rank_model(

@@ -2,7 +2,7 @@
 default): w_ema <- d w_ema + (1 - d) w after every optimizer step.
 
 Each rank averages the parameters it holds, so the average is sharded exactly like the
-weights (checkpoint.sharded_state_dict saves it as ``ema.<name>`` beside ``model.<name>``).
+weights (megagnn.checkpoint.sharded saves it as ``ema.<name>`` beside ``model.<name>``).
 """
 
 from __future__ import annotations

@@ -15,17 +15,15 @@ elements are those of its new training data.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from megagnn.config import Config, ConfigError, ModelConfig, config_from_dict
-from megagnn.convert import CONFIG, WEIGHTS, is_consolidated, read_tensor
+from megagnn.checkpoint import BEST, open_saved
+from megagnn.config import Config, ConfigError, ModelConfig
 from megagnn.parallel.state import ParallelState
-from megagnn.training import checkpoint
 
 TRUNK = ("family", "hidden", "layers", "num_rbf", "radial_hidden", "rbf", "cutoff")
 TRUNK += ("envelope_p", "max_z", "lmax")
@@ -40,27 +38,12 @@ class Pretrained:
 
     def __init__(self, source: str | Path, device: torch.device | None = None):
         self.source, self.device = str(source), device or torch.device("cpu")
-        self.consolidated = is_consolidated(source)
-        if self.consolidated:
-            self.path = Path(source)
-            config = json.loads((self.path / CONFIG).read_text())["config"]
-        else:
-            self.path = checkpoint.resolve(source, checkpoint.BEST)
-            config = checkpoint.read_common(self.path)["config"]
-        self.cfg = config_from_dict(config)
+        self.saved = open_saved(source, BEST)
+        self.path: Path = self.saved.path
+        self.cfg = self.saved.config
         self.heads = list(self.cfg.model.heads)
-        self.scale = self._read_whole("scale")  # [pretrained heads]
-        self.avg_num_neighbors = float(self._read_whole("avg_num_neighbors"))
-
-    def _read_whole(self, name: str) -> torch.Tensor:
-        if self.consolidated:
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / WEIGHTS), "pt") as f:
-                return f.get_tensor(name)
-        dc = checkpoint.dist_checkpointing()
-        meta = dc.load_tensors_metadata(str(self.path))[f"model.{name}"]
-        return read_tensor(dc, self.path, f"model.{name}", meta, self.device).cpu()
+        self.scale = self.saved.read_whole("scale", self.device)  # [pretrained heads]
+        self.avg_num_neighbors = float(self.saved.read_whole("avg_num_neighbors", self.device))
 
     def check(self, cfg: ModelConfig) -> None:
         """Refuse a trunk that differs from the pretrained one, naming each field."""
@@ -130,35 +113,7 @@ class Pretrained:
     def load_into(self, model: nn.Module, par: ParallelState, cfg: Config) -> list[str]:
         """Fill this rank's part of ``model``; returns the names left fresh (the pretrained
         model has no such tensor, e.g. a direct-force head). Collective under torchrun."""
-        key_map = self.key_map(cfg)
-        if not self.consolidated:
-            return checkpoint.load_weights(self.path, model, par, key_map)
-        from safetensors import safe_open
-
-        absent = []
-        with safe_open(str(self.path / WEIGHTS), "pt") as f, torch.no_grad():
-            names = set(f.keys())
-            for key, (tensor, offsets, _) in checkpoint.placements(model, None, False, par).items():
-                name = key.removeprefix("model.")
-                src = key_map(name)
-                if src is None:
-                    continue
-                if src not in names:
-                    absent.append(name)
-                    continue
-                piece = f.get_slice(src)
-                shape = tuple(piece.get_shape())
-                if shape != checkpoint.global_shape(tensor, offsets):
-                    raise ConfigError(
-                        f"{self.path}: {src} has shape {shape}, this model's {name} "
-                        f"{checkpoint.global_shape(tensor, offsets)}"
-                    )
-                index = [slice(None)] * len(shape)
-                for dim, rank, _ in offsets:  # this rank's slice only
-                    n = tensor.shape[dim]
-                    index[dim] = slice(rank * n, (rank + 1) * n)
-                tensor.copy_(piece[tuple(index)])
-        return absent
+        return self.saved.load_into(model, par, self.key_map(cfg))
 
 
 def describe(pretrained: Pretrained, cfg: Config, fresh: list[str], frozen: int) -> str:

@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from megagnn import keys as K
 from megagnn import ops
+from megagnn.checkpoint import sharded as checkpoint
+from megagnn.checkpoint.sharded import rng_state
 from megagnn.config import Config, config_to_dict
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import (
@@ -26,17 +28,10 @@ from megagnn.data.sampler import (
 from megagnn.data.shards import atomic_write_json
 from megagnn.models import count_parameters
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
-from megagnn.parallel.state import ParallelState
-from megagnn.training import budget, checkpoint, records
-from megagnn.training.build import (
-    DTYPES,
-    build_rank_model,
-    build_rank_optimizer,
-    default_device,
-    freeze,
-    size_warning,
-)
-from megagnn.training.checkpoint import rng_state
+from megagnn.parallel.state import ParallelState, default_device
+from megagnn.precision import DTYPES
+from megagnn.training import budget, records
+from megagnn.training.build import build_rank_model, build_rank_optimizer, freeze, size_warning
 from megagnn.training.ema import WeightAverage, averaged
 from megagnn.training.evaluation import evaluate
 from megagnn.training.finetune import Pretrained, describe
@@ -200,7 +195,8 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of the same model and data saved under any parallel
         layout (a different data-parallel size resumes the data order approximately)."""
-        common = checkpoint.load(path, self.model, self.optimizer, self.par, self.average)
+        shadow = self.average.shadow if self.average else None
+        common = checkpoint.load(path, self.model, self.optimizer, self.par, shadow)
         if self.average is not None and common.get("ema"):
             self.average.load_state_dict(common["ema"])
         if self.clock is not None and common.get("clock"):  # durations seen before
@@ -232,7 +228,7 @@ class Trainer:
             self.par,
             keep=self.cfg.train.keep_checkpoints,
             best=best,
-            average=self.average,
+            average=self.average.shadow if self.average else None,
         )
         if self.par.is_main:
             state = {**self.compute.state_dict(), "step": self.step, "max_steps": self.max_steps}

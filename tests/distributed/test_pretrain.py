@@ -115,13 +115,11 @@ def test_resume_under_another_layout(emt_dataset, tmp_path):
 
 def _all_tensors(path):
     """Every global tensor of a checkpoint (weights and optimizer moments), by key."""
-    from megagnn.convert import read_tensor
-    from megagnn.training import checkpoint
+    from megagnn.checkpoint import sharded as checkpoint
 
     path = checkpoint.resolve(path)
-    meta = checkpoint.dist_checkpointing().load_tensors_metadata(str(path))
-    dc = checkpoint.dist_checkpointing()
-    return {k: read_tensor(dc, path, k, m) for k, m in meta.items()}
+    meta = checkpoint.tensors_metadata(path)
+    return {k: checkpoint.read_tensor(path, k, m) for k, m in meta.items()}
 
 
 def test_reshard_round_trips_and_resumes(emt_dataset, tmp_path):

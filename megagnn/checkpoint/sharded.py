@@ -17,6 +17,7 @@ crash at any moment leaves ``latest`` naming a complete checkpoint (or nothing).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -29,13 +30,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megagnn.checkpoint.errors import CheckpointError
 from megagnn.parallel.data import MOMENTS, DataParallel
 from megagnn.parallel.layers import is_sharded
 from megagnn.parallel.megatron_compat import import_megatron, install_cpu_shim
 from megagnn.parallel.pipeline import global_named_tensors
 from megagnn.parallel.state import ParallelState
-from megagnn.training.ema import WeightAverage
 
 # buffers added after some checkpoints were written, and how to rebuild them from those
 # checkpoints: the elements of the training split are those with a reference energy
@@ -44,9 +46,8 @@ DERIVED_BUFFERS = {"trained_elements": ("atomic_energies", lambda energies: ener
 LATEST = "latest"
 BEST = "best"  # the checkpoint of the lowest validation loss (runs with train.patience)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable; the message names the path."""
+# one weight average: each parameter -> its averaged copy (training.ema.WeightAverage.shadow)
+Average = dict[torch.Tensor, torch.Tensor]
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,7 +83,7 @@ def placements(
     moments: dict[torch.Tensor, dict[str, torch.Tensor]] | None,
     sharded_moments: bool,
     par: ParallelState,
-    average: WeightAverage | None = None,
+    average: Average | None = None,
 ) -> dict[str, tuple[torch.Tensor, list, tuple]]:
     """Global key -> (this rank's tensor, its offsets in the global tensor, replica id) for
     the weights and buffers (``model.*``), the AdamW moments (``optimizer.*``) and the
@@ -106,7 +107,7 @@ def placements(
             replica = (0 if is_param else par.pp_rank, par.tp_rank, par.dp_rank)
         out[f"model.{key}"] = (tensor, offsets, replica)
         if is_param and average is not None:
-            out[f"ema.{key}"] = (average.shadow[tensor], offsets, replica)
+            out[f"ema.{key}"] = (average[tensor], offsets, replica)
         if tensor in held:
             owner = (*replica[:2], 0) if sharded_moments else replica
             for moment in MOMENTS:
@@ -128,7 +129,7 @@ def sharded_state_dict(
     moments: dict[torch.Tensor, dict[str, torch.Tensor]] | None,
     sharded_moments: bool,
     par: ParallelState,
-    average: WeightAverage | None = None,
+    average: Average | None = None,
 ) -> dict[str, Any]:
     """ShardedTensors of ``placements``, each under its global key."""
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -166,7 +167,7 @@ def save(
     par: ParallelState,
     keep: int = 2,
     best: bool = False,
-    average: WeightAverage | None = None,
+    average: Average | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint folder; ``best``
     also points ``best`` at it (pruning never removes the best checkpoint)."""
@@ -238,13 +239,70 @@ def resolve(path: str | Path, which: str = LATEST) -> Path:
     raise CheckpointError(f"checkpoint {path} does not exist")
 
 
+def verify(path: str | Path) -> None:
+    """Raise CheckpointError naming the first file of checkpoint ``path`` that is missing,
+    unreadable or shorter than the index says (a crash, a full disk or a partial copy cut
+    it). Reads only the index and the files' sizes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    index = path / ".metadata"
+    if not index.is_file():
+        raise CheckpointError(f"{index}: missing; {path} is not a complete checkpoint")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(
+            f"{index}: corrupt ({_reason(e)}); the checkpoint is unreadable"
+        ) from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing; the checkpoint is incomplete")
+        if (have := file.stat().st_size) < size:
+            raise CheckpointError(
+                f"{file}: truncated ({have:,} of {size:,} bytes); the checkpoint is corrupt"
+            )
+
+
+def _reason(error: BaseException) -> str:
+    """One line of an error (torch's CheckpointException holds one traceback per rank)."""
+    if isinstance(error, CheckpointException):
+        failures = list(error.failures.values())
+        if failures:
+            error = failures[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
 def read_common(path: str | Path) -> dict[str, Any]:
     """The common part (config, step, schedule, ...) of a checkpoint, without its weights."""
     path = resolve(path)
+    config = path / "metadata.json"
+    try:  # megatron-core's own record of the format
+        backend = json.loads(config.read_text())["sharded_backend"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config}: corrupt ({type(e).__name__}: {e})") from e
+    if backend != "torch_dist":
+        raise CheckpointError(f"{config}: format {backend!r}, not megagnn's 'torch_dist'")
     try:
         return dist_checkpointing().load_common_state_dict(str(path))["common"]
-    except Exception as e:  # truncated or foreign files raise many types
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {e}") from e
+    except (Exception, CheckpointException) as e:  # truncated or foreign files raise many types
+        raise CheckpointError(f"{path / 'common.pt'}: corrupt or truncated ({_reason(e)})") from e
+
+
+def tensors_metadata(path: str | Path) -> dict[str, Any]:
+    """Global key -> shape and dtype of every tensor in checkpoint ``path``."""
+    path = Path(path)
+    try:
+        return dist_checkpointing().load_tensors_metadata(str(path))
+    except (Exception, CheckpointException) as e:
+        verify(path)  # names the file at fault where it can
+        raise CheckpointError(f"{path}: unreadable ({_reason(e)})") from e
 
 
 def load(
@@ -252,7 +310,7 @@ def load(
     model: nn.Module,
     optimizer: DataParallel | None,
     par: ParallelState,
-    average: WeightAverage | None = None,
+    average: Average | None = None,
 ) -> dict[str, Any]:
     """Fill ``model`` (and ``optimizer`` and ``average``) with this rank's pieces of a
     checkpoint saved under any layout; returns the common dict. Collective under torchrun.
@@ -263,7 +321,7 @@ def load(
     moments = optimizer.moments(loading=True) if optimizer is not None else None
     sharded = optimizer is not None and optimizer.moments_sharded
     state = sharded_state_dict(model, moments, sharded, par, average)
-    saved = set(dc.load_tensors_metadata(str(path)))
+    saved = set(tensors_metadata(path))
     fresh_average = average is not None and not any(k.startswith("ema.") for k in saved)
     if fresh_average:
         state = {k: v for k, v in state.items() if not k.startswith("ema.")}
@@ -276,8 +334,8 @@ def load(
         for tensor, source, rule in derived.values():
             tensor.copy_(rule(loaded[source]))
         if fresh_average:
-            for p in average.params:
-                average.shadow[p].copy_(p)
+            for p, shadow in average.items():
+                shadow.copy_(p)
     common = loaded["common"]
     if optimizer is not None:
         optimizer.loaded(moments)
@@ -300,7 +358,7 @@ def load_weights(
 
     dc = dist_checkpointing()
     path = resolve(path)
-    meta = dc.load_tensors_metadata(str(path))
+    meta = tensors_metadata(path)
     wanted, targets, absent = {}, {}, []
     for key, (tensor, offsets, replica) in placements(model, None, False, par).items():
         name = key.removeprefix("model.")
@@ -359,5 +417,19 @@ def load_raw(dc, sharded: dict[str, Any], path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # megatron-core calls a deprecated torch loader
             warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
             return dc.load(sharded, str(path))
-    except Exception as e:
-        raise CheckpointError(f"cannot load {path} into this model: {e}") from e
+    except (Exception, CheckpointException) as e:  # torch's is a BaseException
+        verify(path)  # a corrupt file is named as such
+        raise CheckpointError(f"cannot load {path} into this model: {_reason(e)}") from e
+
+
+def read_tensor(path: Path, key: str, meta, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One whole global tensor, assembled from the shards that hold it, on ``device`` (the
+    communication device when every rank of a job reads it: one of them is its main
+    replica)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    dc = dist_checkpointing()
+    target = torch.empty(meta.global_shape, dtype=meta.dtype, device=device)
+    rank = dist.get_rank()  # dist_checkpointing() made a group if there was none
+    wanted = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=rank)}
+    return load_raw(dc, wanted, path)[key]
