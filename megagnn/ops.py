@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from megagnn.kernels.reference import polynomial_envelope, segment_sum_reference
-from megagnn.parallel.mappings import copy_to_region
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -122,21 +121,17 @@ def radial_basis(
     return basis(r), polynomial_envelope(r, cutoff, p)
 
 
-def _fused_filter(filter_mlp: nn.Sequential, edges) -> tuple:
-    """(rbf, W1, b1, W2, b2, activation) of ``filter_mlp`` = Linear(K, R) -> act -> Linear(R, ·)
-    for the fused kernels. Under tensor parallelism the replicated first layer and basis feed
-    channel-split work, so their gradients are summed over the ranks, as a
-    ColumnParallelLinear's input is."""
+def _fused_filter(filter_mlp: nn.Module, edges) -> tuple:
+    """(rbf, W1, b1, W2, b2, activation kind) for the fused kernels, as ``filter_mlp`` (a
+    ``megagnn.models.radial.RadialFilter``, or the parallel one a plan swaps in) prepares
+    them."""
     from megagnn.kernels.common import SILU, SSP
 
-    first, act, last = filter_mlp
-    group = getattr(last, "group", None)
-    rbf, w1, b1 = (copy_to_region(t, group) for t in (edges.rbf, first.weight, first.bias))
-    kind = SILU if isinstance(act, nn.SiLU) else SSP
-    return rbf, w1, b1, last.weight, last.bias, kind
+    rbf, w1, b1, w2, b2, act = filter_mlp.fused_inputs(edges.rbf)
+    return rbf, w1, b1, w2, b2, SILU if isinstance(act, nn.SiLU) else SSP
 
 
-def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
+def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Module) -> torch.Tensor:
     """Continuous-filter convolution Σ_{j->i} filter(rbf_ij) u_ij ⊙ x_j -> [N, H/tp].
 
     ``filter_mlp`` is Linear(K, R) -> activation -> Linear(R, H) (the last one possibly
@@ -152,7 +147,7 @@ def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Sequential) -> torch.Tensor:
 
 
 def painn_message(
-    phi: torch.Tensor, v: torch.Tensor, edges, filter_mlp: nn.Sequential
+    phi: torch.Tensor, v: torch.Tensor, edges, filter_mlp: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PaiNN's Σ_j φ_j ⊙ W_ij split into (Δs [N, H/tp], Δv [N, 3, H/tp]) (eqs. 7-8).
 

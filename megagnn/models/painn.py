@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from megagnn.models.edges import Edges
+from megagnn.models.radial import RadialFilter
 from megagnn.ops import painn_message
 
 # s [N, H] ([N/tp, H] in node-parallel regions), v [N, 3, H/tp]
@@ -24,9 +25,7 @@ class PaiNNMessage(nn.Module):
         # radial MLP (as in NequIP/MACE) rather than PaiNN's single linear layer.
         # The 3H outputs of phi and filter are channel-major (channel c, part k at 3c + k), so
         # a contiguous split over tensor-parallel ranks keeps all three parts of each channel
-        self.filter = nn.Sequential(
-            nn.Linear(num_rbf, radial_hidden), nn.SiLU(), nn.Linear(radial_hidden, 3 * hidden)
-        )
+        self.filter = RadialFilter(num_rbf, radial_hidden, 3 * hidden, nn.SiLU())
         # tensor-parallel boundary: Δs is computed on this rank's channels, s is replicated
         self.gather_ds = nn.Identity()
 

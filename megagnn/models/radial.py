@@ -52,5 +52,22 @@ class GaussianBasis(nn.Module):
         return 1, self.centers, self.coeff  # the fused kernel's (kind, params, coeff)
 
 
+class RadialFilter(nn.Sequential):
+    """Per-edge filter weights from the radial basis: Linear(K, R) -> activation ->
+    Linear(R, out), ``[E, K] -> [E, out]`` (``[E, out/tp]`` once a tensor-parallel plan
+    splits its last layer).
+
+    A fused kernel computes the filter itself, never storing ``[E, out]``: ``fused_inputs``
+    gives it the basis and weights as this layer would use them."""
+
+    def __init__(self, num_rbf: int, hidden: int, out: int, activation: nn.Module):
+        super().__init__(nn.Linear(num_rbf, hidden), activation, nn.Linear(hidden, out))
+
+    def fused_inputs(self, rbf: torch.Tensor) -> tuple:
+        """(rbf [E, K], W1, b1, W2, b2, activation module) for a fused filter kernel."""
+        first, activation, last = self
+        return rbf, first.weight, first.bias, last.weight, last.bias, activation
+
+
 def make_basis(kind: str, cutoff: float, num: int) -> nn.Module:
     return {"bessel": BesselBasis, "gaussian": GaussianBasis}[kind](cutoff, num)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from megagnn.models.edges import Edges
+from megagnn.models.radial import RadialFilter
 from megagnn.models.scalar import ScalarBackbone
 from megagnn.ops import cfconv
 
@@ -29,9 +30,7 @@ class SchNetBlock(nn.Module):
 
     def __init__(self, hidden: int, num_rbf: int, radial_hidden: int):
         super().__init__()
-        self.filter = nn.Sequential(
-            nn.Linear(num_rbf, radial_hidden), ShiftedSoftplus(), nn.Linear(radial_hidden, hidden)
-        )
+        self.filter = RadialFilter(num_rbf, radial_hidden, hidden, ShiftedSoftplus())
         self.in2f = nn.Linear(hidden, hidden, bias=False)
         self.f2out = nn.Sequential(
             nn.Linear(hidden, hidden), ShiftedSoftplus(), nn.Linear(hidden, hidden)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megagnn.models.radial import RadialFilter
 from megagnn.parallel.mappings import (
     Group,
     channels_to_nodes,
@@ -137,3 +138,21 @@ class Boundary(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mapping(x, self.group)
+
+
+class ParallelRadialFilter(RadialFilter):
+    """A ``RadialFilter`` with its last linear column-parallel: ``[E, K] -> [E, out/tp]``.
+
+    The basis and the first layer stay replicated but feed channel-split work, so their
+    gradients are summed over the group: the column-parallel linear does that for its own
+    input, and ``fused_inputs`` does it for a fused kernel, which reads them directly."""
+
+    def __init__(self, filt: RadialFilter, group: Group):
+        first, activation, last = filt
+        nn.Sequential.__init__(self, first, activation, ColumnParallelLinear(last, group))
+        self.group = group
+
+    def fused_inputs(self, rbf: torch.Tensor) -> tuple:
+        rbf, w1, b1, w2, b2, activation = super().fused_inputs(rbf)
+        rbf, w1, b1 = (copy_to_region(t, self.group) for t in (rbf, w1, b1))
+        return rbf, w1, b1, w2, b2, activation

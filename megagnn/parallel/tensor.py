@@ -20,6 +20,15 @@ here may replace with a ``Boundary``; no model has any other:
 - ``IrrepBlock.gather_nodes``: node-split scalars that feed replicated per-atom work;
 - ``PaiNNMessage.gather_ds`` / ``PaiNNUpdate.split_dv``: PaiNN's scalar update leaving, and
   its vector update entering, the channel split.
+
+Everything else a plan writes into a model, and nothing more:
+- ``nn.Linear`` -> ``ColumnParallelLinear`` / ``RowParallelLinear`` at the places each plan
+  names (a Linear's parameters keep their names, so checkpoints load under any layout);
+- ``RadialFilter`` -> ``ParallelRadialFilter`` (SchNet's and PaiNN's ``filter``): the one
+  layer a fused kernel reads weights from, and which prepares them for it (``ops`` knows
+  no process group);
+- ``PaiNN.vector_channels``: the vector channels this rank holds, H/tp;
+- ``Potential.node_multiple``: node-parallel runs pad the atoms to a multiple of tp.
 """
 
 from __future__ import annotations
@@ -31,7 +40,12 @@ from megagnn.models.irrep import IrrepNet
 from megagnn.models.painn import PaiNN
 from megagnn.models.potential import DirectForceHead, Potential
 from megagnn.models.schnet import SchNet
-from megagnn.parallel.layers import Boundary, ColumnParallelLinear, RowParallelLinear
+from megagnn.parallel.layers import (
+    Boundary,
+    ColumnParallelLinear,
+    ParallelRadialFilter,
+    RowParallelLinear,
+)
 from megagnn.parallel.mappings import (
     Group,
     channels_to_nodes,
@@ -50,7 +64,7 @@ def _schnet(backbone: SchNet, group: Group, nodes: bool) -> None:
     for block in backbone.blocks:
         # h [N, H] or [N/tp, H] -> [N, H/tp]
         block.in2f = ColumnParallelLinear(block.in2f, group, node_parallel=nodes)
-        block.filter[2] = ColumnParallelLinear(block.filter[2], group)  # [E, H/tp]
+        block.filter = ParallelRadialFilter(block.filter, group)  # [E, H/tp]
         # all-reduce -> [N, H], or reduce-scatter -> [N/tp, H]
         block.f2out[0] = RowParallelLinear(block.f2out[0], group, node_parallel=nodes)
         # -> [N, H] (all-gather), or [N/tp, H] (all-gather nodes, all-to-all)
@@ -71,7 +85,7 @@ def _painn(backbone: PaiNN, group: Group, nodes: bool) -> None:
             # s [N, H]: phi's first layer replicated, its second column-split -> [N, 3H/tp]
             # with no collective (splitting both would all-reduce [N, 3H] only to slice it)
             msg.phi[2] = ColumnParallelLinear(msg.phi[2], group)
-        msg.filter[2] = ColumnParallelLinear(msg.filter[2], group)  # [E, 3H/tp]
+        msg.filter = ParallelRadialFilter(msg.filter, group)  # [E, 3H/tp]
         # Δs [N, H/tp] -> [N, H] (all-gather) or [N/tp, H] (all-to-all)
         msg.gather_ds = Boundary(channels_to_nodes if nodes else gather_from_region, group)
         # v [N, 3, H/tp] -> [N, 3, H] (all-reduce) or [N/tp, 3, H] (reduce-scatter)
