@@ -3,7 +3,7 @@
 test energy, force and stress MAE per variant, and their step time in the same run.
 
     python benchmarks/ablation.py --data data/xtb/processed --steps 250 --seeds 0 1 \\
-        --base model.family=irrep model.lmax=2 model.layers=3 model.num_rbf=16 train.lr=0.01 \\
+        --base model.family=irrep model.lmax=2 model.layers=3 model.num_rbf=16 optim.lr=0.01 \\
         --variant c1-h32 model.hidden=32 model.correlation=1 \\
         --variant c2-h28 model.hidden=28 model.correlation=2 \\
         --work runs/ablation-product --out benchmarks/results/irrep-product-xtb-cpu
@@ -44,8 +44,8 @@ def point(args, name: str, overrides: list[str], seed: int) -> dict:
     if not metrics.exists():
         sets = [f"data.path={args.data}", f"train.out_dir={out}", f"train.seed={seed}"]
         sets += [f"train.max_steps={args.steps}", "train.progress=false"]
-        sets += [f"train.eval_every={args.eval_every}", "train.eval_structures=500"]
-        sets += ["train.save_every=1000000", "train.ema_decay=0.99", *args.base, *overrides]
+        sets += [f"validate.every={args.eval_every}", "validate.structures=500"]
+        sets += ["checkpoint.every=1000000", "optim.ema_decay=0.99", *args.base, *overrides]
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", args.config, "--set", *sets]
         with (out / "train.log").open("w") as log:

@@ -72,11 +72,11 @@ def megagnn_point(
     if result.exists():
         return json.loads(result.read_text())
     sets = [f"data.path={data}", f"train.out_dir={out}", f"train.time_budget={budget}"]
-    sets += ["train.progress=false", "train.save_every=1000000", "train.ema_decay=0.99"]
+    sets += ["train.progress=false", "checkpoint.every=1000000", "optim.ema_decay=0.99"]
     sets += [f"train.seed={args.seed}", *args.set]
     # long runs validate on a fixed subset along the way, to show how far from converged
-    sets += [f"train.eval_every={args.long_eval_every if long else 0}"]
-    sets += ["train.eval_structures=500"]
+    sets += [f"validate.every={args.long_eval_every if long else 0}"]
+    sets += ["validate.structures=500"]
     cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", args.config, "--set"]
     out.mkdir(parents=True, exist_ok=True)
     run([*cmd, *model_overrides(size_config(family, size)), *sets], out / "train.log")
@@ -116,7 +116,7 @@ def export_split(args, name: str, data: str, work: Path) -> Path:
     split_run, out = work / name / "split", work / name / "split" / "extxyz"
     if not (out / "test.extxyz").exists():
         sets = [f"data.path={data}", f"train.out_dir={split_run}", "train.max_steps=1"]
-        sets += ["train.eval_every=0", "train.progress=false", *args.set]
+        sets += ["validate.every=0", "train.progress=false", *args.set]
         split_run.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", args.config, "--set", *sets]
         run(cmd, split_run / "train.log")

@@ -6,9 +6,9 @@ side by side (the comparison is per step, so shared cores change nothing but wal
     python -m megagnn.pretrain --config configs/quickstart.yaml --set train.out_dir=R/pretrain
     python -m megagnn.pretrain --config configs/finetune-xtb.yaml --set train.out_dir=R/scratch
     python -m megagnn.pretrain --config configs/finetune-xtb.yaml \\
-        --set train.out_dir=R/finetune train.init_from=R/pretrain
+        --set train.out_dir=R/finetune finetune.init_from=R/pretrain
     python -m megagnn.pretrain --config configs/finetune-xtb-replay.yaml \\
-        --set train.out_dir=R/replay train.init_from=R/pretrain
+        --set train.out_dir=R/replay finetune.init_from=R/pretrain
 
 then ``python benchmarks/finetune.py R --out benchmarks/results/finetune-emt-xtb-cpu``
 evaluates each on the test split of the new data (and of the pretraining data: what the

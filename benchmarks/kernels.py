@@ -13,7 +13,7 @@ Sections (each row is measured against its baseline in the same run):
   fused        continuous-filter convolution and PaiNN message vs the unfused ops: forward
                and forward + backward time, bytes kept for backward, peak memory
   model        a training step (energy + conservative forces) of SchNet and PaiNN sizes with
-               train.kernels=triton vs torch, fp32 and bf16
+               kernels.backend=triton vs torch, fp32 and bf16
 
 Goals: aggregation >= 80% of copy bandwidth; radial >= 3x the eager reference; fused
 message >= 2x faster and >= 4x less activation memory than unfused at H >= 512.
@@ -245,7 +245,7 @@ def model_rows(dev: Device, sizes: dict, smoke: bool) -> list[dict]:
         for precision in precisions:
             row = {"model": model, "precision": precision}
             for kernels in ("torch", "triton"):
-                overrides = [f"train.precision={precision}", f"train.kernels={kernels}"]
+                overrides = [f"train.precision={precision}", f"kernels.backend={kernels}"]
                 overrides += ["train.progress=false", *(SMOKE_MODEL if smoke else [])]
                 cfg = load_config(str(ROOT / "configs" / "model" / f"{model}.yaml"), overrides)
                 par = ParallelState(device=dev.torch)

@@ -34,7 +34,7 @@ PROFILES = {
     "fp32": (["1x1", "2x1", "1x1x2"], []),
     "bf16": (["1x1"], ["train.precision=bf16"]),
     "recompute": (["1x1"], ["train.recompute_activations=true"]),
-    "zero-off": (["1x1x2"], ["train.shard_optimizer=false"]),
+    "zero-off": (["1x1x2"], ["parallel.shard_optimizer=false"]),
     "direct": (["1x1", "1x2"], ["model.forces=direct", "model.stress=false"]),
 }
 
@@ -51,7 +51,7 @@ def profile(args, overrides: list[str], layouts: list[str], tmp: Path) -> dict[s
 def train(args, precision: str, tmp: Path) -> dict:
     run = tmp / f"run-{precision}"
     sets = [f"data.path={args.data}", f"train.out_dir={run}", f"train.precision={precision}"]
-    sets += [f"train.max_steps={args.train_steps}", "train.progress=false", "train.eval_every=0"]
+    sets += [f"train.max_steps={args.train_steps}", "train.progress=false", "validate.every=0"]
     sets += [f"model.cutoff={args.cutoff}", *args.set]
     model = ROOT / "configs" / "model" / f"{args.model}.yaml"
     cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", str(args.config), "--set"]

@@ -32,8 +32,8 @@ def run_point(args, parametrization: str, width: int, lr: float, folder: Path) -
     run = folder / f"{parametrization}-w{width}-lr{lr:g}"
     sets = [f"data.path={args.data}", f"train.out_dir={run}", f"model.hidden={width}"]
     sets += [f"model.parametrization={parametrization}", f"model.mup_base_width={min(args.widths)}"]
-    sets += [f"train.lr={lr}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"]
-    sets += ["train.progress=false", f"train.save_every={args.steps}", *args.set]
+    sets += [f"optim.lr={lr}", f"train.max_steps={args.steps}", f"validate.every={args.steps}"]
+    sets += ["train.progress=false", f"checkpoint.every={args.steps}", *args.set]
     cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", args.config, "--set", *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)

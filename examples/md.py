@@ -33,11 +33,13 @@ def held_out_structure(run: str) -> Atoms:
     )
 
 
+class _Help(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, every option with its default."""
+
+
 def simulation_parser(doc: str) -> argparse.ArgumentParser:
     """The options every simulation example shares: the run, the model, the structure."""
-    p = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--run", required=True, help="run folder or checkpoint folder")
     p.add_argument("--model", help="checkpoint, consolidated folder or .pt2 (default: --run)")
     p.add_argument("--structure", help="ASE-readable file (default: a held-out structure)")

@@ -1,7 +1,7 @@
 """Launch configurations: each launcher's default and the set a GPU run may pick from.
 
 The first entry of every set is what the launcher uses unless autotuning is on
-(``set_autotune``, ``train.kernel_autotune``). With it on, the first launch of each shape
+(``set_autotune``, ``kernels.autotune``). With it on, the first launch of each shape
 class times every entry on the device (``triton.testing.do_bench``) and keeps the fastest
 for that class. A launcher hands ``choose`` a function that allocates its outputs and
 launches with a given configuration, so timing a candidate leaves nothing behind (atomics

@@ -157,7 +157,8 @@ class TrainConfig:
     out_dir: str = "runs/default"
     """Run folder: checkpoints/, tensorboard/ and the resolved config.yaml."""
     max_steps: int = 1000
-    """Optimizer steps to train for (unless train.epochs or train.flops_budget is set)."""
+    """Optimizer steps to train for (unless train.epochs, train.flops_budget or
+    train.time_budget is set)."""
     epochs: float | None = None
     """Passes over the training split instead of max_steps: the schedule grows with the data
     (a data-scaling point trained as long per structure as any other)."""
@@ -165,9 +166,61 @@ class TrainConfig:
     """Training compute instead of max_steps: FLOPs summed over ranks, forward and backward
     (the force loss's double backward included), from torch's FlopCounterMode count of one
     step per atom; the learning-rate schedule spans the budget."""
-    patience: int = 0
-    """Stop when the validation loss has not improved for this many validations (0: never);
-    the best checkpoint is kept (checkpoints/best) and is what megagnn.evaluate reads."""
+    time_budget: float | str | None = None
+    """Wall-clock budget of the run, seconds or 'HH:MM:SS' (instead of max_steps): the
+    learning-rate schedule follows the elapsed time and the run stops with a checkpoint
+    before the budget ends (resumed runs count the time already spent)."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' (autocast for the dense layers; geometry stays fp32) or 'fp64'."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout-free randomness."""
+    microbatches: int = 1
+    """Batches per optimizer step (gradient accumulation; the pipeline's microbatches)."""
+    recompute_activations: bool = False
+    """Keep only each block's input in forward and recompute the block in backward."""
+    max_bad_steps: int = 20
+    """Abort after this many consecutive steps with a non-finite loss or gradient."""
+    deterministic: bool = False
+    """Bitwise-reproducible steps on GPUs: torch's deterministic algorithms and no kernel
+    that adds with atomics (the fused messages' backward takes the reference). CPU runs are
+    deterministic either way."""
+    log_every: int = 10
+    """Steps between TensorBoard scalar writes."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        budget = self.time_budget_s
+        if budget is not None and (
+            self.epochs is not None or self.flops_budget is not None or budget <= 0
+        ):
+            raise ConfigError(
+                "train.time_budget must be > 0 and replaces train.epochs and "
+                "train.flops_budget: keep one"
+            )
+        if self.precision not in ("fp32", "bf16", "fp64"):
+            raise ConfigError(f"train.precision={self.precision!r}: use 'fp32', 'bf16' or 'fp64'")
+        if self.max_steps < 1:
+            raise ConfigError("train.max_steps must be >= 1")
+        if self.microbatches < 1:
+            raise ConfigError("train.microbatches must be >= 1")
+        if self.epochs is not None and self.flops_budget is not None:
+            raise ConfigError("train.epochs and train.flops_budget both set: keep one")
+        if (self.epochs is not None and self.epochs <= 0) or (
+            self.flops_budget is not None and self.flops_budget <= 0
+        ):
+            raise ConfigError("train.epochs and train.flops_budget must be > 0 (or null)")
+        if self.log_every < 1 or self.max_bad_steps < 1:
+            raise ConfigError("train.log_every and train.max_bad_steps must be >= 1")
+
+    @property
+    def time_budget_s(self) -> float | None:
+        """train.time_budget in seconds (None without one)."""
+        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.01
@@ -178,62 +231,6 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 10.0
     """Clip the global gradient norm to this value (0 disables)."""
-    energy_weight: float = 1.0
-    """Loss weight of the energy-per-atom term."""
-    force_weight: float = 10.0
-    """Loss weight of the force term."""
-    stress_weight: float = 1.0
-    """Loss weight of the stress term (stress times volume per atom, i.e. virial per atom)."""
-    loss: str = "mse"
-    """'mse' or 'huber' (delta 0.01 on each normalised term)."""
-    precision: str = "fp32"
-    """'fp32', 'bf16' (autocast for the dense layers; geometry stays fp32) or 'fp64'."""
-    seed: int = 0
-    """Seed of initialisation, data order and dropout-free randomness."""
-    log_every: int = 10
-    """Steps between TensorBoard scalar writes."""
-    eval_every: int = 200
-    """Steps between validation passes (0 disables)."""
-    eval_structures: int = 0
-    """Validate periodically on a fixed seeded subset of at most this many validation
-    structures per dataset (0: all). Early stopping watches it; megagnn.evaluate always
-    reads the whole split."""
-    save_every: int = 200
-    """Steps between checkpoints (the last step is always saved)."""
-    keep_checkpoints: int = 2
-    """How many recent checkpoints to keep on disk."""
-    resume: bool = True
-    """Continue from out_dir/checkpoints/last.pt when it exists."""
-    max_bad_steps: int = 20
-    """Abort after this many consecutive steps with a non-finite loss or gradient."""
-    progress: bool = True
-    """Show a progress bar."""
-    microbatches: int = 1
-    """Batches per optimizer step (gradient accumulation; the pipeline's microbatches)."""
-    shard_optimizer: bool = True
-    """With data parallelism, keep each AdamW moment on one data-parallel rank (ZeRO-1)."""
-    recompute_activations: bool = False
-    """Keep only each block's input in forward and recompute the block in backward."""
-    kernels: str = "auto"
-    """'auto' (fused Triton kernels on CUDA), 'triton' (always) or 'torch' (the references)."""
-    kernel_dot: str = "ieee"
-    """How the fused kernels' filter MLP multiplies fp32 values: 'ieee' (exact, default),
-    'tf32' or 'bf16' (tensor cores, fp32 accumulation; about 1e-3 and 1e-2 relative
-    error). fp64 runs always multiply in fp64."""
-    kernel_autotune: bool = False
-    """On a GPU, time every launch configuration of each kernel (kernels/tuning.py) at the
-    first launch of each shape class and keep the fastest; off: each kernel's default."""
-    init_from: str | None = None
-    """Fine-tuning: start this new run (new optimizer and schedule) from the weights of a
-    pretrained run folder, checkpoint folder or consolidated folder, saved under any
-    parallel layout. The trunk's config must match; heads are matched by name (see
-    init_heads) and the pretrained neighbour normaliser and head scales are kept."""
-    init_heads: list[str] = field(default_factory=list)
-    """With init_from, 'new=old' starts head new from pretrained head old, 'new=' starts it
-    fresh; a head not listed starts from the pretrained head of its name, else fresh."""
-    freeze: list[str] = field(default_factory=list)
-    """Glob patterns of parameter names that do not train (e.g. 'backbone.embedding.*',
-    'backbone.blocks.0.*'); each must match a parameter."""
     lr_multipliers: list[str] = field(default_factory=list)
     """'pattern=factor' entries: parameters matching the glob train at lr x factor (the first
     matching entry wins; others at lr), e.g. ['backbone.*=0.1'] for a gentle fine-tune."""
@@ -241,20 +238,14 @@ class TrainConfig:
     """Exponential moving average of the weights (0: none; MACE and NequIP use ~0.99-0.999):
     validation, best checkpoints, evaluation, consolidation and packages use the averaged
     weights. The decay ramps as min(decay, (1 + n) / (10 + n)) over the first n updates."""
-    time_budget: float | str | None = None
-    """Wall-clock budget of the run, seconds or 'HH:MM:SS' (instead of max_steps): the
-    learning-rate schedule follows the elapsed time and the run stops with a checkpoint
-    before the budget ends (resumed runs count the time already spent)."""
-    save_every_s: float = 0.0
-    """Also save when this many seconds passed since the last checkpoint (0: steps only)."""
-    deterministic: bool = False
-    """Bitwise-reproducible steps on GPUs: torch's deterministic algorithms and no kernel
-    that adds with atomics (the fused messages' backward takes the reference). CPU runs are
-    deterministic either way."""
 
     def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio must lie in [0, 1]")
         if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay={self.ema_decay}: use 0 (off) or a value in (0, 1)")
+            raise ConfigError(f"optim.ema_decay={self.ema_decay}: use 0 (off) or a value in (0, 1)")
         for entry in self.lr_multipliers:
             pattern, _, factor = entry.rpartition("=")
             try:
@@ -263,52 +254,129 @@ class TrainConfig:
                 ok = False
             if not ok:
                 raise ConfigError(
-                    f"train.lr_multipliers: {entry!r}; write 'pattern=factor', factor >= 0"
+                    f"optim.lr_multipliers: {entry!r}; write 'pattern=factor', factor >= 0"
                 )
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    energy_weight: float = 1.0
+    """Weight of the energy-per-atom term."""
+    force_weight: float = 10.0
+    """Weight of the force term."""
+    stress_weight: float = 1.0
+    """Weight of the stress term (stress times volume per atom, i.e. virial per atom)."""
+    function: str = "mse"
+    """'mse' or 'huber' (delta 0.01 on each normalised term)."""
+
+    def __post_init__(self) -> None:
+        if self.function not in ("mse", "huber"):
+            raise ConfigError(f"loss.function={self.function!r}: use 'mse' or 'huber'")
+
+
+@dataclass(kw_only=True)
+class ValidateConfig:
+    every: int = 200
+    """Steps between validation passes (0 disables)."""
+    structures: int = 0
+    """Validate periodically on a fixed seeded subset of at most this many validation
+    structures per dataset (0: all). Early stopping watches it; megagnn.evaluate always
+    reads the whole split."""
+    patience: int = 0
+    """Stop when the validation loss has not improved for this many validations (0: never);
+    the best checkpoint is kept (checkpoints/best) and is what megagnn.evaluate reads."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError("validate.every must be >= 0 (0 disables validation)")
+        if self.structures < 0:
+            raise ConfigError("validate.structures must be >= 0 (0 validates on every one)")
+        if self.patience < 0:
+            raise ConfigError("validate.patience must be >= 0 (0 disables early stopping)")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 200
+    """Steps between checkpoints (the last step is always saved)."""
+    every_s: float = 0.0
+    """Also save when this many seconds passed since the last checkpoint (0: steps only)."""
+    keep: int = 2
+    """How many recent checkpoints to keep on disk (the best one is kept besides)."""
+    resume: bool = True
+    """Continue from out_dir's latest checkpoint when there is one."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError("checkpoint.every must be >= 1")
+        if self.every_s < 0:
+            raise ConfigError("checkpoint.every_s must be >= 0 (0: save by steps only)")
+        if self.keep < 1:
+            raise ConfigError("checkpoint.keep must be >= 1")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    init_from: str | None = None
+    """Start this new run (new optimizer and schedule) from the weights of a pretrained run
+    folder, checkpoint folder or consolidated folder, saved under any parallel layout. The
+    trunk's config must match; heads are matched by name (see init_heads) and the
+    pretrained neighbour normaliser and head scales are kept."""
+    init_heads: list[str] = field(default_factory=list)
+    """With init_from, 'new=old' starts head new from pretrained head old, 'new=' starts it
+    fresh; a head not listed starts from the pretrained head of its name, else fresh."""
+    freeze: list[str] = field(default_factory=list)
+    """Glob patterns of parameter names that do not train (e.g. 'backbone.embedding.*',
+    'backbone.blocks.0.*'); each must match a parameter."""
+
+    def __post_init__(self) -> None:
         for entry in self.init_heads:
             if "=" not in entry or not entry.partition("=")[0]:
-                raise ConfigError(f"train.init_heads: {entry!r}; write 'new=old' or 'new='")
+                raise ConfigError(f"finetune.init_heads: {entry!r}; write 'new=old' or 'new='")
         if self.init_heads and self.init_from is None:
-            raise ConfigError("train.init_heads needs train.init_from")
-        budget = self.time_budget_s
-        if budget is not None and (
-            self.epochs is not None or self.flops_budget is not None or budget <= 0
-        ):
-            raise ConfigError(
-                "train.time_budget must be > 0 and replaces train.epochs and "
-                "train.flops_budget: keep one"
-            )
-        if self.save_every_s < 0:
-            raise ConfigError("train.save_every_s must be >= 0 (0: save by steps only)")
-        if self.kernel_dot not in ("ieee", "tf32", "bf16"):
-            raise ConfigError(f"train.kernel_dot={self.kernel_dot!r}: use 'ieee', 'tf32' or 'bf16'")
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ConfigError(f"train.kernels={self.kernels!r}: use 'auto', 'triton' or 'torch'")
-        if self.loss not in ("mse", "huber"):
-            raise ConfigError(f"train.loss={self.loss!r}: use 'mse' or 'huber'")
-        if self.precision not in ("fp32", "bf16", "fp64"):
-            raise ConfigError(f"train.precision={self.precision!r}: use 'fp32', 'bf16' or 'fp64'")
-        if self.max_steps < 1 or self.lr <= 0:
-            raise ConfigError("train.max_steps must be >= 1 and train.lr > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
-        if self.microbatches < 1:
-            raise ConfigError("train.microbatches must be >= 1")
-        if self.epochs is not None and self.flops_budget is not None:
-            raise ConfigError("train.epochs and train.flops_budget both set: keep one")
-        if (self.epochs is not None and self.epochs <= 0) or (
-            self.flops_budget is not None and self.flops_budget <= 0
-        ):
-            raise ConfigError("train.epochs and train.flops_budget must be > 0 (or null)")
-        if self.eval_structures < 0:
-            raise ConfigError("train.eval_structures must be >= 0 (0 validates on every one)")
-        if self.patience < 0:
-            raise ConfigError("train.patience must be >= 0 (0 disables early stopping)")
+            raise ConfigError("finetune.init_heads needs finetune.init_from")
 
-    @property
-    def time_budget_s(self) -> float | None:
-        """train.time_budget in seconds (None without one)."""
-        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+@dataclass(kw_only=True)
+class KernelConfig:
+    backend: str = "auto"
+    """'auto' (fused Triton kernels on CUDA), 'triton' (always) or 'torch' (the references)."""
+    dot: str = "ieee"
+    """How the fused kernels' filter MLP multiplies fp32 values: 'ieee' (exact, default),
+    'tf32' or 'bf16' (tensor cores, fp32 accumulation; about 1e-3 and 1e-2 relative
+    error). fp64 runs always multiply in fp64."""
+    autotune: bool = False
+    """On a GPU, time every launch configuration of each kernel (kernels/tuning.py) at the
+    first launch of each shape class and keep the fastest; off: each kernel's default."""
+
+    def __post_init__(self) -> None:
+        if self.dot not in ("ieee", "tf32", "bf16"):
+            raise ConfigError(f"kernels.dot={self.dot!r}: use 'ieee', 'tf32' or 'bf16'")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"kernels.backend={self.backend!r}: use 'auto', 'triton' or 'torch'")
+
+
+MOVED = {
+    **{f"train.{k}": f"optim.{k}" for k in ("lr", "min_lr_ratio", "warmup_steps")},
+    **{f"train.{k}": f"optim.{k}" for k in ("weight_decay", "grad_clip", "lr_multipliers")},
+    "train.ema_decay": "optim.ema_decay",
+    **{f"train.{k}": f"loss.{k}" for k in ("energy_weight", "force_weight", "stress_weight")},
+    "train.loss": "loss.function",
+    "train.eval_every": "validate.every",
+    "train.eval_structures": "validate.structures",
+    "train.patience": "validate.patience",
+    "train.save_every": "checkpoint.every",
+    "train.save_every_s": "checkpoint.every_s",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.resume": "checkpoint.resume",
+    **{f"train.{k}": f"finetune.{k}" for k in ("init_from", "init_heads", "freeze")},
+    "train.kernels": "kernels.backend",
+    "train.kernel_dot": "kernels.dot",
+    "train.kernel_autotune": "kernels.autotune",
+    "train.shard_optimizer": "parallel.shard_optimizer",
+}
+"""Keys that moved when the training section was split: old dotted key -> new one. A config
+that uses an old key is refused with the new name; configs saved with runs are upgraded."""
 
 
 def parse_duration(text: str | float) -> float:
@@ -339,7 +407,9 @@ class ParallelConfig:
     """How data-parallel ranks share gradients and optimizer state: 'megatron' (megatron-core
     DDP, each gradient bucket reduced as soon as the backward pass fills it, and its
     DistributedOptimizer), 'flat' (one all-reduce after the backward, torch's ZeRO-1) or
-    'auto' (megatron on CUDA with train.shard_optimizer and fp32/bf16, flat otherwise)."""
+    'auto' (megatron on CUDA with parallel.shard_optimizer and fp32/bf16, flat otherwise)."""
+    shard_optimizer: bool = True
+    """With data parallelism, keep each AdamW moment on one data-parallel rank (ZeRO-1)."""
     overlap_grad_reduce: bool = True
     """megatron: reduce buckets during the backward pass. This needs a gradient for every
     trainable parameter in every step; turn it off for a model where some get none."""
@@ -373,7 +443,19 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Where the data is and how it is batched."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, logging and checkpointing."""
+    """The run: its folder, length, precision, seed and logging."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, the learning-rate schedule, clipping and the weight average."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The loss terms and their weights."""
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    """Validation during training and early stopping."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to save, how many to keep, whether to resume."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Starting from a pretrained model: weights, heads, frozen parameters."""
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    """Fused Triton kernels or the PyTorch references."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor/pipeline layout; data parallelism takes the remaining processes."""
 
@@ -391,10 +473,10 @@ class Config:
                     "takes fp32 and bf16 weights, not fp64; use parallel.data_parallel=flat "
                     "or train.precision=fp32"
                 )
-            if not self.train.shard_optimizer:
+            if not self.parallel.shard_optimizer:
                 raise ConfigError(
                     "parallel.data_parallel=megatron shards the optimizer state; with "
-                    "train.shard_optimizer=false use parallel.data_parallel=flat"
+                    "parallel.shard_optimizer=false use parallel.data_parallel=flat"
                 )
         pipeline = self.parallel.pipeline
         if pipeline > 1 and self.model.forces == "conservative":
@@ -463,12 +545,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
+def _moved(prefix: str) -> set[str]:
+    """The keys of one section (``prefix``: 'train.') that have moved elsewhere."""
+    return {k.removeprefix(prefix) for k in MOVED if k.startswith(prefix)}
+
+
 def _build(cls: type, values: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
+    prefix = f"{where}." if where else ""
+    moved = [f"{prefix}{k} is now {MOVED[prefix + k]}" for k in sorted(unknown & _moved(prefix))]
+    if moved:
+        raise ConfigError("moved config key(s): " + "; ".join(moved) + " (write the new name)")
     if unknown:
-        prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
             f"known keys{' of ' + where if where else ''}: {sorted(names)}"
@@ -492,7 +582,13 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: {problem} (YAML)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     merged: dict = {}
@@ -532,5 +628,12 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def upgrade_saved(values: dict) -> dict:
-    """A config dict saved by an older megagnn with the keys moved since renamed."""
-    return values
+    """A config dict saved by an older megagnn, with the keys moved since (MOVED) under
+    their new names."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if key in out.get(section, {}):
+            into, name = new.split(".")
+            out.setdefault(into, {})[name] = out[section].pop(key)
+    return out

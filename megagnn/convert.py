@@ -24,21 +24,24 @@ from megagnn.checkpoint import CheckpointError, consolidated, open_saved, sharde
 from megagnn.checkpoint.saved import SHARDED
 from megagnn.config import config_to_dict
 from megagnn.precision import DTYPES
-from megagnn.training.build import build_rank_model, build_rank_optimizer
+from megagnn.training.build import ModelSpec, build_rank_model, build_rank_optimizer
 from megagnn.training.ema import WeightAverage
 from megagnn.training.sources import SPLITS, recorded_run
 
 
-def _refuse_inside(source: Path, out_dir: Path) -> None:
-    """A conversion never writes into the folder it reads."""
-    out, src = out_dir.resolve(), source.resolve()
-    run = recorded_run(source)
-    for folder in {src, *([run.resolve()] if run is not None else [])}:
-        if out == folder or folder in out.parents:
-            raise CheckpointError(
-                f"output {out_dir} lies inside {folder}, which is being read; "
-                "write to another folder"
-            )
+def _refuse_inside(source: Path, checkpoint: Path, out_dir: Path) -> None:
+    """A conversion never writes into what it reads: the source folder, its run folder
+    itself, or the checkpoints (a subfolder of the run such as ``run/consolidated`` is
+    fine)."""
+    out = out_dir.resolve()
+    run = recorded_run(checkpoint)
+    same = {source.resolve(), *([run.resolve()] if run is not None else [])}
+    inside = {checkpoint.resolve(), checkpoint.resolve().parent}  # a step and checkpoints/
+    if out in same | inside or any(folder in out.parents for folder in inside):
+        raise CheckpointError(
+            f"output {out_dir} is {source} or lies among its checkpoints, which are being "
+            "read; write to another folder"
+        )
 
 
 def consolidate(
@@ -51,7 +54,7 @@ def consolidate(
     if saved.kind != SHARDED:
         raise CheckpointError(f"{source} is consolidated already")
     path, out_dir = saved.path, Path(out_dir)
-    _refuse_inside(Path(source), out_dir)
+    _refuse_inside(Path(source), path, out_dir)
     meta = sharded.tensors_metadata(path)
     keys = sorted(k for k in meta if k.startswith("model."))
     if not keys:
@@ -87,7 +90,7 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
     saved = open_saved(source)
     if saved.kind != SHARDED:
         raise CheckpointError(f"{source} is consolidated: only a training checkpoint reshards")
-    _refuse_inside(Path(source), Path(out_dir))
+    _refuse_inside(Path(source), saved.path, Path(out_dir))
     path, cfg = saved.path, saved.config
     cfg.parallel.tensor, cfg.parallel.pipeline = par.tp_size, par.pp_size
     cfg.train.out_dir = str(out_dir)
@@ -97,10 +100,11 @@ def reshard(source: str | Path, out_dir: str | Path, par) -> Path:
             "reshard to pipeline=1"
         )
     dtype = DTYPES[cfg.train.precision]
-    potential, stage = build_rank_model(cfg, par, dtype)  # as the Trainer builds it
+    spec = ModelSpec.of(cfg.model)
+    potential, stage = build_rank_model(cfg, par, dtype, spec)  # as the Trainer builds it
     model = (stage or potential).to(par.device, dtype)
-    optimizer = build_rank_optimizer(cfg, model, par)
-    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    optimizer = build_rank_optimizer(cfg, model, par, spec)
+    average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     shadow = average.shadow if average is not None else None
     loaded = sharded.load(path, model, optimizer, par, shadow)
     loaded["config"] = config_to_dict(cfg)

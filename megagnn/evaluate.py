@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--checkpoint",
         choices=["best", "latest"],
         default="best",
         help="which checkpoint of a run folder: best (lowest validation loss, kept by runs "
-        "with train.patience; otherwise the latest) or latest (default: %(default)s)",
+        "with validate.patience; otherwise the latest) or latest (default: %(default)s)",
     )
     p.add_argument(
         "--allow-unknown-elements",
@@ -97,14 +98,23 @@ def main(argv: list[str] | None = None) -> int:
                     args.allow_unknown_elements,
                 )
             sampler = data.sampler(args.split, shuffle=False)
-            result = evaluate(model, data.graphs, sampler, device, dtype, progress=True)
+            result = evaluate(
+                model, data.graphs, sampler, device, dtype, progress=not args.no_progress
+            )
             if package and not model.has_references:
                 result = {k: v for k, v in result.items() if "baseline_energy" not in k}
             result["structures"] = len(data.indices[args.split])
             result["unknown_element_structures"] = holding
             prefix = f"{cfg.model.heads[head]}/" if len(entries) > 1 else ""
             metrics.update({prefix + k: v for k, v in result.items()})
-    except (ConfigError, DataError, CheckpointError, UnknownElementError, ValueError) as e:
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        UnknownElementError,
+        ValueError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.split} split" + (f", step {step}:" if step >= 0 else ":"))

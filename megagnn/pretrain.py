@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="overrides such as train.lr=3e-4 model.family=schnet (values parsed as YAML)",
+        help="overrides such as optim.lr=3e-4 model.family=schnet (values parsed as YAML)",
     )
     return p.parse_args(argv)
 

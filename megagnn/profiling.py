@@ -238,7 +238,7 @@ def profile_step(cfg: Config, par: ParallelState, n_atoms: int, steps: int, top:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.data.path = statistics_dataset(tmp)
         cfg.train.out_dir = f"{tmp}/run"
-        cfg.train.resume = False
+        cfg.checkpoint.resume = False
         trainer = Trainer(cfg, par)
     batch = fixed_batch(n_atoms, cfg.model.cutoff)
     micro = [batch] * cfg.train.microbatches

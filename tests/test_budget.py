@@ -23,7 +23,7 @@ def test_planned_steps_follow_epochs_or_the_flops_budget():
 
 
 def test_epochs_set_the_schedule_and_compute_is_recorded(emt_dataset, tmp_path):
-    trainer = Trainer(tiny_config(emt_dataset, tmp_path, "train.epochs=2", "train.save_every=100"))
+    trainer = Trainer(tiny_config(emt_dataset, tmp_path, "train.epochs=2", "checkpoint.every=100"))
     batches = len(trainer.sources[0].sampler.batches(0))
     assert trainer.max_steps == 2 * batches
     trainer.train()
@@ -52,7 +52,7 @@ def test_flops_budget_sets_the_schedule(emt_dataset, tmp_path):
 def test_early_stopping_keeps_the_best_checkpoint(emt_dataset, tmp_path, monkeypatch):
     losses = iter([3.0, 2.0, 2.5, 2.6, 1.0, 0.5])  # best at the 2nd validation, then worse
     cfg = tiny_config(
-        emt_dataset, tmp_path, "train.max_steps=20", "train.eval_every=2", "train.patience=2"
+        emt_dataset, tmp_path, "train.max_steps=20", "validate.every=2", "validate.patience=2"
     )
     trainer = Trainer(cfg)
     monkeypatch.setattr(trainer, "validate", lambda: {"loss": next(losses)})
@@ -95,7 +95,7 @@ def test_mup_equals_the_standard_parametrisation_at_the_base_width(emt_dataset, 
 def test_mup_scales_hidden_and_output_weights_with_the_width(emt_dataset, tmp_path):
     import torch
 
-    sets = ["model.hidden=32", "train.lr=1e-3"]
+    sets = ["model.hidden=32", "optim.lr=1e-3"]
     sp = Trainer(tiny_config(emt_dataset, tmp_path / "sp", *sets))
     mup = Trainer(
         tiny_config(
@@ -140,7 +140,7 @@ def test_schedule_follows_the_clock_under_a_time_budget():
 
     from megagnn.training.schedule import warmup_cosine
 
-    cfg = tiny_config("unused", "unused", "train.warmup_steps=2", "train.min_lr_ratio=0.1").train
+    cfg = tiny_config("unused", "unused", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1").optim
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     spent = [0.0]
     sched = warmup_cosine(opt, cfg, 10, progress=lambda: spent[0])
@@ -157,18 +157,18 @@ def test_schedule_follows_the_clock_under_a_time_budget():
 
 def test_time_budget_stops_with_a_checkpoint_before_it_ends(emt_dataset, tmp_path, capsys):
     budget = 12.0
-    overrides = [f"train.time_budget={budget}", "train.max_steps=1", "train.save_every=1000"]
-    trainer = Trainer(tiny_config(emt_dataset, tmp_path, *overrides, "train.eval_every=5"))
+    overrides = [f"train.time_budget={budget}", "train.max_steps=1", "checkpoint.every=1000"]
+    trainer = Trainer(tiny_config(emt_dataset, tmp_path, *overrides, "validate.every=5"))
     trainer.train()
     assert trainer.step > 1  # max_steps does not bound a time-budget run
     assert trainer.compute.wall_s < budget
     assert "time budget: stopped at step" in capsys.readouterr().out
     assert read_common(resolve(tmp_path))["step"] == trainer.step  # saved at the stop
     # the learning rate followed the clock down to about its end
-    lr = trainer.scheduler.get_last_lr()[0] / trainer.cfg.train.lr
+    lr = trainer.scheduler.get_last_lr()[0] / trainer.cfg.optim.lr
     assert lr < 0.25
     # resuming counts the time already spent: nothing or almost nothing is left
-    again = Trainer(tiny_config(emt_dataset, tmp_path, *overrides, "train.eval_every=5"))
+    again = Trainer(tiny_config(emt_dataset, tmp_path, *overrides, "validate.every=5"))
     assert again.compute.wall_s == pytest.approx(trainer.compute.wall_s)
     again.train()
     assert trainer.step <= again.step and again.compute.wall_s < budget

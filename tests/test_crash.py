@@ -16,7 +16,7 @@ from tiny_run import TINY_RUN
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # a constant learning rate: the schedule does not depend on max_steps, so a run resumed with
 # another max_steps follows the same curve as one that never stopped
-SETTINGS = (*TINY_RUN, "train.warmup_steps=0", "train.min_lr_ratio=1.0")
+SETTINGS = (*TINY_RUN, "optim.warmup_steps=0", "optim.min_lr_ratio=1.0")
 
 
 def command(out, dataset, *overrides, nproc=1):
@@ -81,7 +81,7 @@ def latest(out) -> int:
 def test_sigkill_during_a_step_resumes_the_curve(emt_dataset, tmp_path):
     killed = tmp_path / "killed"
     proc = start_and_wait(
-        command(killed, emt_dataset, "train.max_steps=1000", "train.save_every=3"), killed, 5
+        command(killed, emt_dataset, "train.max_steps=1000", "checkpoint.every=3"), killed, 5
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -89,10 +89,10 @@ def test_sigkill_during_a_step_resumes_the_curve(emt_dataset, tmp_path):
     assert saved >= 3 and saved % 3 == 0
     assert logged_steps(killed) >= saved  # steps after the checkpoint are lost, and redone
     end = logged_steps(killed) + 2
-    out = run(killed, emt_dataset, f"train.max_steps={end}", "train.save_every=3")
+    out = run(killed, emt_dataset, f"train.max_steps={end}", "checkpoint.every=3")
     assert f"resumed from {killed / 'checkpoints' / f'step-{saved:08d}'}" in out
     reference = tmp_path / "reference"
-    run(reference, emt_dataset, f"train.max_steps={end}", "train.save_every=1000")
+    run(reference, emt_dataset, f"train.max_steps={end}", "checkpoint.every=1000")
     assert curve(killed) == curve(reference)  # bit for bit, fp64, one process
 
 
@@ -120,7 +120,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_sigkill_during_a_checkpoint_save(emt_dataset, tmp_path):
     killed = tmp_path / "killed"
-    args = ("train.max_steps=6", "train.save_every=2")
+    args = ("train.max_steps=6", "checkpoint.every=2")
     cmd = command(killed, emt_dataset, *args)
     proc = subprocess.run(
         [sys.executable, "-c", KILL_IN_SAVE, *cmd[3:]],
@@ -147,7 +147,7 @@ def test_sigterm_saves_and_exits_cleanly(emt_dataset, tmp_path, nproc):
     """Preemption under torchrun (two data-parallel ranks): torchrun forwards SIGTERM, every
     rank stops at the same step boundary, the checkpoint is saved there, the run resumes."""
     stopped = tmp_path / "stopped"
-    args = ("train.max_steps=1000", "train.save_every=1000")
+    args = ("train.max_steps=1000", "checkpoint.every=1000")
     proc = start_and_wait(command(stopped, emt_dataset, *args, nproc=nproc), stopped, 3)
     os.kill(proc.pid, signal.SIGTERM)  # the torchrun agent, as a scheduler would
     stdout, stderr = proc.communicate(timeout=120)
@@ -156,8 +156,8 @@ def test_sigterm_saves_and_exits_cleanly(emt_dataset, tmp_path, nproc):
     saved = latest(stopped)
     assert saved >= 3 and f"at step {saved};" in stdout
     end = saved + 2
-    out = run(stopped, emt_dataset, f"train.max_steps={end}", "train.save_every=1000", nproc=nproc)
+    out = run(stopped, emt_dataset, f"train.max_steps={end}", "checkpoint.every=1000", nproc=nproc)
     assert "resumed from" in out
     reference = tmp_path / "reference"
-    run(reference, emt_dataset, f"train.max_steps={end}", "train.save_every=1000", nproc=nproc)
+    run(reference, emt_dataset, f"train.max_steps={end}", "checkpoint.every=1000", nproc=nproc)
     assert curve(stopped) == curve(reference)

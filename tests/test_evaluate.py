@@ -75,4 +75,4 @@ def test_resuming_a_reused_out_dir_says_so_first(emt_dataset, tmp_path, capsys):
     capsys.readouterr()
     Trainer(tiny_config(emt_dataset, tmp_path, "train.max_steps=4"))
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("resuming ") and "train.resume=false" in first
+    assert first.startswith("resuming ") and "checkpoint.resume=false" in first

@@ -1,5 +1,5 @@
-"""Fine-tuning (train.init_from, init_heads, freeze, lr_multipliers) and the weight average
-(train.ema_decay): what loads, what trains, what is served, and exact resume."""
+"""Fine-tuning (finetune.init_from, init_heads, freeze, lr_multipliers) and the weight average
+(optim.ema_decay): what loads, what trains, what is served, and exact resume."""
 
 import pytest
 import torch
@@ -31,9 +31,9 @@ def test_init_from_loads_the_trunk_and_maps_heads(emt_dataset, tmp_path, pretrai
     run, folder, ref = pretrained
     init = run if source == "run" else folder
     overrides = [
-        f"train.init_from={init}",
+        f"finetune.init_from={init}",
         "model.heads=[alloys, extra]",
-        "train.init_heads=[alloys=default]",
+        "finetune.init_heads=[alloys=default]",
         "data.datasets=[{path: " + str(emt_dataset) + ", head: alloys}]",
     ]
     trainer = Trainer(tiny_config(emt_dataset, tmp_path, *overrides))
@@ -56,15 +56,15 @@ def test_init_from_refuses_another_trunk_and_unknown_heads(emt_dataset, tmp_path
     run = pretrained[0]
     with pytest.raises(ConfigError, match=r"model\.hidden=16 \(this run: 24\)"):
         Trainer(
-            tiny_config(emt_dataset, tmp_path / "a", f"train.init_from={run}", "model.hidden=24")
+            tiny_config(emt_dataset, tmp_path / "a", f"finetune.init_from={run}", "model.hidden=24")
         )
     with pytest.raises(ConfigError, match="pretrained model has heads"):
         Trainer(
             tiny_config(
                 emt_dataset,
                 tmp_path / "b",
-                f"train.init_from={run}",
-                "train.init_heads=[default=nope]",
+                f"finetune.init_from={run}",
+                "finetune.init_heads=[default=nope]",
             )
         )
 
@@ -72,9 +72,9 @@ def test_init_from_refuses_another_trunk_and_unknown_heads(emt_dataset, tmp_path
 def test_frozen_parameters_and_lr_multipliers(emt_dataset, tmp_path, pretrained):
     run = pretrained[0]
     overrides = [
-        f"train.init_from={run}",
-        "train.freeze=[backbone.embedding.*]",
-        "train.lr_multipliers=[backbone.blocks.*=0.0, energy_head.*=2]",
+        f"finetune.init_from={run}",
+        "finetune.freeze=[backbone.embedding.*]",
+        "optim.lr_multipliers=[backbone.blocks.*=0.0, energy_head.*=2]",
     ]
     trainer = Trainer(tiny_config(emt_dataset, tmp_path, *overrides))
     before = _weights(trainer.potential)
@@ -89,11 +89,11 @@ def test_frozen_parameters_and_lr_multipliers(emt_dataset, tmp_path, pretrained)
     )
     assert lrs == pytest.approx([0.0, 1.0, 2.0])
     with pytest.raises(ConfigError, match="matches no parameter"):
-        Trainer(tiny_config(emt_dataset, tmp_path / "x", "train.freeze=[backbone.nothing*]"))
+        Trainer(tiny_config(emt_dataset, tmp_path / "x", "finetune.freeze=[backbone.nothing*]"))
 
 
 def test_weight_average_resumes_exactly_and_is_what_is_served(emt_dataset, tmp_path):
-    ema = "train.ema_decay=0.9"
+    ema = "optim.ema_decay=0.9"
     ref = Trainer(tiny_config(emt_dataset, tmp_path / "a", ema))
     ref_losses = run_losses(ref)
     crashed = Trainer(tiny_config(emt_dataset, tmp_path / "b", ema))

@@ -9,7 +9,7 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
 from megagnn import keys as K
-from megagnn.config import TrainConfig
+from megagnn.config import LossConfig
 from megagnn.data import DataError, ShardedDataset, read_manifest
 from megagnn.data.graph import collate, structure_to_graph
 from megagnn.data.preprocess import main as preprocess_main
@@ -81,7 +81,7 @@ def test_partly_labelled_records_are_kept_and_masked(tmp_path):
     assert batch[K.HAS_STRESS].tolist() == [True, True, True, True, False]
     assert torch.isfinite(batch[K.ENERGY]).all()  # no NaN reaches the loss
 
-    cfg = TrainConfig(loss="mse")
+    cfg = LossConfig(function="mse")
     pred = {
         K.ENERGY: batch[K.ENERGY] + torch.arange(5.0),
         K.FORCES: batch[K.FORCES] + 0.1,

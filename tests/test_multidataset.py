@@ -50,7 +50,7 @@ def config(tmp_path, metals, molecules, *extra, reverse=False):
 
 
 def test_two_datasets_train_their_own_heads(emt_dataset, molecule_dataset, tmp_path):
-    cfg = config(tmp_path, emt_dataset, molecule_dataset, "train.max_steps=6", "train.eval_every=6")
+    cfg = config(tmp_path, emt_dataset, molecule_dataset, "train.max_steps=6", "validate.every=6")
     trainer = Trainer(cfg)
     ref = trainer.potential.atomic_energies
     assert ref[0, 29] != 0 and ref[0, 1] == 0  # metals head: Cu yes, H no

@@ -2,6 +2,8 @@
 was compiled from, for structures of other sizes than the tracing example, through the ASE
 calculator and through the C++ runner built by CMakeLists.txt."""
 
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -19,8 +21,9 @@ from megagnn import keys as K
 from megagnn.config import ModelConfig
 from megagnn.data import atoms_to_graph, to_device
 from megagnn.elements import UnknownElementError
+from megagnn.evaluate import main as evaluate_main
 from megagnn.inference import MegaGNNCalculator, Package, export_package
-from megagnn.inference.package import graph_inputs
+from megagnn.inference.package import PackageError, graph_inputs
 from megagnn.models import build_model
 
 ROOT = Path(__file__).parents[1]
@@ -119,6 +122,20 @@ def test_many_structures_per_call_match_one_by_one(packaged):
     assert Package(path).device == torch.device("cpu")
 
 
+def test_coincident_atoms_are_refused_not_nan(packaged):
+    """Two atoms on one spot (or an atom on its own periodic image) have no energy: the
+    calculator names them, for the package and for the model, instead of returning NaN."""
+    pair = Atoms("CuCu", positions=[[0, 0, 0], [1, 1, 1]])
+    pair.positions[1] = pair.positions[0]
+    for model in packaged:
+        with pytest.raises(ValueError, match="atoms 0 and 1 coincide"):
+            MegaGNNCalculator(model).get_potential_energy(pair)
+    image = bulk("Cu", "fcc", a=3.6) * (2, 1, 1)
+    image.positions[1] = image.positions[0] + image.cell[0]
+    with pytest.raises(ValueError, match="coincide"):
+        MegaGNNCalculator(packaged[0]).get_potential_energy(image)
+
+
 def test_elements_outside_the_training_data_are_refused(packaged):
     """Fe was never seen (the model knows H, C, O, Cu, Au): the calculator refuses it with an
     error that names it, for the model and for its package, unless told to go ahead."""
@@ -138,6 +155,16 @@ def test_elements_outside_the_training_data_are_refused(packaged):
 def test_bad_packages_are_refused(tmp_path, packaged):
     with pytest.raises(FileNotFoundError, match="no inference package"):
         Package(tmp_path / "missing.pt2")
+    path = packaged[1]
+    cut = tmp_path / "cut.pt2"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PackageError, match=f"{cut}: corrupt or truncated"):
+        Package(cut)
+    err = io.StringIO()  # megagnn.evaluate says so in one line
+    with contextlib.redirect_stderr(err):
+        assert evaluate_main(["--run", str(cut), "--no-progress"]) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cut}: corrupt"), lines
     with pytest.raises(ValueError, match=r"\.pt2"):
         export_package(packaged[0], tmp_path / "model.bin")
     if not torch.cuda.is_available():
@@ -193,6 +220,15 @@ def test_cpp_runner_matches_python(packaged, tmp_path):
     assert refused.returncode == 1 and b"Fe (Z=26)" in refused.stderr
     forced = [str(runner), str(path), str(iron), "--allow-unknown-elements"]
     assert subprocess.run(forced, capture_output=True).returncode == 0
+    cut = tmp_path / "cut.pt2"  # a truncated package: one line, no C++ stack frames
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    broken = subprocess.run([str(runner), str(cut), str(xyz)], capture_output=True, text=True)
+    assert broken.returncode == 1 and str(cut) in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+    pair = tmp_path / "pair.xyz"
+    ase.io.write(pair, Atoms("CuCu", positions=[[0, 0, 0], [0, 0, 0]]), format="extxyz")
+    together = subprocess.run([str(runner), str(path), str(pair)], capture_output=True, text=True)
+    assert together.returncode == 1 and "coincide" in together.stderr, together.stderr
 
 
 @pytest.mark.parametrize(

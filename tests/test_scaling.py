@@ -103,7 +103,7 @@ def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path
         f"data.path={emt_dataset}",
         "model.cutoff=4.0",
         "train.max_steps=2",
-        "train.eval_every=0",
+        "validate.every=0",
         "train.progress=false",
         "data.max_atoms=64",
     ]

@@ -29,9 +29,9 @@ def tiny_config(dataset, out_dir, *extra):
             "model.num_rbf=8",
             "model.cutoff=4.0",
             "train.max_steps=6",
-            "train.warmup_steps=2",
-            "train.save_every=3",
-            "train.eval_every=0",
+            "optim.warmup_steps=2",
+            "checkpoint.every=3",
+            "validate.every=0",
             "train.progress=false",
             "train.log_every=1",
             *extra,
@@ -81,7 +81,7 @@ def test_resume_reproduces_uninterrupted_run(emt_dataset, tmp_path, family):
 
 def test_training_reduces_force_error(emt_dataset, tmp_path):
     cfg = tiny_config(
-        emt_dataset, tmp_path, "train.max_steps=60", "train.lr=5e-3", "train.save_every=1000"
+        emt_dataset, tmp_path, "train.max_steps=60", "optim.lr=5e-3", "checkpoint.every=1000"
     )
     trainer = Trainer(cfg)
     before = trainer.validate()
@@ -259,7 +259,7 @@ def test_activation_recompute_gives_the_same_gradients(family):
     through the checkpointed blocks) and keep fewer tensors alive."""
     from ase.build import bulk
 
-    from megagnn.config import ModelConfig, TrainConfig
+    from megagnn.config import LossConfig, ModelConfig
     from megagnn.data import atoms_to_graph, collate, to_device
     from megagnn.models import build_model
     from megagnn.training.loss import loss_terms
@@ -287,7 +287,7 @@ def test_activation_recompute_gives_the_same_gradients(family):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_terms(model(batch), batch, model.scale, TrainConfig())["total"]
+            loss = loss_terms(model(batch), batch, model.scale, LossConfig())["total"]
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         saved.append(len(kept))
@@ -324,7 +324,7 @@ def test_consolidated_checkpoint_predicts_like_the_run(emt_dataset, tmp_path):
 
 def test_periodic_validation_can_read_a_fixed_subset(emt_dataset, tmp_path):
     full = Trainer(tiny_config(emt_dataset, tmp_path / "a"))
-    part = Trainer(tiny_config(emt_dataset, tmp_path / "b", "train.eval_structures=3"))
+    part = Trainer(tiny_config(emt_dataset, tmp_path / "b", "validate.structures=3"))
     val = full.sources[0].data.indices["val"]
     assert len(val) > 3
     picked = np.concatenate(part.sources[0].data.sampler("val", False, limit=3).batches(0))
@@ -333,8 +333,8 @@ def test_periodic_validation_can_read_a_fixed_subset(emt_dataset, tmp_path):
     np.testing.assert_array_equal(picked, again)  # the same subset at every validation
     sub, whole = part.validate(), full.validate()
     assert sub["energy_per_atom_mae"] != whole["energy_per_atom_mae"]
-    with pytest.raises(ConfigError, match="eval_structures"):
-        tiny_config(emt_dataset, tmp_path, "train.eval_structures=-1")
+    with pytest.raises(ConfigError, match="validate.structures"):
+        tiny_config(emt_dataset, tmp_path, "validate.structures=-1")
 
 
 def test_deterministic_runs_train(emt_dataset, tmp_path):

@@ -11,6 +11,6 @@ TINY_RUN = (
     "data.split=[0.7, 0.15, 0.15]",
     "train.precision=fp64",
     "train.log_every=1",
-    "train.eval_every=0",
+    "validate.every=0",
     "train.progress=false",
 )

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         "--trained-weights",
         action="store_true",
         help="write the trained weights even where the run kept a weight average "
-        "(train.ema_decay; by default the average is written)",
+        "(optim.ema_decay; by default the average is written)",
     )
     k = sub.add_parser("package", help="checkpoint -> AOTInductor inference package (.pt2)")
     k.add_argument("source", help="run, checkpoint, step-N or consolidated folder")
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
             if not args.out.endswith(".pt2"):
                 raise ValueError(f"the package file must end in .pt2, not {args.out!r}")
             dtype = getattr(torch, args.dtype)
-            print(f"compiling {args.source} ({args.dtype}, {args.device}) ...", file=sys.stderr)
             saved = open_saved(args.source)
             model = saved.model(dtype=dtype)
+            print(f"compiling {saved.path} ({args.dtype}, {args.device}) ...", file=sys.stderr)
             path = export_package(model, args.out, dtype, args.device, saved.config_dict)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

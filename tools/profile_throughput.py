@@ -17,7 +17,7 @@ with its first layout.
         --set model.rbf=gaussian model.stress=false
 
 A layout is TENSORxPIPELINE[xDATA] (2x1: two tensor-parallel ranks; 1x1x2: two
-data-parallel replicas, whose optimizer state is sharded under train.shard_optimizer), with a
+data-parallel replicas, whose optimizer state is sharded under parallel.shard_optimizer), with a
 trailing n for node-parallel regions (2x1n: the atoms are split over the tensor-parallel
 ranks between blocks too). Pipeline stages need model.forces=direct or none.
 

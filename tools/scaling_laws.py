@@ -9,8 +9,8 @@ power-law fits and the compute-optimal frontier.
 
 sweep: every (model, fraction) point is an ordinary pretraining run in OUT/<model>-f<fraction>
 with data.train_fraction set, evaluated on the validation split when it ends (on its best
-checkpoint when the base config early-stops with train.patience). Train each point to its
-own end: train.epochs (steps grow with the data) or train.patience, never one step count
+checkpoint when the base config early-stops with validate.patience). Train each point to its
+own end: train.epochs (steps grow with the data) or validate.patience, never one step count
 for all. --budgets C1 C2 ... adds a compute axis: each point trains for train.flops_budget=C
 (OUT/<model>-f<fraction>-c<C>). A model is a
 size name from configs/model/, a model YAML, or comma-separated overrides

@@ -24,6 +24,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -218,6 +219,12 @@ void neighbour_list(const Structure& s, double cutoff, std::vector<int64_t>& sen
             double r2 = 0.0;
             for (int k = 0; k < 3; ++k) r2 += (im.x[k] - xi[k]) * (im.x[k] - xi[k]);
             if (r2 >= rc2) continue;
+            if (r2 < 1e-8)  // (1e-4 Å)^2: the energy is undefined where atoms coincide
+              throw std::runtime_error(
+                  (im.atom == static_cast<int64_t>(i)
+                       ? "atom " + std::to_string(i) + " and its periodic image"
+                       : "atoms " + std::to_string(i) + " and " + std::to_string(im.atom)) +
+                  " coincide (under 1e-4 Å apart): the energy is undefined there");
             senders.push_back(im.atom);
             receivers.push_back(static_cast<int64_t>(i));
             shifts.insert(shifts.end(), {double(im.a), double(im.b), double(im.d)});
@@ -231,6 +238,9 @@ at::Tensor from_vector(const std::vector<double>& v, std::vector<int64_t> shape)
 }
 
 }  // namespace
+
+// The first line of an error message (torch's carry context and stack frames after it).
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
 int main(int argc, char** argv) {
   if (argc < 3 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
@@ -254,7 +264,14 @@ int main(int argc, char** argv) {
   }
   try {
     torch::NoGradGuard no_grad;
-    torch::inductor::AOTIModelPackageLoader loader(argv[1]);
+    std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
+    try {
+      package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(argv[1]);
+    } catch (const c10::Error& err) {  // its what() carries a C++ stack trace
+      throw std::runtime_error(std::string(argv[1]) + ": unreadable inference package (" +
+                               first_line(err.what_without_backtrace()) + ")");
+    }
+    auto& loader = *package;
     auto meta = loader.get_metadata();
     if (meta["format"] != "megagnn-aoti-1")
       throw std::runtime_error(std::string(argv[1]) + " is not a megagnn inference package");
@@ -303,6 +320,9 @@ int main(int argc, char** argv) {
       for (int r = 0; r < 3; ++r)
         std::printf("%.12e %.12e %.12e\n", sg[3 * r], sg[3 * r + 1], sg[3 * r + 2]);
     }
+  } catch (const c10::Error& err) {
+    std::cerr << "megagnn_infer: " << first_line(err.what_without_backtrace()) << "\n";
+    return 1;
   } catch (const std::exception& err) {
     std::cerr << "megagnn_infer: " << err.what() << "\n";
     return 1;

@@ -44,23 +44,28 @@ from megagnn.parallel.state import ParallelState
 DERIVED_BUFFERS = {"trained_elements": ("atomic_energies", lambda energies: energies != 0)}
 
 LATEST = "latest"
-BEST = "best"  # the checkpoint of the lowest validation loss (runs with train.patience)
+BEST = "best"  # the checkpoint of the lowest validation loss (runs with validate.patience)
 
 # one weight average: each parameter -> its averaged copy (training.ema.WeightAverage.shadow)
 Average = dict[torch.Tensor, torch.Tensor]
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states as plain Python values and tensors: loadable with
+    ``torch.load(weights_only=True)``, as megatron-core 0.19 loads the common part."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older: an array
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
 
 
@@ -292,7 +297,11 @@ def read_common(path: str | Path) -> dict[str, Any]:
     try:
         return dist_checkpointing().load_common_state_dict(str(path))["common"]
     except (Exception, CheckpointException) as e:  # truncated or foreign files raise many types
-        raise CheckpointError(f"{path / 'common.pt'}: corrupt or truncated ({_reason(e)})") from e
+        if (path / ".metadata").exists():
+            verify(path)  # a cut-short shard is named as such
+        # megatron-core 0.16 writes common.pt; 0.19 keeps the common part among the shards
+        where = path / "common.pt" if (path / "common.pt").exists() else path
+        raise CheckpointError(f"{where}: corrupt or truncated ({_reason(e)})") from e
 
 
 def tensors_metadata(path: str | Path) -> dict[str, Any]:

@@ -136,6 +136,11 @@ def input_files(patterns: list[str]) -> list[str]:
         if not matched:
             raise DataError(f"no file matches {p!r}")
         for path in matched:
+            if Path(path).is_dir():
+                raise DataError(
+                    f"{path} is a folder; give the files in it (e.g. '{path}/*.extxyz', "
+                    "quoted so that the glob reaches megagnn)"
+                )
             if not Path(path).is_file():
                 raise DataError(f"input file {path} does not exist")
         files.extend(matched)

@@ -20,6 +20,7 @@ from megagnn.data.graph import (
     structure_to_graph,
     to_device,
 )
+from megagnn.data.neighbors import neighbor_list
 from megagnn.elements import check_elements
 from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential
@@ -33,6 +34,29 @@ def load_model(
     has them, optim.ema_decay) or a consolidated folder (``tools/convert_checkpoint.py
     consolidate``)."""
     return open_saved(path).model(device, dtype)
+
+
+COINCIDENT = 1e-4
+"""Atoms closer than this (Å) are refused: at zero distance the energy is undefined (NaN)."""
+
+
+def check_geometry(atoms: Atoms) -> None:
+    """Refuse positions a model cannot evaluate, naming the atoms: non-finite coordinates and
+    atoms on top of each other (or of a periodic image of themselves)."""
+    positions = atoms.get_positions()
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if len(bad):
+        raise ValueError(f"atom {int(bad[0])} has a non-finite position {positions[bad[0]]}")
+    cell = atoms.get_cell()[:]
+    edges, shifts = neighbor_list(positions, cell, atoms.get_pbc(), COINCIDENT)
+    if edges.shape[1]:
+        i, j = int(edges[1, 0]), int(edges[0, 0])
+        d = float(np.linalg.norm(positions[j] - positions[i] + shifts[0] @ cell))
+        what = f"atom {i} and its periodic image" if i == j else f"atoms {i} and {j}"
+        raise ValueError(
+            f"{what} coincide ({d:.2g} Å apart, under {COINCIDENT} Å): the energy is "
+            "undefined there"
+        )
 
 
 class MegaGNNCalculator(Calculator):
@@ -73,8 +97,10 @@ class MegaGNNCalculator(Calculator):
 
     def check(self, atoms: Atoms) -> None:
         """Refuse elements the model was not trained on (UnknownElementError) unless
-        ``allow_unknown_elements``."""
+        ``allow_unknown_elements``, and geometry it cannot evaluate (``check_geometry``:
+        ValueError)."""
         check_elements(atoms.numbers, self.elements, "this model", self.allow_unknown_elements)
+        check_geometry(atoms)
 
     def calculate(
         self, atoms: Atoms | None = None, properties=None, system_changes=all_changes

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,6 +35,10 @@ from megagnn.config import config_from_dict, config_to_dict
 from megagnn.models import Potential
 
 INPUTS = ("positions", "atomic_numbers", "cell", "pbc", "edge_index", "cell_shifts", "head")
+
+
+class PackageError(ValueError):
+    """An inference package is corrupt, truncated or not megagnn's; names the file."""
 
 
 class _Serve(nn.Module):
@@ -184,17 +189,25 @@ class Package:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no inference package at {path}")
+        try:  # a cut-short archive fails here, in one line, before the C++ loader sees it
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise PackageError(f"{path}: corrupt or truncated inference package ({e})") from e
         # the loader warns when the package was compiled without vector instructions
         quiet = logging.getLogger("torch.export.pt2_archive._package")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as e:  # the C++ loader's errors carry a stack trace
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PackageError(f"{path}: unreadable inference package ({reason})") from e
         finally:
             quiet.setLevel(level)
         self.metadata = dict(self.runner.get_metadata())
         if self.metadata.get("format") != "megagnn-aoti-1":
-            raise ValueError(f"{path} is not a megagnn inference package")
+            raise PackageError(f"{path} is not a megagnn inference package")
         self.cutoff = float(self.metadata["cutoff"])
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.has_stress = self.metadata["stress"] == "true"

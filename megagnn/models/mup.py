@@ -37,14 +37,13 @@ def _fans(module: nn.Module, shape) -> tuple[int, int]:
     return shape[1], shape[0]  # Linear weight [out, in]
 
 
-def mup_scales(cfg: ModelConfig) -> MupScales:
-    """The μP multipliers of every weight of the model ``cfg`` describes (empty maps under
-    the standard parametrisation)."""
+def mup_scales(cfg: ModelConfig, full: nn.Module) -> MupScales:
+    """The μP multipliers of every weight of ``full``, the model ``cfg`` describes (empty
+    maps under the standard parametrisation)."""
     if cfg.parametrization != "mup":
         return MupScales({}, {})
     from megagnn.models import build_model
 
-    full = build_model(cfg, device="meta")
     base = build_model(replace(cfg, hidden=cfg.mup_base_width), device="meta")
     lr, init = {}, {}
     base_modules = dict(base.named_modules())

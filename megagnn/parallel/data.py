@@ -1,7 +1,7 @@
 """Data parallelism: how ranks share gradients and optimizer state, behind one interface.
 
 Each data-parallel rank computes its batches' mean loss; gradients are averaged; with
-``train.shard_optimizer`` every rank keeps the AdamW moments of only its share of the
+``parallel.shard_optimizer`` every rank keeps the AdamW moments of only its share of the
 parameters (ZeRO stage 1), updates those and hands the new values to the others. Two
 implementations (``parallel.data_parallel``):
 
@@ -200,5 +200,6 @@ def uses_megatron(cfg: Config, device: torch.device, dp_size: int) -> bool:
     if cfg.parallel.data_parallel == "megatron":  # even with one rank (a single-GPU check)
         return True
     if cfg.parallel.data_parallel == "auto" and dp_size > 1:
-        return device.type == "cuda" and cfg.train.shard_optimizer and cfg.train.precision != "fp64"
+        sharded = cfg.parallel.shard_optimizer
+        return device.type == "cuda" and sharded and cfg.train.precision != "fp64"
     return False

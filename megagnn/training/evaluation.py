@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from megagnn import keys as K
-from megagnn.config import TrainConfig
+from megagnn.config import LossConfig
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches
 from megagnn.models import Potential
@@ -24,7 +24,7 @@ def evaluate(
     dtype: torch.dtype,
     progress: bool = False,
     predict: Callable[[dict], dict | None] | None = None,
-    loss_cfg: TrainConfig | None = None,
+    loss_cfg: LossConfig | None = None,
     group=None,
 ) -> dict[str, float]:
     """Mean absolute errors on one pass over the sampler's batches, with trivial baselines,
@@ -40,7 +40,11 @@ def evaluate(
     meter = ErrorMeter()
     loss_sum, structures = 0.0, 0
     batches = iterate_batches(graphs, sampler, epoch=0)
-    for batch in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
+    total = len(sampler.batches(0)) if progress else None
+    bar = tqdm(
+        batches, total=total, desc="evaluate", unit=" batches", leave=False, disable=not progress
+    )
+    for batch in bar:
         batch = to_device(batch, device, dtype)
         pred = predict(batch)
         if pred is None:

@@ -1,9 +1,9 @@
-"""Fine-tuning: a new run that starts from a pretrained model (train.init_from).
+"""Fine-tuning: a new run that starts from a pretrained model (finetune.init_from).
 
 The trunk (embedding, blocks) loads from the pretrained weights, their average where the
 run kept one, saved under any parallel layout or consolidated, into this run's layout:
 every rank reads only its own slice. Heads are matched by name, or mapped with
-train.init_heads; a head with no pretrained source starts fresh.
+finetune.init_heads; a head with no pretrained source starts fresh.
 
 What the pretrained network computes depends on two of its statistics, which are kept: the
 neighbour normaliser (it scales every aggregation) and the output scale of each head it
@@ -54,7 +54,7 @@ class Pretrained:
         ]
         if diff:
             raise ConfigError(
-                f"train.init_from={self.source}: the pretrained trunk has "
+                f"finetune.init_from={self.source}: the pretrained trunk has "
                 + ", ".join(diff)
                 + "; set these (e.g. --set "
                 + " ".join(f"{d.split(' ')[0]}" for d in diff)
@@ -63,18 +63,18 @@ class Pretrained:
 
     def head_sources(self, cfg: Config) -> dict[str, str | None]:
         """Each new head -> the pretrained head it starts from (None: fresh)."""
-        explicit = dict(entry.partition("=")[::2] for entry in cfg.train.init_heads)
+        explicit = dict(entry.partition("=")[::2] for entry in cfg.finetune.init_heads)
         out = {}
         for head in explicit:
             if head not in cfg.model.heads:
                 raise ConfigError(
-                    f"train.init_heads: {head!r} is not in model.heads={cfg.model.heads}"
+                    f"finetune.init_heads: {head!r} is not in model.heads={cfg.model.heads}"
                 )
         for head in cfg.model.heads:
             old = explicit.get(head, head if head in self.heads else "")
             if old and old not in self.heads:
                 raise ConfigError(
-                    f"train.init_heads: {head}={old}, but the pretrained model has heads "
+                    f"finetune.init_heads: {head}={old}, but the pretrained model has heads "
                     f"{self.heads}"
                 )
             out[head] = old or None

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from megagnn import keys as K
-from megagnn.config import TrainConfig
+from megagnn.config import LossConfig
 
 
 def _penalty(err: torch.Tensor, kind: str) -> torch.Tensor:
@@ -21,7 +21,7 @@ def loss_terms(
     pred: dict[str, torch.Tensor],
     batch: dict[str, torch.Tensor],
     scale: torch.Tensor,  # [heads] eV/Å, from the model
-    cfg: TrainConfig,
+    cfg: LossConfig,
 ) -> dict[str, torch.Tensor]:
     """Weighted loss and its terms. Errors are divided by the head's scale so the terms are
     dimensionless and comparable: energy per atom, force components, and stress components
@@ -30,13 +30,13 @@ def loss_terms(
     s_graph = scale[head]  # [B]
     n = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
     err = ((pred[K.ENERGY] - batch[K.ENERGY]) / n / s_graph)[batch[K.HAS_ENERGY]]
-    terms = {"energy": _penalty(err, cfg.loss)}
+    terms = {"energy": _penalty(err, cfg.function)}
     total = cfg.energy_weight * terms["energy"]
     if K.FORCES in pred:
         atom_mask = batch[K.HAS_FORCES][batch[K.BATCH]]  # [N]
         s_atom = s_graph[batch[K.BATCH]].unsqueeze(-1)
         err = ((pred[K.FORCES] - batch[K.FORCES]) / s_atom)[atom_mask]
-        terms["forces"] = _penalty(err, cfg.loss)
+        terms["forces"] = _penalty(err, cfg.function)
         total = total + cfg.force_weight * terms["forces"]
     if K.STRESS in pred:
         mask = batch[K.HAS_STRESS] & batch[K.PBC].all(dim=1)
@@ -44,7 +44,7 @@ def loss_terms(
         volume_per_atom = torch.linalg.det(batch[K.CELL]).abs() / n
         err = (pred[K.STRESS] - batch[K.STRESS]) * (volume_per_atom / s_graph)[:, None, None]
         err = err[mask]
-        terms["stress"] = _penalty(err, cfg.loss)
+        terms["stress"] = _penalty(err, cfg.function)
         total = total + cfg.stress_weight * terms["stress"]
     terms["total"] = total
     return terms

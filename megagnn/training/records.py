@@ -40,7 +40,7 @@ def check_resumable(
         raise ConfigError(
             f"cannot resume {path}: this run's config differs from the checkpoint's in "
             + "; ".join(changes)
-            + ". Use another train.out_dir, or train.resume=false to start over"
+            + ". Use another train.out_dir, or checkpoint.resume=false to start over"
         )
     recorded = out_dir / SPLITS
     if not recorded.is_file():

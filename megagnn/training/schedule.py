@@ -7,19 +7,19 @@ from collections.abc import Callable
 
 import torch
 
-from megagnn.config import TrainConfig
+from megagnn.config import OptimConfig
 
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    max_steps: int | None = None,
+    cfg: OptimConfig,
+    max_steps: int,
     progress: Callable[[], float] | None = None,
 ):
-    """The schedule over ``max_steps`` (default train.max_steps), or with ``progress`` (the
+    """The schedule over ``max_steps``, or with ``progress`` (the
     share of a time budget spent, in [0, 1]) over the wall clock after the warmup steps."""
     warmup = max(cfg.warmup_steps, 0)
-    decay = max((max_steps or cfg.max_steps) - warmup, 1)
+    decay = max(max_steps - warmup, 1)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -25,9 +25,9 @@ def test_fine_tuning_starts_a_tensor_parallel_run_from_one_process(emt_dataset, 
         tmp_path / "tuned",
         emt_dataset,
         "parallel.tensor=2",
-        f"train.init_from={init}",
-        "train.lr_multipliers=['*=0.0']",  # quoted: a bare * is a YAML alias
-        "train.ema_decay=0.5",
+        f"finetune.init_from={init}",
+        "optim.lr_multipliers=['*=0.0']",  # quoted: a bare * is a YAML alias
+        "optim.ema_decay=0.5",
         "train.time_budget=6",
     )
     assert "fine-tuning from" in out and "time budget: stopped at step" in out

@@ -21,7 +21,7 @@ from convert_checkpoint import main as convert_main  # noqa: E402
 DT = torch.float64
 
 
-SETTINGS = (*TINY_RUN, "train.warmup_steps=2")
+SETTINGS = (*TINY_RUN, "optim.warmup_steps=2")
 
 
 def pretrain(nproc, out, dataset, *overrides, script=("-m", "megagnn.pretrain")):
@@ -43,7 +43,7 @@ DIRECT = ("model.forces=direct", "model.stress=false")
 MEGATRON = (
     "train.precision=fp32",
     "train.microbatches=2",
-    "train.grad_clip=0.1",
+    "optim.grad_clip=0.1",
     "parallel.bucket_size=1000",
 )
 # name: (processes, the layout, the run's other settings)
@@ -87,7 +87,7 @@ def test_parallel_training_matches_one_process(emt_dataset, tmp_path, layout):
 
 
 def test_resume_reproduces_the_data_parallel_run(emt_dataset, tmp_path):
-    args = ("train.max_steps=4", "train.save_every=2")
+    args = ("train.max_steps=4", "checkpoint.every=2")
     pretrain(2, tmp_path, emt_dataset, *args)
     first = losses(tmp_path)
     # as if the job had died after the step-2 checkpoint
@@ -99,7 +99,7 @@ def test_resume_reproduces_the_data_parallel_run(emt_dataset, tmp_path):
 
 def test_resume_under_another_layout(emt_dataset, tmp_path):
     """Saved with tensor parallelism, resumed as a two-stage pipeline: the loss curve goes on."""
-    args = ("train.max_steps=4", "train.save_every=2", *DIRECT)
+    args = ("train.max_steps=4", "checkpoint.every=2", *DIRECT)
     pretrain(2, tmp_path, emt_dataset, *args, "parallel.tensor=2")
     first = losses(tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step-00000002")
@@ -125,7 +125,7 @@ def _all_tensors(path):
 def test_reshard_round_trips_and_resumes(emt_dataset, tmp_path):
     """TP=2 -> PP=2 -> TP=2 gives back every tensor bit for bit; training resumed from the
     PP=2 copy continues the TP=2 run's loss curve."""
-    args = ("train.max_steps=4", "train.save_every=2", *DIRECT)
+    args = ("train.max_steps=4", "checkpoint.every=2", *DIRECT)
     run = tmp_path / "run"
     pretrain(2, run, emt_dataset, *args, "parallel.tensor=2")
     first = losses(run)
@@ -154,15 +154,15 @@ def test_collectives_get_tensors_on_the_compute_device(emt_dataset, tmp_path, mo
     (load, TP collectives in the force double backward); a two-stage pipeline
     (point-to-point, broadcasts)."""
     monkeypatch.setenv(device_check.ENV, "1")
-    args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2")
+    args = ("train.max_steps=4", "checkpoint.every=2", "validate.every=2")
     run, tp2 = tmp_path / "run", tmp_path / "tp2"
-    pretrain(2, run, emt_dataset, *args, "train.patience=5")
+    pretrain(2, run, emt_dataset, *args, "validate.patience=5")
     megatron = (*MEGATRON, "parallel.data_parallel=megatron")
     pretrain(2, tmp_path / "megatron", emt_dataset, *args, *megatron)
     step2 = str(run / "checkpoints" / "step-00000002")
     assert convert_main(["reshard", step2, str(tp2), "--tensor", "2"]) == 0
     assert "resumed from" in pretrain(2, tp2, emt_dataset, *args, "parallel.tensor=2")
-    pipeline = ("parallel.pipeline=2", "train.microbatches=2", "train.eval_every=1")
+    pipeline = ("parallel.pipeline=2", "train.microbatches=2", "validate.every=1")
     pretrain(2, tmp_path / "pp2", emt_dataset, *DIRECT, *pipeline, "train.max_steps=2")
 
 
@@ -171,7 +171,7 @@ def test_validation_is_split_over_data_parallel_ranks(emt_dataset, tmp_path, cap
     one process evaluating the whole split with the same weights."""
     from megagnn.evaluate import main as evaluate_main
 
-    pretrain(2, tmp_path, emt_dataset, "train.max_steps=2", "train.eval_every=2")
+    pretrain(2, tmp_path, emt_dataset, "train.max_steps=2", "validate.every=2")
     logged = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = next(r for r in logged if "val/forces_mae" in r)
     out = tmp_path / "val.json"
@@ -190,7 +190,7 @@ def test_megatron_data_parallel_matches_the_flat_path(emt_dataset, tmp_path, npr
     """megatron-core DDP (buckets reduced during the backward of the conservative-force
     loss, a second derivative) + DistributedOptimizer train as the flat all-reduce + ZeRO-1
     path does; its checkpoint resumes under itself and under the flat path."""
-    args = (*MEGATRON, *layout, "train.max_steps=4", "train.save_every=2")
+    args = (*MEGATRON, *layout, "train.max_steps=4", "checkpoint.every=2")
     flat, megatron = tmp_path / "flat", tmp_path / "megatron"
     pretrain(nproc, flat, emt_dataset, *args, "parallel.data_parallel=flat")
     pretrain(nproc, megatron, emt_dataset, *args, "parallel.data_parallel=megatron")

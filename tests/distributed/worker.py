@@ -21,7 +21,7 @@ from ase.build import bulk, molecule
 
 from megagnn import keys as K
 from megagnn import ops
-from megagnn.config import ModelConfig, ParallelConfig, TrainConfig
+from megagnn.config import LossConfig, ModelConfig, ParallelConfig
 from megagnn.data import collate, structure_to_graph, to_device
 from megagnn.models import build_model
 from megagnn.parallel.data import (
@@ -137,7 +137,7 @@ def main():
     args = ap.parse_args()
     layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
     state = init_parallel(layout)
-    train_cfg = TrainConfig(energy_weight=1.0, force_weight=1.0, stress_weight=1.0)
+    train_cfg = LossConfig(energy_weight=1.0, force_weight=1.0, stress_weight=1.0)
     # conservative forces are refused under pipeline parallelism (config check)
     force_modes = ("direct", "none") if args.pipeline > 1 else ("conservative", "direct")
     # a pipeline runs two microbatches, so 1F1B overlaps them and gradients accumulate

@@ -19,7 +19,7 @@ from test_pretrain import MEGATRON, losses, pretrain  # noqa: E402
 def test_megatron_data_parallel_matches_the_flat_path_on_cuda(emt_dataset, tmp_path, nproc):
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
-    args = (*MEGATRON, "train.max_steps=4", "train.save_every=2")
+    args = (*MEGATRON, "train.max_steps=4", "checkpoint.every=2")
     flat, megatron = tmp_path / "flat", tmp_path / "megatron"
     pretrain(nproc, flat, emt_dataset, *args, "parallel.data_parallel=flat")
     pretrain(nproc, megatron, emt_dataset, *args, "parallel.data_parallel=megatron")
