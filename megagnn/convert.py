@@ -39,8 +39,8 @@ def _refuse_inside(source: Path, checkpoint: Path, out_dir: Path) -> None:
     inside = {checkpoint.resolve(), checkpoint.resolve().parent}  # a step and checkpoints/
     if out in same | inside or any(folder in out.parents for folder in inside):
         raise CheckpointError(
-            f"output {out_dir} is {source} or lies among its checkpoints, which are being "
-            "read; write to another folder"
+            f"output {out_dir} is the source, its run folder or among its checkpoints, "
+            "which are being read; write to another folder"
         )
 
 

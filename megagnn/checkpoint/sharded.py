@@ -51,21 +51,16 @@ Average = dict[torch.Tensor, torch.Tensor]
 
 
 def rng_state() -> dict[str, Any]:
-    """The RNG states as plain Python values and tensors: loadable with
-    ``torch.load(weights_only=True)``, as megatron-core 0.19 loads the common part."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older: an array
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
 
 

@@ -70,6 +70,19 @@ def _collect_save_results_in_process() -> None:
         fs_async._results_queue = queue.Queue()
 
 
+class _NoStream:
+    """A CUDA stream on a machine without one: there is nothing to wait for."""
+
+    def wait_event(self, *_args) -> None:
+        return None
+
+    def wait_stream(self, *_args) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
 class _CudaOnCpu(types.SimpleNamespace):
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -81,6 +94,10 @@ class _CudaOnCpu(types.SimpleNamespace):
     @staticmethod
     def synchronize(*_args) -> None:
         return None
+
+    @staticmethod
+    def current_stream(*_args) -> _NoStream:  # megatron-core 0.19's gradient buffers wait on it
+        return _NoStream()
 
 
 class _TorchOnCpu(types.ModuleType):
