@@ -58,9 +58,11 @@ class TimeBudget:
         learning-rate schedule reads, so it reaches its end where the run stops."""
         return min(max(wall_s / max(self.seconds - self.reserve(), 1e-9), 0.0), 1.0)
 
-    def next_is_last(self, wall_s: float) -> bool:
-        """True if after one more step there is only just time left to validate and save."""
-        return wall_s + self.longest["step"] + self.reserve() >= self.seconds
+    def next_is_last(self, wall_s: float, validates: bool = False) -> bool:
+        """True if after one more step (and its periodic validation, ``validates``) there
+        is only just time left to validate and save."""
+        step = self.longest["step"] + (self.longest["validate"] if validates else 0.0)
+        return wall_s + step + self.reserve() >= self.seconds
 
 
 def agree(flags: list[bool | int], device: torch.device, world_size: int) -> list[int]:

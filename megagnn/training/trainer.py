@@ -176,7 +176,7 @@ class Trainer:
             while self.step < self.max_steps:
                 now = time.perf_counter()  # wall time of everything: steps, validation, saves
                 self.compute.wall_s, tick = self.compute.wall_s + now - tick, now
-                time_up = self.clock is not None and self.clock.next_is_last(self.compute.wall_s)
+                time_up = self._time_up()
                 # ranks see signals and clocks at different moments: all decide alike
                 received, time_up = agree(
                     [signals.received or 0, time_up], self.device, self.par.world_size
@@ -218,6 +218,15 @@ class Trainer:
         finally:
             if self.par.is_main:
                 lock.release(self.out_dir)
+
+    def _time_up(self) -> bool:
+        """Whether the coming step is the last the time budget allows (counting the
+        validation that step will run on its own schedule)."""
+        if self.clock is None:
+            return False
+        every = self.cfg.validate.every
+        validates = bool(every) and (self.step + 1) % every == 0
+        return self.clock.next_is_last(self.compute.wall_s, validates)
 
     def _banner(self) -> str:
         data = "; ".join(
