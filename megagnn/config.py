@@ -184,6 +184,9 @@ class TrainConfig:
     """Bitwise-reproducible steps on GPUs: torch's deterministic algorithms and no kernel
     that adds with atomics (the fused messages' backward takes the reference). CPU runs are
     deterministic either way."""
+    threads: int | None = None
+    """Intra-op threads of each process (null: this machine's cores divided among the
+    processes torchrun starts on it, at least one)."""
     log_every: int = 10
     """Steps between TensorBoard scalar writes."""
     progress: bool = True
@@ -210,6 +213,8 @@ class TrainConfig:
             self.flops_budget is not None and self.flops_budget <= 0
         ):
             raise ConfigError("train.epochs and train.flops_budget must be > 0 (or null)")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("train.threads must be >= 1 (or null: the cores per process)")
         if self.log_every < 1 or self.max_bad_steps < 1:
             raise ConfigError("train.log_every and train.max_bad_steps must be >= 1")
 
@@ -637,3 +642,31 @@ def upgrade_saved(values: dict) -> dict:
             into, name = new.split(".")
             out.setdefault(into, {})[name] = out[section].pop(key)
     return out
+
+
+def field_help() -> str:
+    """Every config field as ``section.name (type, default): docstring``, read from the
+    dataclasses' attribute docstrings (``pretrain --help``)."""
+    import ast
+    import inspect
+    import textwrap
+
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        docs = {}
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+                if isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                    docs[node.target.id] = " ".join(after.value.value.split())
+        lines.append(f"{section.name}:")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            tp = str(f.type).replace("typing.", "")
+            default = getattr(defaults, f.name)
+            lines.append(f"  {section.name}.{f.name} ({tp}, default {default!r})")
+            indent = " " * 6
+            text = docs.get(f.name, "")
+            lines += textwrap.wrap(text, 88, initial_indent=indent, subsequent_indent=indent)
+    return "\n".join(lines)

@@ -17,7 +17,7 @@ from megagnn.config import ConfigError, config_from_dict
 from megagnn.data.shards import DataError, atomic_write_json
 from megagnn.elements import UnknownElementError, check_elements
 from megagnn.inference.package import Package, PackagePotential
-from megagnn.parallel.state import default_device
+from megagnn.parallel.state import default_device, set_threads
 from megagnn.precision import DTYPES
 from megagnn.training.evaluation import evaluate
 from megagnn.training.sources import DataSplits, dataset_entries, read_splits, recorded_run
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--threads", type=int, help="intra-op threads (default: every core this process may use)"
+    )
+    p.add_argument(
         "--checkpoint",
         choices=["best", "latest"],
         default="best",
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
+        print(set_threads(args.threads))
         device = default_device()
         model, config, step, dtype = _load(args.run, args.checkpoint, device)
         cfg = config_from_dict(config)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from megagnn.checkpoint import CheckpointError
-from megagnn.config import ConfigError, load_config
+from megagnn.config import ConfigError, field_help, load_config
 from megagnn.data.shards import DataError
 
 
@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="megagnn.pretrain",
         description="Train a GNN interatomic potential on a preprocessed dataset. A run is a "
         "YAML config plus dotted overrides; it resumes from its out_dir when checkpoints exist.",
+        epilog="config fields (YAML keys, or --set section.field=value):\n" + field_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (may include others)")
     p.add_argument(
@@ -37,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        from megagnn.parallel.state import destroy_parallel, init_parallel
+        from megagnn.parallel.state import destroy_parallel, init_parallel, set_threads
         from megagnn.training.trainer import Trainer
 
+        threads = set_threads(cfg.train.threads)
         parallel = init_parallel(cfg.parallel)
+        if parallel.is_main:
+            print(threads)
         trainer = Trainer(cfg, parallel)
         trainer.train()
         destroy_parallel()

@@ -93,3 +93,44 @@ def test_saved_configs_of_older_runs_are_upgraded():
     for new in MOVED.values():  # every new name exists
         section, key = new.split(".")
         assert hasattr(getattr(cfg, section), key), new
+
+
+def test_pretrain_help_lists_every_field_with_its_docstring(capsys):
+    import dataclasses
+
+    from megagnn.config import Config
+    from megagnn.pretrain import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(
+            section.type
+            if isinstance(section.type, type)
+            else type(getattr(Config(), section.name))
+        ):
+            assert f"  {section.name}.{field.name} (" in text, field.name
+    assert "optim.lr (float, default 0.001)\n      Peak learning rate (AdamW)." in text
+
+
+def test_threads_are_the_cores_per_local_process(monkeypatch):
+    import os
+
+    import torch
+
+    from megagnn.parallel.state import set_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))
+        assert set_threads().startswith("threads: 1 per process")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert set_threads().startswith(f"threads: {cores} per process ({cores} cores")
+        assert set_threads(3) == "threads: 3 per process (train.threads)"
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="train.threads must be >= 1"):
+        load_config(None, ["train.threads=0"])

@@ -50,6 +50,18 @@ class ParallelState:
         return dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
 
+def set_threads(requested: int | None = None) -> str:
+    """Intra-op threads of this process: ``requested``, or the cores this process may use
+    divided among the processes torchrun started on this machine (two processes with all
+    cores each slow each other several times over). Returns what was chosen, to print."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = requested or max(1, (cores or 1) // local)
+    torch.set_num_threads(threads)
+    how = "train.threads" if requested else f"{cores} cores / {local} local processes"
+    return f"threads: {threads} per process ({how})"
+
+
 def default_device() -> torch.device:
     """The device of a process run without torchrun: the GPU where there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
