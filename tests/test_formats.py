@@ -83,3 +83,69 @@ def test_qm9_errors_are_one_line_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(DataError, match=r'pip install "megagnn\[qm9\]"'):
         qm9.installed_files()
+
+
+def _water():
+    """One water molecule in Å and eV, and the same in each format's units."""
+    numbers = np.array([8, 1, 1])
+    positions = np.array([[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692], [0.0, -0.7572, -0.4692]])
+    energy = -2076.5  # eV
+    forces = np.array([[0.0, 0.0, 0.3], [0.0, 0.1, -0.15], [0.0, -0.1, -0.15]])  # eV/Å
+    return numbers, positions, energy, forces
+
+
+def _ani1x(path, conformers):
+    import h5py
+
+    numbers, positions, energy, forces = _water()
+    with h5py.File(path, "w") as f:
+        g = f.create_group("H2O1")
+        g["atomic_numbers"] = numbers
+        g["coordinates"] = np.stack([positions] * conformers)
+        energies = np.full(conformers, energy / Hartree)
+        energies[-1] = np.nan  # not computed at this level: masked, not a number
+        g["wb97x_dz.energy"] = energies
+        g["wb97x_dz.forces"] = np.stack([forces / Hartree] * conformers)
+
+
+def _spice(path):
+    import h5py
+    from ase.units import Bohr
+
+    numbers, positions, energy, forces = _water()
+    with h5py.File(path, "w") as f:
+        g = f.create_group("[H:2][O:1][H:3]")
+        g["atomic_numbers"] = numbers
+        g["conformations"] = (positions / Bohr)[None]
+        g["dft_total_energy"] = np.array([energy / Hartree])
+        g["dft_total_gradient"] = (-forces / (Hartree / Bohr))[None]
+        g["smiles"] = [b"[H:2][O:1][H:3]"]
+        g["subset"] = [b"water"]
+
+
+def test_ani1x_and_spice_give_the_same_record_with_masks_and_groups(tmp_path):
+    from megagnn.data.formats import molecules_h5
+
+    _ani1x(tmp_path / "ani1x.h5", conformers=3)
+    _spice(tmp_path / "spice.hdf5")
+    assert molecules_h5.detect(str(tmp_path / "ani1x.h5")) == "ani1x"
+    assert molecules_h5.detect(str(tmp_path / "spice.hdf5")) == "spice"
+    for name in ("ani1x.h5", "spice.hdf5"):  # --format auto
+        assert _preprocess(str(tmp_path / name), "-o", str(tmp_path / name[:5]))[0] == 0
+    ani, spice = ShardedDataset(tmp_path / "ani1x"), ShardedDataset(tmp_path / "spice")
+    numbers, positions, energy, forces = _water()
+    assert len(ani) == 3 and len(spice) == 1
+    for record in (ani[0], spice[0]):
+        np.testing.assert_array_equal(record["atomic_numbers"], numbers)
+        np.testing.assert_allclose(record["positions"], positions, atol=1e-12)
+        assert record["energy"] == pytest.approx(energy, abs=1e-9)
+        np.testing.assert_allclose(record["forces"], forces, atol=1e-12)
+    assert not np.isfinite(ani[2]["energy"]) and np.isfinite(ani[2]["forces"]).all()
+    assert len(set(ani.groups().tolist())) == 1  # the conformers of one molecule
+
+
+def test_a_missing_level_of_theory_is_named(tmp_path):
+    _ani1x(tmp_path / "ani1x.h5", conformers=1)
+    args = (str(tmp_path / "ani1x.h5"), "-o", str(tmp_path / "out"), "--energy-key", "ccsd.energy")
+    code, err = _preprocess(*args)
+    assert code == 1 and "group 'H2O1': malformed ani1x record" in err and "ccsd.energy" in err

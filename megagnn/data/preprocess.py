@@ -28,7 +28,7 @@ from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 from tqdm import tqdm
 
-from megagnn.data.formats import qm9
+from megagnn.data.formats import molecules_h5, qm9
 from megagnn.data.neighbors import neighbor_list
 from megagnn.data.shards import (
     MANIFEST,
@@ -40,9 +40,9 @@ from megagnn.data.shards import (
 )
 
 EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
-FORMATS = ("auto", "ase", "qm9")
-"""--format: 'ase' (anything ase.io reads), 'qm9' (qm9pack's CSV files; megagnn.data.formats.qm9)
-or 'auto' (each file by its extension and content)."""
+FORMATS = ("auto", "ase", "qm9", "ani1x", "spice")
+"""--format: 'ase' (anything ase.io reads), 'qm9' (qm9pack's CSV files), 'ani1x' and 'spice'
+(their HDF5 files; megagnn.data.formats) or 'auto' (each file by its extension and content)."""
 PARTS = "parts"
 
 
@@ -204,13 +204,17 @@ def plan_chunks(files: list[str], chunk_size: int) -> list[Chunk]:
 def file_format(path: str, fmt: str) -> str:
     """The reader of one input file under --format ``fmt``."""
     if fmt == "auto":
-        return "qm9" if qm9.is_qm9(path) else "ase"
+        return "qm9" if qm9.is_qm9(path) else molecules_h5.detect(path) or "ase"
     return fmt
 
 
 def _read_chunk(chunk: Chunk, opts: Options):
-    if file_format(chunk.file, opts.format) == "qm9":
+    kind = file_format(chunk.file, opts.format)
+    if kind == "qm9":
         yield from qm9.read(chunk.file, opts.energy_key)
+        return
+    if kind in ("ani1x", "spice"):
+        yield from molecules_h5.read(chunk.file, kind, opts.energy_key)
         return
     try:
         if chunk.start is None:
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="input format: ase (anything ase.io reads), qm9 (the CSV files of the qm9pack "
         "wheel, read from the installed package when no inputs are given; --energy-key U0 "
-        "(default), U, H or G), or auto: by each file's extension and content "
+        "(default), U, H or G), ani1x or spice (their HDF5 files; ani1x: --energy-key picks "
+        "the level, default wb97x_dz.energy), or auto: by each file's extension and content "
         "(default: %(default)s)",
     )
     p.add_argument("--shard-size", type=int, default=10000, help="structures per shard")
