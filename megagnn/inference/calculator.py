@@ -20,7 +20,6 @@ from megagnn.data.graph import (
     structure_to_graph,
     to_device,
 )
-from megagnn.data.neighbors import neighbor_list
 from megagnn.elements import check_elements
 from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential
@@ -40,18 +39,25 @@ COINCIDENT = 1e-4
 """Atoms closer than this (Å) are refused: at zero distance the energy is undefined (NaN)."""
 
 
-def check_geometry(atoms: Atoms) -> None:
-    """Refuse positions a model cannot evaluate, naming the atoms: non-finite coordinates and
-    atoms on top of each other (or of a periodic image of themselves)."""
+def check_positions(atoms: Atoms) -> None:
+    """Refuse non-finite coordinates, naming the atom (before any neighbour list)."""
     positions = atoms.get_positions()
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
     if len(bad):
         raise ValueError(f"atom {int(bad[0])} has a non-finite position {positions[bad[0]]}")
-    cell = atoms.get_cell()[:]
-    edges, shifts = neighbor_list(positions, cell, atoms.get_pbc(), COINCIDENT)
-    if edges.shape[1]:
-        i, j = int(edges[1, 0]), int(edges[0, 0])
-        d = float(np.linalg.norm(positions[j] - positions[i] + shifts[0] @ cell))
+
+
+def check_geometry(graph: dict[str, torch.Tensor]) -> None:
+    """Refuse a one-structure graph whose atoms sit on top of each other (or of a periodic
+    image of themselves), naming them; read off the edges the model is given anyway."""
+    sender, receiver = graph[K.EDGE_INDEX]
+    positions = graph[K.POSITIONS]
+    vec = positions[sender] - positions[receiver] + graph[K.CELL_SHIFTS] @ graph[K.CELL][0]
+    close = torch.nonzero(torch.linalg.vector_norm(vec, dim=1) < COINCIDENT).flatten()
+    if len(close):
+        e = int(close[0])
+        i, j = int(receiver[e]), int(sender[e])
+        d = float(torch.linalg.vector_norm(vec[e]))
         what = f"atom {i} and its periodic image" if i == j else f"atoms {i} and {j}"
         raise ValueError(
             f"{what} coincide ({d:.2g} Å apart, under {COINCIDENT} Å): the energy is "
@@ -97,17 +103,19 @@ class MegaGNNCalculator(Calculator):
 
     def check(self, atoms: Atoms) -> None:
         """Refuse elements the model was not trained on (UnknownElementError) unless
-        ``allow_unknown_elements``, and geometry it cannot evaluate (``check_geometry``:
-        ValueError)."""
+        ``allow_unknown_elements``, and non-finite positions (ValueError; coincident atoms
+        are refused from the graph, ``check_geometry``)."""
         check_elements(atoms.numbers, self.elements, "this model", self.allow_unknown_elements)
-        check_geometry(atoms)
+        check_positions(atoms)
 
     def calculate(
         self, atoms: Atoms | None = None, properties=None, system_changes=all_changes
     ) -> None:
         super().calculate(atoms, properties, system_changes)
         self.check(self.atoms)
-        batch = to_device(atoms_to_graph(self.atoms, self.cutoff), self.device, self.dtype)
+        graph = atoms_to_graph(self.atoms, self.cutoff)
+        check_geometry(graph)
+        batch = to_device(graph, self.device, self.dtype)
         batch[K.HEAD][:] = self.head
         periodic = bool(self.atoms.pbc.all())
         if self.package is not None:
@@ -147,6 +155,8 @@ class MegaGNNCalculator(Calculator):
 
     def _predict_batch(self, structures: list[Atoms]) -> list[dict]:
         graphs = [structure_to_graph(atoms_to_record(a), self.cutoff) for a in structures]
+        for graph in graphs:
+            check_geometry(graph)
         batch = to_device(collate(graphs), self.device, self.dtype)
         batch[K.HEAD][:] = self.head
         out = self.model(batch, compute_stress=self.model.cfg.stress)
