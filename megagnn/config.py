@@ -307,7 +307,8 @@ class CheckpointConfig:
     every_s: float = 0.0
     """Also save when this many seconds passed since the last checkpoint (0: steps only)."""
     keep: int = 2
-    """How many recent checkpoints to keep on disk (the best one is kept besides)."""
+    """How many recent checkpoints to keep on disk (0: every one; the best one is kept
+    besides)."""
     resume: bool = True
     """Continue from out_dir's latest checkpoint when there is one."""
 
@@ -316,8 +317,8 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.every must be >= 1")
         if self.every_s < 0:
             raise ConfigError("checkpoint.every_s must be >= 0 (0: save by steps only)")
-        if self.keep < 1:
-            raise ConfigError("checkpoint.keep must be >= 1")
+        if self.keep < 0:
+            raise ConfigError("checkpoint.keep must be >= 0 (0 keeps every checkpoint)")
 
 
 @dataclass(kw_only=True)

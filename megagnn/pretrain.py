@@ -16,12 +16,19 @@ from megagnn.config import ConfigError, field_help, load_config
 from megagnn.data.shards import DataError
 
 
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        """The usage, then every config field: read from the config's source only when help
+        is shown (about 0.1 s, which a launch need not pay)."""
+        self.epilog = "config fields (YAML keys, or --set section.field=value):\n" + field_help()
+        return super().format_help()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="megagnn.pretrain",
         description="Train a GNN interatomic potential on a preprocessed dataset. A run is a "
         "YAML config plus dotted overrides; it resumes from its out_dir when checkpoints exist.",
-        epilog="config fields (YAML keys, or --set section.field=value):\n" + field_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (may include others)")

@@ -30,11 +30,16 @@ def test_yaml_include_and_overrides(tmp_path):
         ("parallel.pipeline=2", "cannot train conservative forces"),
         ("train.microbatches=0", "microbatches"),
         ("kernels.backend=cuda", "use .auto., .triton. or .torch."),
+        ("checkpoint.keep=-1", "checkpoint.keep must be >= 0"),
     ],
 )
 def test_bad_config_is_an_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_keeping_every_checkpoint_is_allowed():
+    assert load_config(None, ["checkpoint.keep=0"]).checkpoint.keep == 0
 
 
 def test_missing_file():

@@ -31,7 +31,6 @@ class Saved:
 
     def __init__(self, path: Path, kind: str, info: dict[str, Any]):
         self.path, self.kind = path, kind
-        self.common = info  # a checkpoint's common dict, or a consolidated config.json
         self.config_dict: dict[str, Any] = upgrade_saved(info["config"])
         self.step = int(info["step"])
         self.statistics: dict | None = info.get("statistics")

@@ -16,7 +16,9 @@ from megagnn.training import records
 class Logbook:
     """Open for the length of ``Trainer.train``; every method is a no-op off the main rank."""
 
-    def __init__(self, cfg: Config, out_dir: Path, main: bool, step: int, total: int | None):
+    def __init__(
+        self, cfg: Config, out_dir: Path, main: bool, step: int, total: int | None, atoms: int
+    ):
         self.out_dir, self.main, self.writer = out_dir, main, None
         if main:
             from torch.utils.tensorboard import SummaryWriter
@@ -37,7 +39,7 @@ class Logbook:
             else "{l_bar}{bar}| {n:.0f}/100 % of the time budget [{elapsed}<{remaining}{postfix}]",
         )
         self.timed = total is None
-        self.atoms, self.since = 0, time.perf_counter()
+        self.atoms, self.since = atoms, time.perf_counter()  # the run's atoms at the last write
 
     def __enter__(self) -> Logbook:
         return self
@@ -55,14 +57,12 @@ class Logbook:
             self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.4g}")
 
-    def count(self, atoms: int) -> None:
-        self.atoms += atoms
-
-    def train_scalars(self, step: int, metrics: dict[str, float]) -> None:
-        """The step's metrics, with the atoms per second since the last write."""
+    def train_scalars(self, step: int, metrics: dict[str, float], atoms: int) -> None:
+        """The step's metrics, with the atoms per second since the last write (``atoms``:
+        the run's atoms so far, all replicas)."""
         now = time.perf_counter()
-        metrics["throughput/atoms_per_s"] = self.atoms / (now - self.since)
-        self.atoms, self.since = 0, now
+        metrics["throughput/atoms_per_s"] = (atoms - self.atoms) / (now - self.since)
+        self.atoms, self.since = atoms, now
         self._write(step, metrics)
 
     def validation(self, step: int, metrics: dict[str, float]) -> None:

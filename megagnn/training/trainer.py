@@ -171,7 +171,9 @@ class Trainer:
         self.log(self._banner())
         total = None if self.clock is not None else self.max_steps
         last, tick, signals = {}, time.perf_counter(), StopSignals()
-        logbook = Logbook(self.cfg, self.out_dir, self.par.is_main, self.step, total)
+        logbook = Logbook(
+            self.cfg, self.out_dir, self.par.is_main, self.step, total, self.compute.atoms
+        )
         with signals.caught(), logbook, self._holding_lock():
             while self.step < self.max_steps:
                 now = time.perf_counter()  # wall time of everything: steps, validation, saves
@@ -186,7 +188,6 @@ class Trainer:
                     break
                 micro = self.next_batches()
                 metrics = self.timed_step(micro)
-                logbook.count(sum(int(b[K.N_ATOMS].sum()) for b in micro) * self.par.dp_size)
                 if metrics is None:
                     self._skipped_step()
                     continue
@@ -194,8 +195,9 @@ class Trainer:
                 plan = policies.after_step(self.cfg, self.step, self.max_steps, bool(time_up))
                 share = self.clock.progress(self.compute.wall_s) if self.clock else None
                 logbook.progress(self.step, share, metrics["loss/total"])
-                if plan.log:
-                    logbook.train_scalars(self.step, {**metrics, **self._counters()})
+                if plan.log:  # the returned metrics carry these too
+                    metrics.update(self._counters())
+                    logbook.train_scalars(self.step, metrics, self.compute.atoms)
                 improved = plan.validate and self._validate(logbook)
                 since_save = time.perf_counter() - self.saved_clock
                 if policies.save_now(
