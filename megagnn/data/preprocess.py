@@ -208,13 +208,13 @@ def file_format(path: str, fmt: str) -> str:
     return fmt
 
 
-def _read_chunk(chunk: Chunk, opts: Options):
-    kind = file_format(chunk.file, opts.format)
+def _read_chunk(chunk: Chunk, kind: str, energy_key: str):
+    """The chunk's structures, read by the reader of ``kind`` (``file_format``)."""
     if kind == "qm9":
-        yield from qm9.read(chunk.file, opts.energy_key)
+        yield from qm9.read(chunk.file, energy_key)
         return
     if kind in ("ani1x", "spice"):
-        yield from molecules_h5.read(chunk.file, kind, opts.energy_key)
+        yield from molecules_h5.read(chunk.file, kind, energy_key)
         return
     try:
         if chunk.start is None:
@@ -254,9 +254,10 @@ def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | No
     )
     skipped: list[str] = []
     records = 0
+    kind = file_format(chunk.file, opts.format)  # looks into the file once
     # a format reader puts the energy it was asked for (--energy-key) under "energy"
-    energy_key = "energy" if file_format(chunk.file, opts.format) != "ase" else opts.energy_key
-    for offset, atoms in enumerate(_read_chunk(chunk, opts)):
+    energy_key = "energy" if kind != "ase" else opts.energy_key
+    for offset, atoms in enumerate(_read_chunk(chunk, kind, opts.energy_key)):
         index = chunk.first + offset
         records += 1
         group = atoms.info.get(opts.group_key)
