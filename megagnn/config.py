@@ -52,7 +52,8 @@ class ModelConfig:
     forces: str = "conservative"
     """'conservative' (F = -dE/dx), 'direct' (equivariant edge head) or 'none'."""
     stress: bool = True
-    """Predict stress from the strain derivative for periodic cells (conservative only)."""
+    """Predict stress from the strain derivative for periodic cells (conservative only;
+    model.forces=none implies false)."""
     heads: list[str] = field(default_factory=lambda: ["default"])
     """Names of the energy heads, one per dataset family, on a shared trunk."""
     parametrization: str = "sp"
@@ -88,10 +89,12 @@ class ModelConfig:
             )
         if self.cutoff <= 0:
             raise ConfigError(f"model.cutoff={self.cutoff}: must be > 0 Å")
+        if self.forces == "none":
+            self.stress = False  # an energy-only model: no strain derivative either
         if self.stress and self.forces != "conservative":
             raise ConfigError(
                 "model.stress=true needs model.forces=conservative (stress is dE/dstrain); "
-                "set model.stress=false for direct or no forces"
+                "set model.stress=false for direct forces"
             )
         if self.parametrization not in ("sp", "mup"):
             raise ConfigError(f"model.parametrization={self.parametrization!r}: use 'sp' or 'mup'")
@@ -127,6 +130,10 @@ class DataConfig:
     """Train/val/test fractions of the structures, drawn by split_seed."""
     split_seed: int = 0
     """Seed of the train/val/test split (fixed across runs so held-out data stays held out)."""
+    split_file: str | None = None
+    """An .npz with arrays train, val and test of record indices (int, dataset order) or
+    record ids (str, as preprocessing stored them), used as given instead of data.split and
+    data.split_seed (a published split); data.train_fraction still subsets its train part."""
     train_fraction: float = 1.0
     """Fraction of the train split to train on: a seeded subset, each smaller fraction inside
     the larger ones (the data axis of scaling studies; val and test stay whole)."""
@@ -150,6 +157,11 @@ class DataConfig:
             raise ConfigError("data.max_atoms must be >= 1")
         if self.max_edges is not None and self.max_edges < 1:
             raise ConfigError("data.max_edges must be >= 1 or null")
+        if self.split_file is not None and self.datasets:
+            raise ConfigError(
+                "data.split_file gives the split of data.path alone; with data.datasets "
+                "leave it null"
+            )
 
 
 @dataclass(kw_only=True)
@@ -266,17 +278,23 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class LossConfig:
     energy_weight: float = 1.0
-    """Weight of the energy-per-atom term."""
+    """Weight of the energy term."""
+    energy: str = "per_atom"
+    """'per_atom': the energy error divided by the atom count (structures of every size
+    weigh alike per atom); 'per_structure': the total energy error (QM9's practice)."""
     force_weight: float = 10.0
     """Weight of the force term."""
     stress_weight: float = 1.0
     """Weight of the stress term (stress times volume per atom, i.e. virial per atom)."""
     function: str = "mse"
-    """'mse' or 'huber' (delta 0.01 on each normalised term)."""
+    """'mse', 'huber' (delta 0.01 on each normalised term) or 'l1' (mean absolute error:
+    what QM9 tables report)."""
 
     def __post_init__(self) -> None:
-        if self.function not in ("mse", "huber"):
-            raise ConfigError(f"loss.function={self.function!r}: use 'mse' or 'huber'")
+        if self.function not in ("mse", "huber", "l1"):
+            raise ConfigError(f"loss.function={self.function!r}: use 'mse', 'huber' or 'l1'")
+        if self.energy not in ("per_atom", "per_structure"):
+            raise ConfigError(f"loss.energy={self.energy!r}: use 'per_atom' or 'per_structure'")
 
 
 @dataclass(kw_only=True)

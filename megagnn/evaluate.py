@@ -1,14 +1,18 @@
 """Evaluate a trained run on a split of its dataset (by default the held-out test split).
 
 python -m megagnn.evaluate --run runs/quickstart [--split test] [--data other/dataset]
+    [--predictions test.csv]
     (--run: a run, checkpoint or consolidated folder, or an inference package .pt2)
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--predictions",
+        help="also write one CSV row per labelled structure: head, record (dataset index), "
+        "record_id (the id in its source), atoms, predicted and reference energy (eV)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--threads", type=int, help="intra-op threads (default: every core this process may use)"
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         # a multi-dataset run is evaluated on each of its datasets, through its own head
         entries = [(cfg.data.path, 0, 1.0)] if args.data else dataset_entries(cfg)
         metrics = {"split": args.split, "step": step}
+        rows: list[tuple] = []
         run_dir = None if args.data or args.run.endswith(".pt2") else recorded_run(args.run)
         for path, head, _ in entries:
             recorded = None
@@ -102,9 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                     args.allow_unknown_elements,
                 )
             sampler = data.sampler(args.split, shuffle=False)
+            predictions = [] if args.predictions else None
             result = evaluate(
-                model, data.graphs, sampler, device, dtype, progress=not args.no_progress
+                model,
+                data.graphs,
+                sampler,
+                device,
+                dtype,
+                progress=not args.no_progress,
+                predictions=predictions,
             )
+            if predictions:
+                ids = data.dataset.record_ids()
+                name = cfg.model.heads[head]
+                rows += [(name, i, ids[i], n, p, r) for i, n, p, r in predictions]
             if package and not model.has_references:
                 result = {k: v for k, v in result.items() if "baseline_energy" not in k}
             result["structures"] = len(data.indices[args.split])
@@ -122,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.split} split" + (f", step {step}:" if step >= 0 else ":"))
-    units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å^3"}
+    units = {"energy_per_atom": "eV/atom", "energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"}
     for key, value in metrics.items():
-        if key.endswith("_mae"):
+        if key.endswith(("_mae", "_rmse")):
             unit = next(u for k, u in units.items() if k in key.rsplit("/", 1)[-1])
             print(f"  {key:40s} {value:.5f} {unit}")
         elif key.endswith("structures") and (value or "unknown" not in key):
@@ -135,7 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {prefix + 'force MAE / zero-force MAE':40s} {ratio:.3f}")
     if args.json:  # written whole or not at all (a sweep takes the file as "point done")
         atomic_write_json(args.json, metrics)
+    if args.predictions:
+        write_predictions(args.predictions, rows)
+        print(f"  {len(rows)} predictions written to {args.predictions}")
     return 0
+
+
+def write_predictions(path: str, rows: list[tuple]) -> None:
+    """The per-structure CSV of ``--predictions``, written under a temporary name."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["head", "record", "record_id", "atoms", "energy_pred_eV", "energy_ref_eV"])
+        for head, record, record_id, atoms, pred, ref in rows:
+            out.writerow([head, record, record_id, atoms, repr(pred), repr(ref)])
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,10 @@ def test_qm9_rows_become_molecules_in_ev_with_one_group_each(tmp_path):
     np.testing.assert_array_equal(water["atomic_numbers"], [8, 1, 1])
     assert methane["energy"] == pytest.approx(-40.47893 * Hartree, abs=1e-9)
     np.testing.assert_allclose(water["positions"][1], [0.0647664923, 0.0205721989, 0.0015346341])
-    assert not np.isfinite(water["forces"]).any() and not water["pbc"].any()  # no forces
+    # energy-only data: the shards hold no forces or stress at all, not NaN placeholders
+    assert water["forces"] is None and water["stress"] is None and not water["pbc"].any()
+    assert {"forces", "stress"}.isdisjoint(data._file(0).keys())
+    assert data.record_ids().tolist() == ["1", "3", "4"]  # QM9's Index
     assert len(set(data.groups().tolist())) == 3
     assert [a.info["group"] for a in qm9.read(str(path))] == ["qm9-1", "qm9-3", "qm9-4"]
     args = (str(path), "-o", str(tmp_path / "g"), "--format", "qm9", "--energy-key", "G")
@@ -149,3 +152,205 @@ def test_a_missing_level_of_theory_is_named(tmp_path):
     args = (str(tmp_path / "ani1x.h5"), "-o", str(tmp_path / "out"), "--energy-key", "ccsd.energy")
     code, err = _preprocess(*args)
     assert code == 1 and "group 'H2O1': malformed ani1x record" in err and "ccsd.energy" in err
+
+
+def _qm7x(path):
+    """Two molecules in QM7-X's layout (file -> molecule -> conformer): water twice, then
+    one more water under another molecule id."""
+    import h5py
+
+    numbers, positions, energy, forces = _water()
+    with h5py.File(path, "w") as f:
+        for molecule, conformers in (
+            ("1", ("Geom-m1-i1-c1-opt", "Geom-m1-i1-c1-1")),
+            ("7", ("Geom-m7-i1-c1-opt",)),
+        ):
+            for name in conformers:
+                g = f.create_group(f"{molecule}/{name}")
+                g["atNUM"] = numbers
+                g["atXYZ"] = positions
+                g["ePBE0+MBD"] = np.array([energy])
+                g["eDFTB+MBD"] = np.array([energy + 1.0])
+                g["totFOR"] = forces
+
+
+def _records_equal(a, b):
+    np.testing.assert_array_equal(a["atomic_numbers"], b["atomic_numbers"])
+    for key in ("positions", "cell", "forces", "stress"):
+        if a[key] is None or b[key] is None:
+            assert a[key] is None and b[key] is None, key
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-12, err_msg=key)
+    assert a["energy"] == pytest.approx(b["energy"], abs=1e-9)
+    np.testing.assert_array_equal(a["pbc"], b["pbc"])
+
+
+def test_qm7x_conformers_in_ev_with_one_group_per_molecule(tmp_path):
+    from megagnn.data.formats import qm7x
+
+    _qm7x(tmp_path / "1000.hdf5")
+    _ani1x(tmp_path / "ani1x.h5", conformers=2)
+    assert qm7x.is_qm7x(str(tmp_path / "1000.hdf5"))
+    assert not qm7x.is_qm7x(str(tmp_path / "ani1x.h5"))
+    assert _preprocess(str(tmp_path / "1000.hdf5"), "-o", str(tmp_path / "q"))[0] == 0
+    assert _preprocess(str(tmp_path / "ani1x.h5"), "-o", str(tmp_path / "a"))[0] == 0
+    data, ani = ShardedDataset(tmp_path / "q"), ShardedDataset(tmp_path / "a")
+    assert len(data) == 3
+    _records_equal(data[0], ani[0])  # the same water in QM7-X's units and in ANI-1x's
+    groups = data.groups().tolist()
+    assert groups[0] == groups[1] != groups[2]
+    assert data.record_ids().tolist() == [
+        "Geom-m1-i1-c1-1",  # HDF5 lists groups by name
+        "Geom-m1-i1-c1-opt",
+        "Geom-m7-i1-c1-opt",
+    ]
+    # another level: its energy, and no forces (totFOR belongs to PBE0+MBD)
+    args = ("-o", str(tmp_path / "dftb"), "--energy-key", "eDFTB+MBD")
+    assert _preprocess(str(tmp_path / "1000.hdf5"), *args)[0] == 0
+    dftb = ShardedDataset(tmp_path / "dftb")[0]
+    assert dftb["energy"] == pytest.approx(data[0]["energy"] + 1.0) and dftb["forces"] is None
+    # whole molecules per chunk: 2 workers and chunks of 1 give the same records
+    args = ("-o", str(tmp_path / "w"), "--workers", "2", "--shard-size", "1")
+    assert _preprocess(str(tmp_path / "1000.hdf5"), *args)[0] == 0
+    split = ShardedDataset(tmp_path / "w")
+    assert split.record_ids().tolist() == data.record_ids().tolist()
+    assert split.groups().tolist() == groups
+
+
+def _silicon():
+    """Two-atom Si with labels in eV, Å, eV/Å and eV/Å^3 (ASE's sign)."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.positions[1] += [0.05, -0.02, 0.01]
+    forces = np.array([[0.1, -0.2, 0.05], [-0.1, 0.2, -0.05]])
+    stress = np.array([[0.01, 0.002, 0.0], [0.002, -0.003, 0.001], [0.0, 0.001, 0.004]])
+    return atoms, -10.85, forces, stress
+
+
+def _mptrj(path, broken=False):
+    """Si in MPtrj's layout: two frames of mp-149, one of mp-1 (fractional sites only)."""
+    import json
+
+    from ase.units import GPa
+
+    atoms, energy, forces, stress = _silicon()
+    kbar = stress / (-0.1 * GPa)  # VASP's sign and unit
+
+    def frame(xyz=True):
+        sites = [
+            {
+                "species": [{"element": "Si", "occu": 1}],
+                "abc": atoms.get_scaled_positions()[i].tolist(),
+                **({"xyz": atoms.positions[i].tolist()} if xyz else {}),
+                "label": "Si",
+                "properties": {"magmom": 0.0},
+            }
+            for i in range(2)
+        ]
+        structure = {
+            "@module": "pymatgen.core.structure",
+            "lattice": {"matrix": atoms.cell[:].tolist(), "pbc": [True, True, True]},
+            "sites": sites,
+        }
+        return {
+            "structure": structure,
+            "uncorrected_total_energy": energy - 0.5,
+            "corrected_total_energy": energy,
+            "energy_per_atom": energy / 2,
+            "force": forces.tolist(),
+            "stress": kbar.tolist(),
+            "magmom": None,
+            "mp_id": "",
+        }
+
+    data = {"mp-149": {"mp-149-0-0": frame(), "mp-149-1-0": frame()}, "mp-1": {"x": frame(False)}}
+    text = json.dumps(data, indent=1)
+    path.write_text(text[:-40] if broken else text)
+
+
+def test_mptrj_frames_convert_kbar_stress_to_ase_units_with_mp_id_groups(tmp_path):
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from megagnn.data.formats import mptrj
+
+    _mptrj(tmp_path / "MPtrj.json")
+    atoms, energy, forces, stress = _silicon()
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
+    ase.io.write(tmp_path / "si.extxyz", atoms)
+    assert mptrj.is_mptrj(str(tmp_path / "MPtrj.json"))
+    assert _preprocess(str(tmp_path / "MPtrj.json"), "-o", str(tmp_path / "m"))[0] == 0
+    assert _preprocess(str(tmp_path / "si.extxyz"), "-o", str(tmp_path / "x"))[0] == 0
+    data, ref = ShardedDataset(tmp_path / "m"), ShardedDataset(tmp_path / "x")[0]
+    assert len(data) == 3
+    for k in range(3):  # xyz or fractional sites alike
+        _records_equal(data[k], ref)
+    groups = data.groups().tolist()
+    assert groups[0] == groups[1] != groups[2]
+    assert data.record_ids().tolist() == ["mp-149-0-0", "mp-149-1-0", "x"]
+    args = ("-o", str(tmp_path / "u"), "--energy-key", "uncorrected")
+    assert _preprocess(str(tmp_path / "MPtrj.json"), *args)[0] == 0
+    assert ShardedDataset(tmp_path / "u")[0]["energy"] == pytest.approx(energy - 0.5)
+    # the stream holds one mp-id at a time: a file cut short is named, with where
+    _mptrj(tmp_path / "cut.json", broken=True)
+    code, err = _preprocess(
+        str(tmp_path / "cut.json"), "-o", str(tmp_path / "c"), "--format", "mptrj"
+    )
+    assert code == 1 and "cut.json: malformed JSON at character" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_mptrj_stream_reads_entries_larger_than_its_buffer(tmp_path, monkeypatch):
+    from megagnn.data.formats import mptrj
+
+    monkeypatch.setattr(mptrj, "BLOCK", 7)  # every entry spans many reads
+    _mptrj(tmp_path / "MPtrj.json")
+    frames = list(mptrj.read(str(tmp_path / "MPtrj.json")))
+    assert [a.info["id"] for a in frames] == ["mp-149-0-0", "mp-149-1-0", "x"]
+
+
+def test_aselmdb_rows_written_by_ase_db_backends_keep_labels_charge_and_spin(tmp_path):
+    pytest.importorskip("ase_db_backends")
+    import ase.io
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase_db_backends.aselmdb import LMDBDatabase
+
+    numbers, positions, energy, forces = _water()
+    water = Atoms(numbers=numbers, positions=positions)
+    water.calc = SinglePointCalculator(water, energy=energy, forces=forces)
+    si, si_energy, si_forces, si_stress = _silicon()
+    si.calc = SinglePointCalculator(si, energy=si_energy, forces=si_forces, stress=si_stress)
+    with LMDBDatabase(tmp_path / "omol.aselmdb") as db:  # as OMol25 and OMat24 store rows
+        for k in range(3):
+            db.write(water, data={"charge": 0, "spin": 1, "sid": f"w{k}", "parent": "water"})
+        db.write(si, parent="si")
+    ase.io.write(tmp_path / "ref.extxyz", [water, si])
+    args = ("-o", str(tmp_path / "l"), "--group-key", "parent")
+    assert _preprocess(str(tmp_path / "omol.aselmdb"), *args)[0] == 0
+    assert _preprocess(str(tmp_path / "ref.extxyz"), "-o", str(tmp_path / "r"))[0] == 0
+    data, ref = ShardedDataset(tmp_path / "l"), ShardedDataset(tmp_path / "r")
+    assert len(data) == 4
+    _records_equal(data[0], ref[0])
+    _records_equal(data[3], ref[1])  # stress in eV/Å^3, ASE's sign
+    assert data[0]["charge"] == 0 and data[0]["spin"] == 1 and np.isnan(data[3]["charge"])
+    assert data.record_ids().tolist() == ["w0", "w1", "w2", "omol.aselmdb#4"]
+    groups = data.groups().tolist()
+    assert groups[0] == groups[1] == groups[2] != groups[3]
+    # rows per chunk: 2 workers, chunks of 1 row, the same dataset
+    args = (
+        "-o",
+        str(tmp_path / "w"),
+        "--group-key",
+        "parent",
+        "--workers",
+        "2",
+        "--shard-size",
+        "1",
+    )
+    assert _preprocess(str(tmp_path / "omol.aselmdb"), *args)[0] == 0
+    assert ShardedDataset(tmp_path / "w").record_ids().tolist() == data.record_ids().tolist()
+    (tmp_path / "bad.aselmdb").write_bytes(b"not an lmdb file" * 64)
+    code, err = _preprocess(str(tmp_path / "bad.aselmdb"), "-o", str(tmp_path / "b"))
+    assert code == 1 and "bad.aselmdb: not a readable ASE-LMDB file" in err

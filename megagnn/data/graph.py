@@ -71,9 +71,16 @@ def collate(graphs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
+# targets that stay fp64 on the device: total energies of ~1e4 eV have fp32 spacing ~1 meV
+FULL_PRECISION = (K.ENERGY,)
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a batch; floating tensors take the model's geometry dtype."""
+    """Move a batch; floating tensors take the model's geometry dtype, energies stay fp64."""
     return {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        k: v.to(
+            device=device,
+            dtype=v.dtype if k in FULL_PRECISION or not v.is_floating_point() else dtype,
+        )
         for k, v in batch.items()
     }

@@ -28,7 +28,7 @@ from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 from tqdm import tqdm
 
-from megagnn.data.formats import molecules_h5, qm9
+from megagnn.data.formats import aselmdb, molecules_h5, mptrj, qm7x, qm9
 from megagnn.data.neighbors import neighbor_list
 from megagnn.data.shards import (
     MANIFEST,
@@ -40,9 +40,11 @@ from megagnn.data.shards import (
 )
 
 EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
-FORMATS = ("auto", "ase", "qm9", "ani1x", "spice")
-"""--format: 'ase' (anything ase.io reads), 'qm9' (qm9pack's CSV files), 'ani1x' and 'spice'
-(their HDF5 files; megagnn.data.formats) or 'auto' (each file by its extension and content)."""
+FORMATS = ("auto", "ase", "qm9", "mptrj", "ani1x", "spice", "qm7x", "aselmdb")
+"""--format: 'ase' (anything ase.io reads), 'qm9' (qm9pack's CSV files), 'mptrj' (its JSON),
+'ani1x', 'spice' and 'qm7x' (their HDF5 files), 'aselmdb' (OMat24, OMol25, OC20;
+megagnn.data.formats has a reader each) or 'auto' (each file by its extension and
+content)."""
 PARTS = "parts"
 
 
@@ -66,6 +68,7 @@ def to_structure(
     forces_key: str = "forces",
     stress_key: str = "stress",
     group: str | None = None,
+    record_id: str | None = None,
 ) -> Structure:
     """Validate one ASE structure; raise DataError saying what is wrong."""
     n = len(atoms)
@@ -129,7 +132,20 @@ def to_structure(
             what = f"atom {i} and its periodic image" if i == j else f"atoms {i} and {j}"
             raise DataError(f"{what} overlap ({d:.3f} Å < {min_distance} Å)")
 
-    return Structure(z.astype(np.int64), pos, cell, pbc, energy, forces, stress, group)
+    charge, spin = (_integer(atoms.info.get(key), key) for key in ("charge", "spin"))
+    return Structure(
+        z.astype(np.int64), pos, cell, pbc, energy, forces, stress, group, record_id, charge, spin
+    )
+
+
+def _integer(value, name: str) -> int | None:
+    """A total charge or spin multiplicity from atoms.info (OMol25 keeps them there)."""
+    if value is None:
+        return None
+    number = float(np.asarray(value).reshape(()))
+    if not number.is_integer():
+        raise DataError(f"{name} {value!r} is not a whole number")
+    return int(number)
 
 
 def input_files(patterns: list[str]) -> list[str]:
@@ -175,8 +191,9 @@ def extxyz_frames(path: str) -> list[int] | None:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A slice of the inputs written by one worker: frames [first, first + count) of
-    ``file`` (bytes [start, stop) of an extxyz file; start None: the whole file)."""
+    """A slice of the inputs written by one worker: records [first, first + count) of
+    ``file``, read by the reader of ``kind``: bytes [start, stop) of an extxyz file, or the
+    file's units (HDF5 groups, LMDB rows) [span[0], span[1]); neither: the whole file."""
 
     index: int
     file: str
@@ -184,28 +201,66 @@ class Chunk:
     count: int | None
     start: int | None = None
     stop: int | None = None
+    kind: str = "ase"
+    span: tuple[int, int] | None = None
 
 
-def plan_chunks(files: list[str], chunk_size: int) -> list[Chunk]:
-    """Cut the input files into chunks of at most ``chunk_size`` frames, in dataset order."""
+def plan_chunks(files: list[str], chunk_size: int, fmt: str = "auto") -> list[Chunk]:
+    """Cut the input files into chunks of at most ``chunk_size`` records (a unit larger than
+    that is a chunk alone), in dataset order."""
     chunks: list[Chunk] = []
     for path in files:
-        frames = extxyz_frames(path) if path.endswith(EXTXYZ_SUFFIXES) else None
-        if frames is None:
-            chunks.append(Chunk(len(chunks), path, 0, None))
+        kind = file_format(path, fmt)  # looks into the file once
+        frames = extxyz_frames(path) if kind == "ase" and path.endswith(EXTXYZ_SUFFIXES) else None
+        if frames is not None:
+            for first in range(0, len(frames) - 1, chunk_size):
+                last = min(first + chunk_size, len(frames) - 1)
+                chunks.append(
+                    Chunk(len(chunks), path, first, last - first, frames[first], frames[last])
+                )
             continue
-        for first in range(0, len(frames) - 1, chunk_size):
-            last = min(first + chunk_size, len(frames) - 1)
-            chunk = Chunk(len(chunks), path, first, last - first, frames[first], frames[last])
-            chunks.append(chunk)
+        sizes = unit_sizes(path, kind)
+        if not sizes:
+            chunks.append(Chunk(len(chunks), path, 0, None, kind=kind))
+            continue
+        begin = first = total = 0
+        for k, size in enumerate(sizes):
+            if total and total + size > chunk_size:
+                chunks.append(Chunk(len(chunks), path, first, total, kind=kind, span=(begin, k)))
+                begin, first, total = k, first + total, 0
+            total += size
+        chunks.append(Chunk(len(chunks), path, first, total, kind=kind, span=(begin, len(sizes))))
     return chunks
 
 
 def file_format(path: str, fmt: str) -> str:
     """The reader of one input file under --format ``fmt``."""
-    if fmt == "auto":
-        return "qm9" if qm9.is_qm9(path) else molecules_h5.detect(path) or "ase"
-    return fmt
+    if fmt != "auto":
+        return fmt
+    for kind, detect in (
+        ("qm9", qm9.is_qm9),
+        ("aselmdb", aselmdb.is_aselmdb),
+        ("mptrj", mptrj.is_mptrj),
+        ("qm7x", qm7x.is_qm7x),
+    ):
+        if detect(path):
+            return kind
+    return molecules_h5.detect(path) or "ase"
+
+
+def unit_sizes(path: str, kind: str) -> list[int] | None:
+    """Records per unit that a chunk may start at (HDF5 groups, LMDB rows), or None: the
+    file is read whole by one worker."""
+    try:
+        if kind in ("ani1x", "spice"):
+            return molecules_h5.units(path, kind)
+        if kind == "qm7x":
+            return qm7x.units(path)
+        if kind == "aselmdb":
+            return aselmdb.units(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read as {kind} ({e})") from e
+    return None
 
 
 def _read_chunk(chunk: Chunk, kind: str, energy_key: str):
@@ -213,8 +268,17 @@ def _read_chunk(chunk: Chunk, kind: str, energy_key: str):
     if kind == "qm9":
         yield from qm9.read(chunk.file, energy_key)
         return
+    if kind == "mptrj":
+        yield from mptrj.read(chunk.file, energy_key)
+        return
     if kind in ("ani1x", "spice"):
-        yield from molecules_h5.read(chunk.file, kind, energy_key)
+        yield from molecules_h5.read(chunk.file, kind, energy_key, chunk.span)
+        return
+    if kind == "qm7x":
+        yield from qm7x.read(chunk.file, energy_key, chunk.span)
+        return
+    if kind == "aselmdb":
+        yield from aselmdb.read(chunk.file, chunk.span)
         return
     try:
         if chunk.start is None:
@@ -254,16 +318,18 @@ def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | No
     )
     skipped: list[str] = []
     records = 0
-    kind = file_format(chunk.file, opts.format)  # looks into the file once
+    kind = chunk.kind
     # a format reader puts the energy it was asked for (--energy-key) under "energy"
-    energy_key = "energy" if kind != "ase" else opts.energy_key
+    energy_key = opts.energy_key if kind in ("ase", "aselmdb") else "energy"
     for offset, atoms in enumerate(_read_chunk(chunk, kind, opts.energy_key)):
         index = chunk.first + offset
         records += 1
         group = atoms.info.get(opts.group_key)
         # without a group each structure is its own: named by file and index, so appending
         # files or records never renames an old structure's group
-        group = f"{Path(chunk.file).name}#{index}" if group is None else str(group)
+        where = f"{Path(chunk.file).name}#{index}"
+        group = where if group is None else str(group)
+        record_id = str(atoms.info.get("id", where))  # format readers set their own ids
         try:
             s = to_structure(
                 atoms,
@@ -272,6 +338,7 @@ def process_chunk(chunk: Chunk, opts: Options, progress: Callable[[], None] | No
                 forces_key=opts.forces_key,
                 stress_key=opts.stress_key,
                 group=group,
+                record_id=record_id,
             )
         except DataError as e:
             where = f"{chunk.file} record {index}: {e}"
@@ -373,7 +440,7 @@ def preprocess(
     if format == "qm9" and not inputs:
         inputs = qm9.installed_files()
     files = input_files(inputs)
-    chunks = plan_chunks(files, shard_size)
+    chunks = plan_chunks(files, shard_size, format)
     if part is None:
         return _finish(out_dir, _run_chunks(chunks, opts, workers, progress), opts, inputs)
     k, n = part
@@ -431,7 +498,8 @@ def _part(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Validate ASE-readable structures (extxyz, ASE db, ...) and write them "
+        description="Validate structures (anything ASE reads, or QM9, MPtrj, ANI-1x, SPICE, "
+        "QM7-X and ASE-LMDB files) in eV and Å and write them "
         "as HDF5 shards plus a dataset.json manifest. Records sharing a group (--group-key) "
         "always land in the same train/val/test split. In parallel: --workers N on one "
         "machine; on a cluster, N independent jobs with --part K/N, then one --merge.",
@@ -444,9 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="input format: ase (anything ase.io reads), qm9 (the CSV files of the qm9pack "
         "wheel, read from the installed package when no inputs are given; --energy-key U0 "
-        "(default), U, H or G), ani1x or spice (their HDF5 files; ani1x: --energy-key picks "
-        "the level, default wb97x_dz.energy), or auto: by each file's extension and content "
-        "(default: %(default)s)",
+        "(default), U, H or G), mptrj (MPtrj's JSON; --energy-key corrected (default) or "
+        "uncorrected), ani1x, spice or qm7x (their HDF5 files; ani1x and qm7x: --energy-key "
+        "picks the level), aselmdb (OMat24/OMol25/OC20 *.aselmdb, needs ase-db-backends), "
+        "or auto: by each file's extension and content (default: %(default)s)",
     )
     p.add_argument("--shard-size", type=int, default=10000, help="structures per shard")
     p.add_argument(

@@ -3,13 +3,19 @@
 A shard holds contiguous arrays so that one read fetches a whole batch:
     atomic_numbers  [n_atoms_total] uint8
     positions       [n_atoms_total, 3] float64 Å
-    forces          [n_atoms_total, 3] float64 eV/Å (NaN where a structure has none)
+    forces          [n_atoms_total, 3] float64 eV/Å (NaN where a structure has none; absent
+                    when no structure of the shard has forces)
     atom_offsets    [S + 1] int64, atoms of structure s are offsets[s]:offsets[s+1]
     cell            [S, 3, 3] float64 Å
     pbc             [S, 3] bool
     energy          [S] float64 eV (NaN where a structure has none)
-    stress          [S, 3, 3] float64 eV/Å^3 (NaN where a structure has none)
+    stress          [S, 3, 3] float64 eV/Å^3 (NaN where a structure has none; absent when none
+                    has stress)
     group_hash      [S] uint64, hash of the structure's group id (megagnn.data.splits)
+    record_id       [S] str, the record's id in its source (QM9's index, an MPtrj frame id;
+                    else "<file>#<index>"); absent in shards written before ids were kept
+    charge, spin    [S] float64 total charge (e) and spin multiplicity where the source gives
+                    them (NaN where a structure has none; absent when none has them)
     n_edges         [S] int64, directed edges within manifest["cutoff"] (if preprocessed with one)
 
 The manifest describes the data (counts, elements, labels present) but fits nothing to it:
@@ -34,6 +40,8 @@ import numpy as np
 FORMAT_VERSION = 2
 MAX_Z = 118
 READABLE_VERSIONS = (1, 2)  # 1: no group_hash (each structure its own group)
+# datasets a shard may leave out: labels no structure of it has, ids of older shards
+OPTIONAL = ("forces", "stress", "record_id", "charge", "spin")
 MANIFEST = "dataset.json"
 
 
@@ -53,6 +61,9 @@ class Structure:
     forces: np.ndarray | None = None  # [n, 3] eV/Å
     stress: np.ndarray | None = None  # [3, 3] eV/Å^3
     group: str | None = None  # near-duplicates (one MD trajectory, one parent) share one
+    record_id: str | None = None  # the record's id in its source (default "<file>#<index>")
+    charge: int | None = None  # total charge (e), where the source gives it (OMol25)
+    spin: int | None = None  # spin multiplicity 2S+1, where the source gives it (OMol25)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -122,6 +133,8 @@ class ShardWriter:
     def add(self, s: Structure) -> None:
         if s.group is None:  # no group given: the structure is its own group
             s.group = f"{self.prefix}#{self.count}"
+        if s.record_id is None:
+            s.record_id = f"{self.prefix}#{self.count}"
         self.buffer.append(s)
         self.count += 1
         if len(self.buffer) >= self.shard_size:
@@ -143,18 +156,31 @@ class ShardWriter:
         with h5py.File(tmp, "w") as f:
             f["atomic_numbers"] = numbers.astype(np.uint8)
             f["positions"] = np.concatenate([s.positions for s in structs])
-            f["forces"] = np.concatenate(
-                [
-                    s.forces if s.forces is not None else np.full((len(s.positions), 3), np.nan)
-                    for s in structs
-                ]
-            )
+            if any(s.forces is not None for s in structs):  # else absent, not NaN-filled
+                f["forces"] = np.concatenate(
+                    [
+                        s.forces if s.forces is not None else np.full((len(s.positions), 3), np.nan)
+                        for s in structs
+                    ]
+                )
             f["atom_offsets"] = offsets
             f["cell"] = np.stack([s.cell for s in structs])
             f["pbc"] = np.stack([s.pbc for s in structs])
             f["energy"] = np.array([np.nan if s.energy is None else s.energy for s in structs])
-            f["stress"] = np.stack([s.stress if s.stress is not None else nan3 for s in structs])
+            if any(s.stress is not None for s in structs):
+                f["stress"] = np.stack(
+                    [s.stress if s.stress is not None else nan3 for s in structs]
+                )
             f["group_hash"] = np.array([group_hash(s.group) for s in structs], dtype=np.uint64)
+            for key in ("charge", "spin"):
+                values = [getattr(s, key) for s in structs]
+                if any(v is not None for v in values):
+                    f[key] = np.array([np.nan if v is None else v for v in values], np.float64)
+            f.create_dataset(
+                "record_id",
+                data=[s.record_id for s in structs],
+                dtype=h5py.string_dtype(),
+            )
             if self.cutoff is not None:
                 f["n_edges"] = np.array(
                     [
@@ -350,13 +376,28 @@ class ShardedDataset:
                 out.append(np.arange(start, start + shard["n_structures"], dtype=np.uint64))
         return np.concatenate(out)
 
-    def read_shard(self, k: int, keys: list[str]) -> dict[str, np.ndarray]:
-        """Whole arrays of shard ``k`` (one contiguous read each; for streaming passes)."""
+    def read_shard(self, k: int, keys: list[str]) -> dict[str, np.ndarray | None]:
+        """Whole arrays of shard ``k`` (one contiguous read each; for streaming passes);
+        None for an ``OPTIONAL`` key the shard does not hold."""
         f = self._file(k)
         try:
-            return {key: f[key][:] for key in keys}
+            return {key: f[key][:] if key in f or key not in OPTIONAL else None for key in keys}
         except (OSError, KeyError) as e:
             raise DataError(f"shard {f.filename} is corrupt or truncated: {e}") from e
+
+    def record_ids(self) -> np.ndarray:
+        """Every record's id [S] (str): its source's id, "<file>#<index>" as preprocessing
+        named it, or (shards written before ids were kept) the dataset index."""
+        out = []
+        for k, shard in enumerate(self.manifest["shards"]):
+            ids = self.read_shard(k, ["record_id"])["record_id"]
+            if ids is None:
+                start = int(self.shard_starts[k])
+                ids = np.arange(start, start + shard["n_structures"]).astype(str)
+            else:
+                ids = np.array([i.decode() if isinstance(i, bytes) else i for i in ids])
+            out.append(ids.astype(str))
+        return np.concatenate(out)
 
     def read_selected(self, indices: np.ndarray, keys: list[str]):
         """For each shard holding some of the sorted record ``indices``: (their indices
@@ -375,11 +416,12 @@ class ShardedDataset:
             return {
                 "atomic_numbers": f["atomic_numbers"][a:b].astype(np.int64),
                 "positions": f["positions"][a:b],
-                "forces": f["forces"][a:b],
+                "forces": f["forces"][a:b] if "forces" in f else None,
                 "cell": f["cell"][local],
                 "pbc": f["pbc"][local],
                 "energy": np.float64(f["energy"][local]),
-                "stress": f["stress"][local],
+                "stress": f["stress"][local] if "stress" in f else None,
+                **{key: np.float64(f[key][local]) for key in ("charge", "spin") if key in f},
             }
         except (OSError, KeyError) as e:
             raise DataError(f"shard {f.filename} is corrupt or truncated: {e}") from e

@@ -87,10 +87,11 @@ def training_statistics(
         fit.add(counts[labelled], energy[labelled])
         elements[z] = True
         n_atoms += int(sizes[local].sum())
-        forces = a["forces"][atom_chosen]
-        forces = forces[np.isfinite(forces).all(1)]
-        force_sq += float((forces**2).sum())
-        force_count += forces.size
+        if a["forces"] is not None:  # shards of energy-only data hold no forces
+            forces = a["forces"][atom_chosen]
+            forces = forces[np.isfinite(forces).all(1)]
+            force_sq += float((forces**2).sum())
+            force_count += forces.size
         if stored_edges:
             edges += int(a["n_edges"][local].sum())
     energies, residual_rms = fit.solve()

@@ -83,7 +83,11 @@ class Potential(nn.Module):
         # activations inside the backbone (its gradient must be summed over the channels)
         self.geometry_to_channels = nn.Identity()
         self.register_buffer("scale", torch.ones(len(cfg.heads)))
-        self.register_buffer("atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1))
+        # fp64 whatever the model's dtype (see _apply): a molecule's reference energy is
+        # ~1e4 eV, where fp32's spacing (~1 meV) is the accuracy QM9-style benchmarks compare
+        self.register_buffer(
+            "atomic_energies", torch.zeros(len(cfg.heads), cfg.max_z + 1, dtype=torch.float64)
+        )
         # the elements each head's training split held (set with the statistics)
         self.register_buffer(
             "trained_elements", torch.zeros(len(cfg.heads), cfg.max_z + 1, dtype=torch.bool)
@@ -91,9 +95,25 @@ class Potential(nn.Module):
         self.register_buffer("avg_num_neighbors", torch.ones(()))
         self.reset_buffers()
         self.recompute_activations = False
+        # whether forward computes forces and stress unless told: a trainer whose data holds
+        # no force (stress) labels turns them off, so energy-only data trains on energies
+        # alone (the config, and so every saved model, still predicts them)
+        self.labels_forces = self.labels_stress = True
         # node-parallel regions split the atoms evenly over the tensor-parallel ranks: the
         # blocks see N padded to a multiple of this (padding atoms have no edges)
         self.node_multiple = 1
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) and .half() cast every floating buffer: the reference energies keep fp64
+        # (they may still move between devices)
+        before = self._buffers["atomic_energies"]
+        super()._apply(fn, recurse)
+        after = self._buffers["atomic_energies"]
+        if after is not None and before is not None and after.dtype != before.dtype:
+            self._buffers["atomic_energies"] = (
+                after.to(before.dtype) if after.is_meta else (before.to(after.device))
+            )
+        return self
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -137,14 +157,16 @@ class Potential(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Predict energy [B], forces [N, 3] and stress [B, 3, 3] for a batch.
 
-        Forces and stress default to what the config asks for. With conservative forces the
-        graph is kept (create_graph) while training, so force losses can be backpropagated.
+        Forces and stress default to what the config asks for (and ``labels_forces`` /
+        ``labels_stress`` allow). With conservative forces the graph is kept (create_graph)
+        while training, so force losses can be backpropagated.
         """
         cfg = self.cfg
         if compute_forces is None:
-            compute_forces = cfg.forces != "none"
+            compute_forces = cfg.forces != "none" and self.labels_forces
         if compute_stress is None:
-            compute_stress = cfg.stress and compute_forces and cfg.forces == "conservative"
+            conservative = compute_forces and cfg.forces == "conservative"
+            compute_stress = cfg.stress and conservative and self.labels_stress
         conservative = compute_forces and cfg.forces == "conservative"
         # forces are gradients: they need autograd even when called under no_grad
         with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
@@ -238,17 +260,19 @@ class Potential(nn.Module):
     def heads(
         self, h: torch.Tensor, batch: dict[str, torch.Tensor], raw_edges: Edges | None
     ) -> dict[str, torch.Tensor]:
-        """Energy [B] from per-atom features h [N, H]; direct forces [N, 3] if ``raw_edges``
-        is given and the model has a force head."""
+        """Energy [B] (fp64: the model's part in its dtype, the reference energies added in
+        fp64) from per-atom features h [N, H]; direct forces [N, 3] if ``raw_edges`` is given
+        and the model has a force head."""
         graph_of_atom = batch[K.BATCH]
         head = batch[K.HEAD][graph_of_atom]  # [N]
         h = h[: graph_of_atom.shape[0]]  # without padding nodes
         y = self.energy_head(h, head)  # [N]
         dtype = batch[K.POSITIONS].dtype  # out of bf16 before summing
         reference = self.atomic_energies[head, batch[K.ATOMIC_NUMBERS]]  # [N]
-        atomic = (y.to(dtype) * self.scale[head] + reference).to(dtype)
+        learned = y.to(dtype) * self.scale[head]  # [N]
+        atomic = learned.to(torch.float64) + reference  # [N] fp64
         out = {K.ENERGY: segment_sum(atomic, graph_of_atom, batch[K.CELL].shape[0])}
-        out[K.ENERGIES] = atomic
+        out[K.ENERGIES] = atomic.to(dtype)
         if raw_edges is not None and self.force_head is not None:
             out[K.FORCES] = self.force_head(h, raw_edges)
         return out

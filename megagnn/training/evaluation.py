@@ -26,6 +26,7 @@ def evaluate(
     predict: Callable[[dict], dict | None] | None = None,
     loss_cfg: LossConfig | None = None,
     group=None,
+    predictions: list[tuple[int, int, float, float]] | None = None,
 ) -> dict[str, float]:
     """Mean absolute errors on one pass over the sampler's batches, with trivial baselines,
     and with ``loss_cfg`` the training loss (``loss``: mean over structures).
@@ -33,6 +34,8 @@ def evaluate(
     ``predict`` (default: ``model``) may return None on ranks that hold no predictions (the
     pipeline's first stages); they return an empty dict. With a data-parallel ``group``
     each rank evaluates its share of the batches and the errors are summed over the group.
+    ``predictions`` (one process): gets (record index, atoms, predicted energy, reference
+    energy) per labelled structure, energies in eV.
     """
     was_training = model.training
     model.eval()
@@ -44,13 +47,23 @@ def evaluate(
     bar = tqdm(
         batches, total=total, desc="evaluate", unit=" batches", leave=False, disable=not progress
     )
-    for batch in bar:
+    for records, batch in zip(sampler.batches(0), bar, strict=False):
         batch = to_device(batch, device, dtype)
         pred = predict(batch)
         if pred is None:
             continue
+        if predictions is not None:
+            has = batch[K.HAS_ENERGY].tolist()
+            rows = zip(
+                records.tolist(),
+                batch[K.N_ATOMS].tolist(),
+                pred[K.ENERGY].detach().double().tolist(),
+                batch[K.ENERGY].tolist(),
+                strict=True,
+            )
+            predictions += [row for row, labelled in zip(rows, has, strict=True) if labelled]
         atom_ref = model.atomic_energies[batch[K.HEAD][batch[K.BATCH]], batch[K.ATOMIC_NUMBERS]]
-        ref = segment_sum(atom_ref.to(dtype), batch[K.BATCH], len(batch[K.ENERGY]))
+        ref = segment_sum(atom_ref.double(), batch[K.BATCH], len(batch[K.ENERGY]))
         meter.update(pred, batch, ref)
         if loss_cfg is not None:
             total = loss_terms(pred, batch, model.scale, loss_cfg)["total"]

@@ -14,6 +14,8 @@ def _penalty(err: torch.Tensor, kind: str) -> torch.Tensor:
         return err.new_zeros(())
     if kind == "huber":
         return F.huber_loss(err, torch.zeros_like(err), delta=0.01)
+    if kind == "l1":
+        return err.abs().mean()
     return (err * err).mean()
 
 
@@ -24,12 +26,17 @@ def loss_terms(
     cfg: LossConfig,
 ) -> dict[str, torch.Tensor]:
     """Weighted loss and its terms. Errors are divided by the head's scale so the terms are
-    dimensionless and comparable: energy per atom, force components, and stress components
-    times the volume per atom (the virial per atom)."""
+    dimensionless and comparable: energy per atom (or per structure, ``cfg.energy``), force
+    components, and stress components times the volume per atom (the virial per atom)."""
     head = batch[K.HEAD]  # [B]
     s_graph = scale[head]  # [B]
-    n = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
-    err = ((pred[K.ENERGY] - batch[K.ENERGY]) / n / s_graph)[batch[K.HAS_ENERGY]]
+    dtype = batch[K.POSITIONS].dtype
+    n = batch[K.N_ATOMS].to(dtype)
+    # total energies are fp64 (references added there); the difference is cast down
+    err = (pred[K.ENERGY] - batch[K.ENERGY]).to(dtype) / s_graph
+    if cfg.energy == "per_atom":
+        err = err / n
+    err = err[batch[K.HAS_ENERGY]]
     terms = {"energy": _penalty(err, cfg.function)}
     total = cfg.energy_weight * terms["energy"]
     if K.FORCES in pred:
@@ -51,7 +58,8 @@ def loss_terms(
 
 
 class ErrorMeter:
-    """Accumulates absolute errors over batches: energy/atom (eV), forces (eV/Å), stress."""
+    """Accumulates errors over batches: energy per atom and per structure (eV, MAE and RMSE),
+    forces (eV/Å), stress (eV/Å^3)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -61,6 +69,11 @@ class ErrorMeter:
         self.sums[name] = self.sums.get(name, 0.0) + float(err.abs().sum())
         self.counts[name] = self.counts.get(name, 0) + err.numel()
 
+    def _sq(self, name: str, err: torch.Tensor) -> None:
+        """A root-mean-square entry: sums squares, ``result`` takes the root."""
+        self.sums[name] = self.sums.get(name, 0.0) + float((err * err).sum())
+        self.counts[name] = self.counts.get(name, 0) + err.numel()
+
     @torch.no_grad()
     def update(
         self,
@@ -68,9 +81,12 @@ class ErrorMeter:
         batch: dict[str, torch.Tensor],
         reference_energy: torch.Tensor,
     ) -> None:
-        n = batch[K.N_ATOMS].to(batch[K.ENERGY].dtype)
+        n = batch[K.N_ATOMS].to(torch.float64)
         has = batch[K.HAS_ENERGY]
-        self._add("energy_per_atom_mae", ((pred[K.ENERGY].detach() - batch[K.ENERGY]) / n)[has])
+        err = (pred[K.ENERGY].detach().double() - batch[K.ENERGY])[has]
+        self._add("energy_per_atom_mae", err / n[has])
+        self._add("energy_mae", err)
+        self._sq("energy_rmse", err)
         # baseline: reference energies alone (what the model adds on top of them)
         self._add("baseline_energy_per_atom_mae", ((reference_energy - batch[K.ENERGY]) / n)[has])
         if K.FORCES in pred:
@@ -84,6 +100,8 @@ class ErrorMeter:
 
     NAMES = (
         "energy_per_atom_mae",
+        "energy_mae",
+        "energy_rmse",
         "baseline_energy_per_atom_mae",
         "forces_mae",
         "baseline_zero_forces_mae",
@@ -104,4 +122,5 @@ class ErrorMeter:
 
     def result(self) -> dict[str, float]:
         """Mean absolute errors of the quantities the data had (no stress for molecules)."""
-        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        return {k: v**0.5 if k.endswith("_rmse") else v for k, v in out.items()}

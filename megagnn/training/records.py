@@ -27,11 +27,10 @@ COMPUTE = "compute.json"
 METRICS = "metrics.jsonl"
 
 
-def check_resumable(
-    cfg: Config, common: dict, path: Path, sources: list[Source], out_dir: Path
-) -> None:
+def check_resumable(cfg: Config, common: dict, path: Path) -> None:
     """Refuse to resume a checkpoint of another model or other data: a changed split, split
-    seed or dataset list would silently mix held-out data into training."""
+    seed or dataset list would silently mix held-out data into training (the split itself:
+    ``check_recorded_split``)."""
     saved = config_from_dict(common["config"])
     changes = config_changes(saved.model, cfg.model, "model", ignore=("sized_for",))
     # the loader's worker count changes nothing the model sees
@@ -42,17 +41,27 @@ def check_resumable(
             + "; ".join(changes)
             + ". Use another train.out_dir, or checkpoint.resume=false to start over"
         )
+
+
+def check_recorded_split(sources: list[Source], out_dir: Path) -> None:
+    """Refuse a run whose split differs from the splits.npz already in its folder (a resumed
+    run's, or one put there by hand): it is never overwritten, since the models and results
+    beside it were made on it."""
     recorded = out_dir / SPLITS
     if not recorded.is_file():
         return
     for source in sources:
-        old = read_splits(out_dir, source.name if len(sources) > 1 else None)
+        try:
+            old = read_splits(out_dir, source.name if len(sources) > 1 else None)
+        except (KeyError, ValueError, OSError) as e:
+            raise ConfigError(f"{recorded} is unreadable or not a split ({e})") from e
         for name, idx in source.data.indices.items():
             if not np.array_equal(old[name], idx):
                 raise ConfigError(
-                    f"cannot resume {path}: the {name} split of {source.data.path} differs "
-                    f"from the one recorded in {recorded} (the dataset changed since the run "
-                    "started). Use another train.out_dir"
+                    f"the {name} split of {source.data.path} differs from the one recorded "
+                    f"in {recorded} ({len(old[name])} vs {len(idx)} records): the dataset or "
+                    "the data settings changed since it was written. To train on that split "
+                    f"set data.split_file={recorded}; otherwise use another train.out_dir"
                 )
 
 
@@ -71,9 +80,10 @@ def record_run(out_dir: Path, sources: list[Source], statistics: dict) -> None:
     """Write the run's split (splits.npz: dataset record indices) and its training
     statistics (statistics.json) before the first step; main rank only."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (SPLITS + ".tmp.npz")
-    np.savez(tmp, **split_arrays(sources))
-    os.replace(tmp, out_dir / SPLITS)
+    if not (out_dir / SPLITS).is_file():  # one already there is equal (check_recorded_split)
+        tmp = out_dir / (SPLITS + ".tmp.npz")
+        np.savez(tmp, **split_arrays(sources))
+        os.replace(tmp, out_dir / SPLITS)
     atomic_write_json(out_dir / STATISTICS, statistics)
 
 

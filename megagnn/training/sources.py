@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megagnn.config import Config
+from megagnn.config import Config, ConfigError
 from megagnn.data.sampler import BudgetBatchSampler, GraphDataset, iterate_batches
 from megagnn.data.shards import DataError, ShardedDataset
 from megagnn.data.splits import split_by_group, train_subset
@@ -48,7 +48,10 @@ class DataSplits:
                 raise DataError(f"{path}: the recorded split names records it does not have")
         else:
             groups = self.dataset.groups()
-            self.indices = split_by_group(groups, cfg.data.split, cfg.data.split_seed)
+            if cfg.data.split_file is not None:
+                self.indices = read_split_file(cfg.data.split_file, self.dataset)
+            else:
+                self.indices = split_by_group(groups, cfg.data.split, cfg.data.split_seed)
             train = self.indices["train"]
             self.indices["train"] = train_subset(
                 train, groups[train], cfg.data.train_fraction, cfg.data.split_seed
@@ -116,6 +119,44 @@ class DataSplits:
         return training_statistics(
             self.dataset, self.indices["train"], self.cfg.model.cutoff, self.cfg.data.split_seed
         )
+
+
+def read_split_file(path: str | Path, dataset: ShardedDataset) -> dict[str, np.ndarray]:
+    """The split an .npz gives (``data.split_file``): arrays ``train``, ``val`` and ``test``
+    of record indices or record ids; each must name distinct records of ``dataset``."""
+    try:
+        with np.load(path) as f:
+            given = {name: f[name] for name in SPLIT_NAMES}
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.split_file {path}: not a readable .npz ({e})") from e
+    except KeyError as e:
+        raise DataError(f"data.split_file {path}: needs arrays {', '.join(SPLIT_NAMES)}") from e
+    ids = None
+    out = {}
+    for name, values in given.items():
+        values = np.asarray(values).reshape(-1)
+        if values.dtype.kind in "US":
+            if ids is None:
+                ids = dataset.record_ids()
+                order = np.argsort(ids, kind="stable")
+            pos = np.searchsorted(ids[order], values.astype(str))
+            found = (pos < len(ids)) & (ids[order][np.minimum(pos, len(ids) - 1)] == values)
+            if not found.all():
+                raise DataError(
+                    f"data.split_file {path}: {name} names record ids {dataset.root} does "
+                    f"not have, e.g. {values[~found][:3].tolist()}"
+                )
+            values = order[pos]
+        elif values.dtype.kind not in "iu":
+            raise DataError(f"data.split_file {path}: {name} holds {values.dtype}, not indices")
+        values = values.astype(np.int64)
+        if len(values) and (values.min() < 0 or values.max() >= len(dataset)):
+            raise DataError(f"data.split_file {path}: {name} indices outside 0..{len(dataset) - 1}")
+        out[name] = np.sort(values)
+    everything = np.concatenate(list(out.values()))
+    if len(np.unique(everything)) != len(everything):
+        raise DataError(f"data.split_file {path}: a record is listed twice (in one or two splits)")
+    return out
 
 
 def run_statistics(sources: list[Source]) -> dict:
@@ -197,6 +238,39 @@ def dataset_entries(cfg: Config) -> list[tuple[str, int, float]]:
     if not cfg.data.datasets:
         return [(cfg.data.path, 0, 1.0)]
     return [(d.path, cfg.model.heads.index(d.head), d.weight) for d in cfg.data.datasets]
+
+
+def label_plan(cfg: Config, sources: list[Source]) -> tuple[bool, bool, list[str]]:
+    """Whether the run computes forces and stress while it trains, from the labels its
+    datasets' manifests say they hold, and a note per thing switched off. Energy-only data
+    (QM9) trains on energies alone: a conservative model's forces would cost a derivative
+    per step and feed a loss term that is always empty. Direct forces without force labels
+    are refused: their head would never train."""
+    has = {
+        key: any(s.data.dataset.manifest.get(key, True) for s in sources)
+        for key in ("has_forces", "has_stress")
+    }
+    forces = cfg.model.forces != "none" and has["has_forces"]
+    stress = cfg.model.stress and forces and has["has_stress"]
+    notes = []
+    paths = ", ".join(str(s.data.path) for s in sources)
+    if cfg.model.forces == "direct" and not has["has_forces"]:
+        raise ConfigError(
+            f"model.forces=direct trains a force head on force labels, and {paths} holds "
+            "none: set model.forces=none (or conservative, whose forces come from the energy)"
+        )
+    if cfg.model.forces == "conservative" and not forces:
+        notes.append(
+            f"{paths} holds no forces: training fits energies only, without the force "
+            "derivative (loss.force_weight unused; the model still predicts conservative "
+            "forces; model.forces=none says so and silences this)"
+        )
+    elif cfg.model.stress and forces and not stress:
+        notes.append(
+            f"{paths} holds no stress: training skips the strain derivative (model.stress="
+            "false silences this)"
+        )
+    return forces, stress, notes
 
 
 def data_sources(cfg: Config, rank: int = 0, world: int = 1) -> list[Source]:

@@ -40,7 +40,12 @@ from megagnn.training.host_memory import keep_freed_memory
 from megagnn.training.logbook import Logbook
 from megagnn.training.loss import loss_terms
 from megagnn.training.schedule import warmup_cosine
-from megagnn.training.sources import DataSplits, data_sources, set_model_statistics
+from megagnn.training.sources import (
+    DataSplits,
+    data_sources,
+    label_plan,
+    set_model_statistics,
+)
 from megagnn.training.stopping import StopSignals, TimeBudget, agree
 
 
@@ -98,7 +103,8 @@ class Trainer:
             )
         saved = sharded.read_common(found) if found is not None else None
         if saved is not None:
-            records.check_resumable(cfg, saved, found, self.sources, self.out_dir)
+            records.check_resumable(cfg, saved, found)
+        records.check_recorded_split(self.sources, self.out_dir)
         pretrained = None  # a resumed fine-tuning run continues from its own checkpoint
         if cfg.finetune.init_from is not None and found is None:
             pretrained = Pretrained(cfg.finetune.init_from, self.device)
@@ -108,6 +114,10 @@ class Trainer:
             self.statistics = pretrained.adapt_statistics(self.statistics, cfg)
         self.potential, self.pipeline = build_rank_model(cfg, self.par, self.dtype, spec)
         set_model_statistics(self.potential, self.statistics)
+        forces, stress, notes = label_plan(cfg, self.sources)
+        self.potential.labels_forces, self.potential.labels_stress = forces, stress
+        for note in notes:
+            self.log(note)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
         if pretrained is not None:
             fresh = pretrained.load_into(self.model, self.par, cfg)
@@ -294,6 +304,8 @@ class Trainer:
         started = time.perf_counter()
         with averaged(self.model, self.average):  # the weights that will be served
             val = self.validate()
+        source = self.sources[0]  # passes over the (first) training split so far
+        val["epoch"] = source.epoch + source.batch_in_epoch / len(source.sampler.batches(0))
         logbook.validation(self.step, val)
         if self.clock is not None:
             self.clock.record("validate", time.perf_counter() - started)

@@ -45,9 +45,10 @@ def detect(path: str) -> str | None:
     return None
 
 
-def _atoms(numbers, positions, energy, forces, group: str) -> Atoms:
+def _atoms(numbers, positions, energy, forces, group: str, conformer: int) -> Atoms:
     atoms = Atoms(numbers=numbers, positions=positions, pbc=False)
     atoms.info["group"] = group
+    atoms.info["id"] = f"{group}/{conformer}"
     if energy is not None and np.isfinite(energy):
         atoms.info["energy"] = float(energy)
     if forces is not None and np.isfinite(forces).all():
@@ -55,14 +56,26 @@ def _atoms(numbers, positions, energy, forces, group: str) -> Atoms:
     return atoms
 
 
-def read(path: str, kind: str, energy_key: str = "energy") -> Iterator[Atoms]:
-    """The conformers of an ANI-1x or SPICE file in eV and Å, one HDF5 group at a time."""
+def units(path: str, kind: str) -> list[int]:
+    """Conformers per HDF5 group, in file order (a chunk holds whole groups)."""
+    key = "coordinates" if kind == "ani1x" else "conformations"
+    with h5py.File(path, "r") as f:
+        return [len(group[key]) if key in group else 1 for group in f.values()]
+
+
+def read(
+    path: str, kind: str, energy_key: str = "energy", span: tuple[int, int] | None = None
+) -> Iterator[Atoms]:
+    """The conformers of the HDF5 groups ``span`` (all by default) of an ANI-1x or SPICE
+    file in eV and Å, one group at a time."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from e
     with f:
-        for name, group in f.items():
+        names = list(f.keys())
+        for name in names[slice(*span) if span else slice(None)]:
+            group = f[name]
             try:
                 yield from _group(kind, name, group, energy_key)
             except (KeyError, ValueError, TypeError) as e:
@@ -92,5 +105,5 @@ def _group(kind: str, name: str, group, energy_key: str) -> Iterator[Atoms]:
     forces = None if forces is None else np.asarray(forces, dtype=np.float64) * scale
     for c in range(len(positions)):
         yield _atoms(
-            numbers, positions[c], energies[c], None if forces is None else forces[c], name
+            numbers, positions[c], energies[c], None if forces is None else forces[c], name, c
         )

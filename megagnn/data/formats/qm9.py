@@ -72,7 +72,7 @@ def energy_column(key: str) -> str:
 
 def read(path: str, energy_key: str = "energy") -> Iterator[Atoms]:
     """The molecules of one QM9 CSV file, streamed row by row: ``info["energy"]`` in eV,
-    ``info["group"]`` and ``info["qm9_index"]`` from the row's Index."""
+    ``info["group"]`` and ``info["id"]`` (the record id) from the row's Index."""
     column = energy_column(energy_key)
     with open(path, newline="") as f:
         rows = csv.DictReader(f)
@@ -92,5 +92,5 @@ def read(path: str, energy_key: str = "energy") -> Iterator[Atoms]:
                 raise DataError(
                     f"{path}:{line}: malformed QM9 row ({type(e).__name__}: {e})"
                 ) from e
-            atoms.info.update(energy=energy, group=f"qm9-{index}", qm9_index=index)
+            atoms.info.update(energy=energy, group=f"qm9-{index}", id=str(index))
             yield atoms
