@@ -38,3 +38,26 @@ def test_crystals_are_widened_until_gamma_point_sampling_is_sane():
 
     wide = xtb._widened(bulk("Al", "fcc", a=4.05))  # 1-atom primitive cell, 2.9 Å wide
     assert xtb.heights(wide.cell[:]).min() >= xtb.MIN_WIDTH and len(wide) == 8
+
+
+def test_qm9_geometries_get_xtb_forces_two_structures_per_molecule_grouped(tmp_path, monkeypatch):
+    from test_formats import QM9_HEADER, QM9_ROWS
+
+    from megagnn.data import qm9_xtb
+
+    csv = tmp_path / "qm9_part1.csv"
+    csv.write_text("\n".join([QM9_HEADER, *QM9_ROWS]) + "\n")
+    monkeypatch.setattr(qm9_xtb, "CHUNK", 1)  # 3 chunks over 2 workers
+    one = list(qm9_xtb.generate(6, seed=2, progress=False, workers=1, files=[str(csv)]))
+    two = list(qm9_xtb.generate(6, seed=2, progress=False, workers=2, files=[str(csv)]))
+    assert [a.info["id"] for a in one] == [a.info["id"] for a in two]
+    assert len(one) >= 5  # a rejected draw is left out, not replaced
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, rtol=0, atol=1e-7)
+        assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-6)
+        assert np.isfinite(a.get_forces()).all() and not a.pbc.any()
+        index, kind = a.info["id"].removeprefix("qm9-").split("-")
+        assert a.info["group"] == f"qm9-{index}" and kind in ("rattled", "md")
+    molecules = {a.info["group"] for a in one}
+    assert molecules <= {"qm9-1", "qm9-3", "qm9-4"} and len(molecules) == 3
+    assert len(list(qm9_xtb.generate(3, seed=2, progress=False, files=[str(csv)]))) <= 3

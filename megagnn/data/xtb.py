@@ -110,21 +110,21 @@ def amplitude(temperature: float) -> float:
     return 0.06 * np.sqrt(temperature / 300.0)
 
 
-def too_close(atoms: Atoms) -> bool:
-    """Whether two atoms (periodic images included) are closer than MIN_BOND x the sum of
-    their covalent radii."""
+def too_close(atoms: Atoms, min_bond: float = MIN_BOND) -> bool:
+    """Whether two atoms (periodic images included) are closer than ``min_bond`` x the sum
+    of their covalent radii."""
     from ase.data import covalent_radii
     from ase.neighborlist import neighbor_list
 
-    i, j, d = neighbor_list("ijd", atoms, 2 * MIN_BOND * covalent_radii.max())
+    i, j, d = neighbor_list("ijd", atoms, 2 * min_bond * covalent_radii.max())
     r = covalent_radii[atoms.numbers]
-    return bool(np.any(d < MIN_BOND * (r[i] + r[j])))
+    return bool(np.any(d < min_bond * (r[i] + r[j])))
 
 
-def labelled(atoms: Atoms, calc, group: str) -> Atoms | None:
+def labelled(atoms: Atoms, calc, group: str, min_bond: float = MIN_BOND) -> Atoms | None:
     """A copy with GFN1-xTB energy, forces (and stress for crystals), or None if the
-    geometry is implausible, the SCF failed or a force exceeds MAX_FORCE."""
-    if too_close(atoms):
+    geometry is implausible (``too_close``), the SCF failed or a force exceeds MAX_FORCE."""
+    if too_close(atoms, min_bond):
         return None
     atoms = atoms.copy()
     atoms.calc = calc
@@ -215,8 +215,18 @@ def _crystal(rng: np.random.Generator) -> Atoms:
     return atoms
 
 
-def _md_frames(atoms: Atoms, calc, temperature: float, rng: np.random.Generator, group: str):
-    """Frames of a short GFN1-xTB Langevin trajectory at ``temperature``."""
+def md_frames(
+    atoms: Atoms,
+    calc,
+    temperature: float,
+    rng: np.random.Generator,
+    group: str,
+    frames: int = MD_FRAMES,
+    stride: int = MD_STRIDE,
+    min_bond: float = MIN_BOND,
+):
+    """``frames`` frames, ``stride`` steps apart, of a short GFN1-xTB Langevin trajectory at
+    ``temperature``."""
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import thermalize_momenta
@@ -227,12 +237,12 @@ def _md_frames(atoms: Atoms, calc, temperature: float, rng: np.random.Generator,
     dyn = Langevin(
         atoms, MD_STEP_FS * units.fs, temperature_K=temperature, friction=0.05, fixcm=False, rng=rng
     )
-    for _ in range(MD_FRAMES):
+    for _ in range(frames):
         try:
-            dyn.run(MD_STRIDE)
+            dyn.run(stride)
         except Exception:  # SCF failure mid-trajectory: end the trajectory here
             return
-        frame = labelled(atoms, calc, group)
+        frame = labelled(atoms, calc, group, min_bond)
         if frame is None:
             return
         yield frame
@@ -255,7 +265,7 @@ def generate_chunk(seed: int, chunk: int, size: int) -> tuple[list[Atoms], int]:
         temperature = float(rng.choice(TEMPERATURES))
         if kind == "md":
             atoms, group = _molecule(rng, names)
-            frames = list(_md_frames(atoms, calc, temperature, rng, group))
+            frames = list(md_frames(atoms, calc, temperature, rng, group))
             failed += len(frames) < MD_FRAMES
             out += frames[: size - len(out)]
             continue
