@@ -84,6 +84,7 @@ def test_fit_writes_table_plots_and_recovers_exponents(tmp_path):
 
 def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path):
     import json
+    import shutil
     from pathlib import Path
 
     tool = _tool()
@@ -110,7 +111,8 @@ def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path
     assert tool.main([*common, "--launch", "slurm"]) == 0
     script = (tmp_path / "sweep" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-1" in script and "data.train_fraction=0.5" in script
-    assert tool.main(common) == 0
+    keep = ["--keep", str(tmp_path / "kept")]
+    assert tool.main([*common, *keep, "--jobs", "2"]) == 0  # both points at once
     runs = sorted((tmp_path / "sweep").glob("hidden8-layers1-f*"))
     assert [r.name for r in runs] == ["hidden8-layers1-f0.5", "hidden8-layers1-f1"]
     half, full = (json.loads((r / "point.json").read_text()) for r in runs)
@@ -121,6 +123,16 @@ def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path
     stamp = [(r / "val_metrics.json").stat().st_mtime for r in runs]
     assert tool.main(common) == 0  # finished points are not rerun
     assert [(r / "val_metrics.json").stat().st_mtime for r in runs] == stamp
+    # a new machine has only the kept records: the sweep is done there too, and fits
+    kept = sorted((tmp_path / "kept").iterdir())
+    assert [k.name for k in kept] == [r.name for r in runs]
+    assert "threads: 1 per process" in (runs[0] / "sweep.log").read_text()
+    shutil.rmtree(tmp_path / "sweep")
+    assert tool.main([*common, *keep]) == 0
+    assert not list((tmp_path / "sweep").iterdir())
+    stem = str(tmp_path / "fit")
+    tool.main(["fit", str(tmp_path / "kept"), "--results", stem, "--bootstrap", "5"])
+    assert "hidden8-layers1" in (tmp_path / "fit.md").read_text()
 
 
 def test_compute_optimal_frontier_recovers_chinchilla_exponents():

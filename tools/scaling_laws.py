@@ -16,8 +16,12 @@ for all. --budgets C1 C2 ... adds a compute axis: each point trains for train.fl
 size name from configs/model/, a model YAML, or comma-separated overrides
 (model.hidden=32,model.layers=3). --launch local runs the points one after another (an
 interrupted point resumes from its checkpoint; finished points are skipped, so rerunning the
-same command completes a sweep); --launch print writes OUT/commands.sh and --launch slurm
-writes OUT/sweep.sbatch (one array task per point) for a cluster.
+same command completes a sweep); --jobs J runs J points at once, each process with its share
+of the cores (train.threads); --keep DIR copies each finished point's small records (config,
+point, metrics, compute) to DIR, where a later sweep (on a machine without OUT) finds it
+done, so a study longer than a sitting resumes from committed results. --launch print
+writes OUT/commands.sh and --launch slurm writes OUT/sweep.sbatch (one array task per point)
+for a cluster.
 
 fit: reads each finished point (parameters counted from the model, training structures and
 atoms from the data split, validation energy and force MAE) and fits, for each metric,
@@ -42,8 +46,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = {"energy": "energy_per_atom_mae", "forces": "forces_mae"}
-UNITS = {"energy": "eV/atom", "forces": "eV/Å"}
+METRICS = {
+    "energy": "energy_per_atom_mae",
+    "energy_per_structure": "energy_mae",
+    "forces": "forces_mae",
+}
+UNITS = {"energy": "eV/atom", "energy_per_structure": "eV", "forces": "eV/Å"}
+# what --keep copies of a finished point (val_metrics.json last: it marks the point done)
+KEPT = ("point.json", "config.yaml", "compute.json", "metrics.jsonl", "val_metrics.json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every point")
     s.add_argument("--launch", choices=["local", "print", "slurm"], default="local")
     s.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    s.add_argument("--jobs", type=int, default=1, help="points run at once (--launch local)")
+    s.add_argument("--keep", help="copy finished points' records here; points found here are done")
     f = sub.add_parser("fit", help="fit power laws to a finished sweep")
     f.add_argument("sweep", help="sweep folder")
     f.add_argument("--results", required=True, help="output path stem (.json, .md, .png)")
@@ -128,6 +140,12 @@ def points(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def threads(args: argparse.Namespace) -> int:
+    """Intra-op threads of each process when --jobs points of --nproc processes share the
+    cores (two processes with default threads on two cores run 6x slower)."""
+    return max(1, (os.cpu_count() or 1) // (max(1, args.jobs) * args.nproc))
+
+
 def commands(point: dict, args: argparse.Namespace) -> list[list[str]]:
     """Train, then evaluate on the validation split (written last: it marks the point done)."""
     py = sys.executable
@@ -135,7 +153,10 @@ def commands(point: dict, args: argparse.Namespace) -> list[list[str]]:
     train = [*launch, "-m", "megagnn.pretrain", "--config", args.config, "--set"]
     train += [*point["set"], f"train.out_dir={point['run']}"]
     evaluate = [py, "-m", "megagnn.evaluate", "--run", point["run"], "--split", "val"]
-    evaluate += ["--json", f"{point['run']}/val_metrics.json"]
+    evaluate += ["--json", f"{point['run']}/val_metrics.json", "--no-progress"]
+    if args.jobs > 1:
+        train += [f"train.threads={threads(args)}"]
+        evaluate += ["--threads", str(threads(args))]
     # every point is measured on the same split: a structure holding an element that a
     # small data fraction never saw stays in (counted as unknown_element_structures)
     evaluate += ["--allow-unknown-elements"]
@@ -184,25 +205,59 @@ def sweep(args: argparse.Namespace) -> int:
             )
         print(f"wrote {path} ({len(lines)} points; finished points are skipped by `fit`)")
         return 0
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    bar = tqdm(todo, desc="sweep", unit=" runs")
-    for point in bar:
-        run = Path(point["run"])
-        bar.set_postfix_str(run.name)
-        if (run / "val_metrics.json").is_file():
-            continue  # finished earlier
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "point.json").write_text(json.dumps(describe(point, args), indent=1))
-        for cmd in commands(point, args):
-            with open(run / "sweep.log", "a") as log:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            if proc.returncode != 0:
-                print(f"error: {run.name} failed; see {run / 'sweep.log'}", file=sys.stderr)
-                return 1
-    print(f"{len(todo)} points in {out}; fit with: tools/scaling_laws.py fit {out} --results ...")
+    keep = Path(args.keep) if args.keep else None
+    done = [p for p in todo if finished(Path(p["run"]), keep)]
+    bar = tqdm(total=len(todo), initial=len(done), desc="sweep", unit=" runs")
+    failed = []
+
+    def one(point: dict) -> None:
+        if not run_point(point, args, keep):
+            failed.append(point["run"])
+        bar.update(1)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(one, [p for p in todo if p not in done]))
+    bar.close()
+    for run in failed:
+        print(f"error: {Path(run).name} failed; see {Path(run) / 'sweep.log'}", file=sys.stderr)
+    if failed:
+        return 1
+    where = keep or out
+    print(f"{len(todo)} points in {where}; fit with: tools/scaling_laws.py fit {where} ...")
     return 0
+
+
+def finished(run: Path, keep: Path | None) -> bool:
+    return (run / "val_metrics.json").is_file() or (
+        keep is not None and (keep / run.name / "val_metrics.json").is_file()
+    )
+
+
+def run_point(point: dict, args: argparse.Namespace, keep: Path | None) -> bool:
+    """Train and evaluate one point (resuming its checkpoint); copy its records to ``keep``."""
+    import shutil
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if args.jobs > 1:
+        env.update(OMP_NUM_THREADS=str(threads(args)), MKL_NUM_THREADS=str(threads(args)))
+    run = Path(point["run"])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "point.json").write_text(json.dumps(describe(point, args), indent=1))
+    for cmd in commands(point, args):
+        with open(run / "sweep.log", "a") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            return False
+    if keep is not None:
+        (keep / run.name).mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (run / name).is_file():
+                shutil.copyfile(run / name, keep / run.name / name)
+    return True
 
 
 # -- fit --------------------------------------------------------------------------------------
@@ -357,8 +412,8 @@ def fit(args: argparse.Namespace) -> int:
     doc = {"sweep": args.sweep, "points": rows, "fits": {}}
     lines = [
         "| model | parameters N | fraction | structures D | atoms | steps | compute C FLOPs "
-        "| wall s | energy MAE eV/atom | force MAE eV/Å |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| wall s | energy MAE eV/atom | energy MAE eV | force MAE eV/Å |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["parameters"], r["train_structures"], r["flops"])):
@@ -366,6 +421,7 @@ def fit(args: argparse.Namespace) -> int:
             f"| {r['model']} | {r['parameters']} | {r['fraction']:g} | {r['train_structures']} "
             f"| {r['train_atoms']} | {r.get('steps', '')} | {r['flops']:.3g} "
             f"| {r.get('wall_s', nan):.0f} | {r.get(METRICS['energy'], nan):.5f} "
+            f"| {r.get(METRICS['energy_per_structure'], nan):.5f} "
             f"| {r.get(METRICS['forces'], nan):.5f} |"
         )
     for name, key in METRICS.items():
