@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -217,7 +218,9 @@ class Potential(nn.Module):
         index, shifts = sort_by_receiver(batch[K.EDGE_INDEX], batch[K.CELL_SHIFTS])
         sender, receiver = index
         edge_graph = batch[K.BATCH][receiver]
-        with torch.autocast(pos.device.type, enabled=False):
+        # (a meta-device forward, which counts FLOPs of any size, has no autocast)
+        full = torch.autocast(pos.device.type, enabled=False) if not pos.is_meta else nullcontext()
+        with full:
             shift = torch.einsum("ei,eij->ej", shifts, cell[edge_graph])  # [E, 3]
             vec = pos[sender] - pos[receiver] + shift  # [E, 3]
             r = torch.linalg.vector_norm(vec, dim=-1)  # [E]
