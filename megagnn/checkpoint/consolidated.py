@@ -66,7 +66,9 @@ def write_weights(
             f.write(struct.pack("<Q", len(blob)) + blob)
             for name, _, _ in progress(entries):
                 tensor = read(name).contiguous()
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                # the tensor's own bytes, not a copy (tobytes would double the peak)
+                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                del tensor
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
