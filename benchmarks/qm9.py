@@ -12,7 +12,8 @@ committed in benchmarks/results/qm9-split.npz (QM9 ids; written on first use fro
 permutation of every molecule). The data is preprocessed from the installed qm9pack when
 --data holds none. Runs resume where they stopped (checkpoints every 10 minutes; the time
 budget counts the time already spent), so a benchmark may span several sittings; a finished
-model (its result.json) is not rerun. Every process gets one thread: --jobs runs at once,
+model (its row in <out>-rows/, committed with the results) is not rerun, and the table
+holds every finished model. Every process gets one thread: --jobs runs at once,
 each of --procs data-parallel processes.
 """
 
@@ -77,9 +78,15 @@ def ensure_split(data: Path, seed: int = 0) -> dict[str, np.ndarray]:
         return {k: f[k] for k in ("train", "val", "test")}
 
 
+def kept(args) -> Path:
+    """Where finished models' rows are kept (committed beside the results): a later sitting
+    on another machine finds them done and tables them with its own."""
+    return Path(f"{args.out}-rows")
+
+
 def point(args, name: str, size: str) -> dict:
     out = Path(args.work) / name
-    result = out / "result.json"
+    result = kept(args) / f"{name}.json"
     if result.exists():
         return json.loads(result.read_text())
     family = name.split("-")[0]
@@ -119,6 +126,7 @@ def point(args, name: str, size: str) -> dict:
         "test_structures": test["structures"],
         "val_curve": curve,
     }
+    result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(r, indent=1))
     return r
 
@@ -173,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_split(data)
     models = [m.split("=", 1) for m in args.models]
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda m: point(args, *m), models))
+        list(pool.map(lambda m: point(args, *m), models))
+    # every model finished so far, in this sitting or an earlier one
+    rows = [json.loads(p.read_text()) for p in sorted(kept(args).glob("*.json"))]
     write_results(
         args.out,
         __file__,

@@ -354,3 +354,15 @@ def test_aselmdb_rows_written_by_ase_db_backends_keep_labels_charge_and_spin(tmp
     (tmp_path / "bad.aselmdb").write_bytes(b"not an lmdb file" * 64)
     code, err = _preprocess(str(tmp_path / "bad.aselmdb"), "-o", str(tmp_path / "b"))
     assert code == 1 and "bad.aselmdb: not a readable ASE-LMDB file" in err
+
+
+def test_a_malformed_qm7x_conformer_is_named_in_one_line(tmp_path):
+    import h5py
+
+    _qm7x(tmp_path / "1000.hdf5")
+    with h5py.File(tmp_path / "1000.hdf5", "a") as f:
+        del f["7/Geom-m7-i1-c1-opt/atXYZ"]
+        f["7/Geom-m7-i1-c1-opt/atXYZ"] = np.zeros((2, 3))  # 3 atoms, 2 positions
+    code, err = _preprocess(str(tmp_path / "1000.hdf5"), "-o", str(tmp_path / "out"))
+    assert code == 1 and "7/Geom-m7-i1-c1-opt: malformed QM7-X record" in err
+    assert len(err.strip().splitlines()) == 1
