@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(
         ["| way | seconds per pass | systems/s |", "|---|---:|---:|"]
         + [f"| {r['way']} | {r['seconds']:.3f} | {r['systems_per_s']:.1f} |" for r in rows]
-        + ["", f"{args.systems} cells of {n_atoms} atoms; batched is {ratio:.2f}x faster."]
+        + [
+            "",
+            f"{args.systems} cells of {n_atoms} atoms: one by one through ASE takes "
+            f"{1 / ratio:.2f}x the time of the batch.",
+        ]
     )
     write_results(
         args.out,
