@@ -20,8 +20,6 @@ above 50 eV/Å) are left out and counted in the progress bar.
 
 from __future__ import annotations
 
-import io
-import multiprocessing
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,9 +32,11 @@ from megagnn.data.xtb import (
     TEMPERATURES,
     amplitude,
     calculator,
+    from_text,
+    in_order,
     labelled,
     md_frames,
-    one_thread_per_worker,
+    to_text,
 )
 
 PER_MOLECULE = 2  # a rattled conformer and an MD frame
@@ -88,12 +88,8 @@ def generate_chunk(seed: int, chunk: int, molecules: list[tuple]) -> tuple[list[
 
 def _chunk_text(args: tuple[int, int, list[tuple]]) -> tuple[str, int, int]:
     """One chunk as extxyz text, its rejected draws and its molecule count."""
-    import ase.io
-
     structures, failed = generate_chunk(*args)
-    buffer = io.StringIO()
-    ase.io.write(buffer, structures, format="extxyz")
-    return buffer.getvalue(), failed, len(args[2])
+    return to_text(structures), failed, len(args[2])
 
 
 def generate(
@@ -105,8 +101,6 @@ def generate(
 ) -> Iterator[Atoms]:
     """Yield up to ``n`` labelled structures of ``n / 2`` QM9 molecules (fewer by the
     rejected draws), chunk by chunk in order; the same for any ``workers``."""
-    import ase.io
-
     molecules = choose_molecules(-(-n // PER_MOLECULE), seed, files)
     tasks = [
         (seed, k, molecules[start : start + CHUNK])
@@ -115,25 +109,19 @@ def generate(
     bar = tqdm(
         total=len(molecules), desc="GFN1-xTB on QM9", unit=" molecules", disable=not progress
     )
-    failed = 0
-    pool = None
-    if workers > 1:
-        with one_thread_per_worker():
-            pool = multiprocessing.get_context("spawn").Pool(workers)
+    failed = written = 0
+    results = in_order(_chunk_text, tasks, workers)
     try:
-        results = pool.imap(_chunk_text, tasks) if pool else map(_chunk_text, tasks)
-        written = 0
         for text, bad, done in results:
             failed += bad
-            for atoms in ase.io.iread(io.StringIO(text), index=":", format="extxyz"):
+            for atoms in from_text(text):
                 if written < n:
                     written += 1
                     yield atoms
             bar.update(done)
             bar.set_postfix(rejected=failed)
     finally:
-        if pool:
-            pool.terminate()
+        results.close()  # ends the worker pool even when the caller stops early
         bar.close()
 
 

@@ -284,15 +284,40 @@ def generate_chunk(seed: int, chunk: int, size: int) -> tuple[list[Atoms], int]:
     return out, failed
 
 
-def _chunk_text(args: tuple[int, int, int]) -> tuple[str, int, int]:
-    """One chunk as extxyz text (workers send text: Atoms with calculators do not pickle
-    cheaply), its structure count and its rejected draws."""
+def to_text(structures: list[Atoms]) -> str:
+    """Labelled structures as extxyz text: what workers send back (Atoms with calculators
+    do not pickle cheaply)."""
     import ase.io
 
-    structures, failed = generate_chunk(*args)
     buffer = io.StringIO()
     ase.io.write(buffer, structures, format="extxyz")
-    return buffer.getvalue(), len(structures), failed
+    return buffer.getvalue()
+
+
+def from_text(text: str) -> Iterator[Atoms]:
+    import ase.io
+
+    yield from ase.io.iread(io.StringIO(text), index=":", format="extxyz")
+
+
+def in_order(work, tasks: list, workers: int) -> Iterator:
+    """``work(task)`` of every task, in order: here, or over ``workers`` spawned processes
+    of one thread each."""
+    if workers <= 1:
+        yield from map(work, tasks)
+        return
+    with one_thread_per_worker():
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        yield from pool.imap(work, tasks)
+    finally:
+        pool.terminate()
+
+
+def _chunk_text(args: tuple[int, int, int]) -> tuple[str, int, int]:
+    """One chunk as extxyz text, its structure count and its rejected draws."""
+    structures, failed = generate_chunk(*args)
+    return to_text(structures), len(structures), failed
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -318,25 +343,18 @@ def one_thread_per_worker():
 def generate(n: int, seed: int = 0, progress: bool = True, workers: int = 1) -> Iterator[Atoms]:
     """Yield ``n`` labelled structures, chunk by chunk in order; the same for any
     ``workers``."""
-    import ase.io
-
     tasks = [(seed, k, min(CHUNK, n - k * CHUNK)) for k in range(-(-n // CHUNK))]
     bar = tqdm(total=n, desc="GFN1-xTB data", unit=" structures", disable=not progress)
     failed = 0
-    pool = None
-    if workers > 1:
-        with one_thread_per_worker():
-            pool = multiprocessing.get_context("spawn").Pool(workers)
+    results = in_order(_chunk_text, tasks, workers)
     try:
-        results = pool.imap(_chunk_text, tasks) if pool else map(_chunk_text, tasks)
         for text, count, bad in results:
             failed += bad
-            yield from ase.io.iread(io.StringIO(text), index=":", format="extxyz")
+            yield from from_text(text)
             bar.update(count)
             bar.set_postfix(rejected=failed)
     finally:
-        if pool:
-            pool.terminate()
+        results.close()  # ends the worker pool even when the caller stops early
         bar.close()
 
 

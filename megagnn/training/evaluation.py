@@ -43,11 +43,16 @@ def evaluate(
     meter = ErrorMeter()
     loss_sum, structures = 0.0, 0
     batches = iterate_batches(graphs, sampler, epoch=0)
-    total = len(sampler.batches(0)) if progress else None
+    indices = sampler.batches(0)  # the record indices of each batch, in order
     bar = tqdm(
-        batches, total=total, desc="evaluate", unit=" batches", leave=False, disable=not progress
+        batches,
+        total=len(indices),
+        desc="evaluate",
+        unit=" batches",
+        leave=False,
+        disable=not progress,
     )
-    for records, batch in zip(sampler.batches(0), bar, strict=False):
+    for records, batch in zip(indices, bar, strict=True):
         batch = to_device(batch, device, dtype)
         pred = predict(batch)
         if pred is None:

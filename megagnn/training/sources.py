@@ -139,8 +139,10 @@ def read_split_file(path: str | Path, dataset: ShardedDataset) -> dict[str, np.n
             if ids is None:
                 ids = dataset.record_ids()
                 order = np.argsort(ids, kind="stable")
-            pos = np.searchsorted(ids[order], values.astype(str))
-            found = (pos < len(ids)) & (ids[order][np.minimum(pos, len(ids) - 1)] == values)
+                ordered = ids[order]
+            values = values.astype(str)
+            pos = np.minimum(np.searchsorted(ordered, values), len(ids) - 1)
+            found = ordered[pos] == values
             if not found.all():
                 raise DataError(
                     f"data.split_file {path}: {name} names record ids {dataset.root} does "

@@ -68,6 +68,16 @@ def read(
 ) -> Iterator[Atoms]:
     """The conformers of the HDF5 groups ``span`` (all by default) of an ANI-1x or SPICE
     file in eV and Å, one group at a time."""
+    for name, group in groups(path, span):
+        try:
+            yield from _group(kind, name, group, energy_key)
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{path}: group {name!r}: malformed {kind} record ({e})") from e
+
+
+def groups(path: str, span: tuple[int, int] | None = None) -> Iterator[tuple[str, h5py.Group]]:
+    """(name, group) of the top-level HDF5 groups ``span`` (all by default) of ``path``,
+    in file order; an unreadable file is named."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -75,11 +85,7 @@ def read(
     with f:
         names = list(f.keys())
         for name in names[slice(*span) if span else slice(None)]:
-            group = f[name]
-            try:
-                yield from _group(kind, name, group, energy_key)
-            except (KeyError, ValueError, TypeError) as e:
-                raise DataError(f"{path}: group {name!r}: malformed {kind} record ({e})") from e
+            yield name, f[name]
 
 
 def _group(kind: str, name: str, group, energy_key: str) -> Iterator[Atoms]:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 from ase import Atoms
 
+from megagnn.data.formats.molecules_h5 import groups
 from megagnn.data.shards import DataError
 
 ENERGY = "ePBE0+MBD"
@@ -52,22 +53,14 @@ def read(
 ) -> Iterator[Atoms]:
     """The conformers of molecules ``span`` (all by default) of one QM7-X file."""
     level = ENERGY if energy_key == "energy" else energy_key
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from e
-    with f:
-        names = list(f.keys())
-        for name in names[slice(*span) if span else slice(None)]:
-            for conformer, group in f[name].items():
-                try:
-                    atoms = _conformer(group, level)
-                except (KeyError, ValueError, TypeError) as e:
-                    raise DataError(
-                        f"{path}: {name}/{conformer}: malformed QM7-X record ({e})"
-                    ) from e
-                atoms.info.update(group=f"qm7x-{name}", id=conformer)
-                yield atoms
+    for name, molecule in groups(path, span):
+        for conformer, group in molecule.items():
+            try:
+                atoms = _conformer(group, level)
+            except (KeyError, ValueError, TypeError) as e:
+                raise DataError(f"{path}: {name}/{conformer}: malformed QM7-X record ({e})") from e
+            atoms.info.update(group=f"qm7x-{name}", id=conformer)
+            yield atoms
 
 
 def _conformer(group, level: str) -> Atoms:
