@@ -7,7 +7,9 @@
 #   3. tools/profile_throughput.py --compare pyg, when torch_geometric is importable;
 #   4. a MACE of about 1M parameters (mace-torch, 184 channels) against megagnn's 1M models,
 #      training steps on the same 4000-atom cell, when MACE_SITE names a folder holding
-#      mace-torch and its e3nn 0.4.4 (benchmarks/offline_wheels.sh --mace).
+#      mace-torch and its e3nn 0.4.4 (benchmarks/offline_wheels.sh --mace);
+#   5. benchmarks/compile_step.py: compiled (train.compile) against eager training steps per
+#      family on EMT batches of about 4000 atoms.
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]          (default: benchmarks/results)
 #
@@ -42,4 +44,7 @@ if [ -n "${MACE_SITE:-}" ]; then
     "$py" tools/profile_throughput.py --model mgnn-1m irrep-1m --atoms 4000 --steps 10 \
         --layouts 1x1 --set model.stress=false --out "$out/throughput-$gpu-1m.json" || status=1
 fi
+# generates its EMT data under runs/compile-bench (ASE's EMT: about a minute on one core)
+"$py" benchmarks/compile_step.py --data emt --structures 2000 --max-atoms 4000 --steps 20 \
+    --out "$out/compile-$gpu" || status=1
 exit $status

@@ -190,6 +190,10 @@ class TrainConfig:
     """Batches per optimizer step (gradient accumulation; the pipeline's microbatches)."""
     recompute_activations: bool = False
     """Keep only each block's input in forward and recompute the block in backward."""
+    compile: bool = False
+    """Train through one compiled graph of energy, forces and stress (make_fx of the force
+    function, compiled by Inductor; megagnn.models.compiled): the first step compiles for
+    minutes, later ones run faster. Validation and inference stay eager."""
     max_bad_steps: int = 20
     """Abort after this many consecutive steps with a non-finite loss or gradient."""
     deterministic: bool = False
@@ -509,6 +513,17 @@ class Config:
                 "position gradient through every stage inside the forward pass). Use "
                 "model.forces=direct model.stress=false (or model.forces=none), or "
                 "parallel.tensor instead of parallel.pipeline"
+            )
+        if self.train.compile and (pipeline > 1 or self.parallel.tensor > 1):
+            raise ConfigError(
+                "train.compile=true runs on one model replica per process: it does not trace "
+                "tensor- or pipeline-parallel collectives yet (set parallel.tensor=1 and "
+                "parallel.pipeline=1, or train.compile=false)"
+            )
+        if self.train.compile and self.train.recompute_activations:
+            raise ConfigError(
+                "train.compile=true and train.recompute_activations=true: in the compiled "
+                "graph Inductor chooses what to recompute; set one of them false"
             )
         if pipeline > self.model.layers:
             raise ConfigError(

@@ -9,10 +9,11 @@ One call maps a structure of any size to energy, forces and stress:
              periodic in all three directions and the model predicts stress), energies [N] eV
              (per atom, summing to energy; packages before 2026-12 end at stress)
 
-Conservative forces are a gradient: the model's forward, ``autograd.grad`` included, is
-first traced by ``make_fx`` into one graph of plain tensor ops (the backward written out),
-with atoms and edges as symbolic sizes and the weights as constants; that graph is exported
-with ``torch.export`` and compiled by AOTInductor. The package's metadata (cutoff, heads,
+Conservative forces are a gradient: the function compiled training traces
+(``megagnn.models.compiled.Outputs``: the energy and its derivatives by ``torch.func.grad``)
+is traced by ``make_fx`` into one graph of plain tensor ops (the backward written out), with
+atoms and edges as symbolic sizes and the weights as constants; that graph is exported with
+``torch.export`` and compiled by AOTInductor. The package's metadata (cutoff, heads,
 units, version, ...) is readable from Python (``load_package``) and C++
 (``AOTIModelPackageLoader::get_metadata``).
 """
@@ -33,6 +34,7 @@ from megagnn import keys as K
 from megagnn import ops
 from megagnn.config import config_from_dict, config_to_dict
 from megagnn.models import Potential
+from megagnn.models.compiled import Outputs
 
 INPUTS = ("positions", "atomic_numbers", "cell", "pbc", "edge_index", "cell_shifts", "head")
 
@@ -47,25 +49,16 @@ class _Serve(nn.Module):
 
     def __init__(self, model: Potential):
         super().__init__()
-        self.model = model
+        stress = model.cfg.stress and model.cfg.forces == "conservative"
+        self.outputs = Outputs(model, forces=True, stress=stress)
 
     def forward(self, positions, atomic_numbers, cell, pbc, edge_index, cell_shifts, head):
-        n = positions.shape[0]
-        batch = {
-            K.POSITIONS: positions,
-            K.ATOMIC_NUMBERS: atomic_numbers,
-            K.CELL: cell.unsqueeze(0),
-            K.PBC: pbc.unsqueeze(0),
-            K.EDGE_INDEX: edge_index,
-            K.CELL_SHIFTS: cell_shifts,
-            K.BATCH: torch.zeros(n, dtype=torch.long, device=positions.device),
-            K.HEAD: head.reshape(1),
-        }
-        stress = self.model.cfg.stress and self.model.cfg.forces == "conservative"
-        out = self.model(batch, compute_forces=True, compute_stress=stress)
-        zero_stress = torch.zeros_like(cell)
-        stress_out = out[K.STRESS][0] if stress else zero_stress
-        return out[K.ENERGY][0], out[K.FORCES], stress_out, out[K.ENERGIES]
+        graph_of_atom = torch.zeros_like(atomic_numbers)  # one structure
+        energy, forces, stress, energies = self.outputs(
+            *(positions, atomic_numbers, cell.unsqueeze(0), pbc.unsqueeze(0)),
+            *(edge_index, cell_shifts, graph_of_atom, head.reshape(1)),
+        )
+        return energy[0], forces, stress[0], energies
 
 
 def example_inputs(

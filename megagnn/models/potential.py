@@ -174,35 +174,41 @@ class Potential(nn.Module):
             return self._forward(batch, compute_forces, compute_stress, conservative)
 
     def _forward(self, batch, compute_forces, compute_stress, conservative):
-        pos_leaf = batch[K.POSITIONS].detach().requires_grad_(conservative)  # [N, 3]
-        pos, cell = pos_leaf, batch[K.CELL]  # [N, 3], [B, 3, 3]
-        graph_of_atom = batch[K.BATCH]  # [N]
-        strain = None
-        if compute_stress:
-            # homogeneous strain ε applied to positions and cell: dE/dε gives the virial
-            strain = torch.zeros_like(cell).requires_grad_(True)  # [B, 3, 3]
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            pos = pos + torch.einsum("ni,nij->nj", pos, sym[graph_of_atom])
-            cell = cell + torch.bmm(cell, sym)
-
-        edges, raw = self.edges(batch, pos, cell, twice=conservative and self.training)
-        state = self.embed(batch[K.ATOMIC_NUMBERS])
-        state = self.run_blocks(self.backbone.blocks, state, edges)
-        out = self.heads(self.backbone.scalars(state), batch, raw if compute_forces else None)
+        pos = batch[K.POSITIONS].detach().requires_grad_(conservative)  # [N, 3]
+        # homogeneous strain ε applied to positions and cell: dE/dε gives the virial
+        strain = torch.zeros_like(batch[K.CELL]).requires_grad_(True) if compute_stress else None
+        out = self.energy_terms(batch, pos, strain, compute_forces, conservative)
         if conservative:
-            inputs = [pos_leaf] if strain is None else [pos_leaf, strain]
+            inputs = [pos] if strain is None else [pos, strain]
             grads = torch.autograd.grad(
                 out[K.ENERGY].sum(), inputs, create_graph=self.training, allow_unused=True
             )
             out[K.FORCES] = -_zero_if_none(grads[0], inputs[0])
             if strain is not None:
-                c = batch[K.CELL]  # (a x b) . c: no LAPACK call, exports to any backend
-                volume = (torch.linalg.cross(c[:, 0], c[:, 1]) * c[:, 2]).sum(-1).abs()  # [B]
-                periodic = batch[K.PBC].all(dim=1) & (volume > 1e-8)
-                virial = _zero_if_none(grads[1], strain)
-                stress = virial / torch.where(periodic, volume, 1.0)[:, None, None]
-                out[K.STRESS] = stress * periodic[:, None, None]
+                out[K.STRESS] = stress_from_virial(_zero_if_none(grads[1], strain), batch)
         return out
+
+    def energy_terms(
+        self,
+        batch: dict[str, torch.Tensor],
+        pos: torch.Tensor,
+        strain: torch.Tensor | None,
+        direct_forces: bool,
+        differentiated: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Energy [B] and per-atom energies [N] at positions ``pos`` [N, 3] under the
+        homogeneous ``strain`` [B, 3, 3] (None: unstrained), and direct forces if asked and
+        the model has a force head: everything but the derivatives, which the caller takes
+        (``differentiated``: it will, so training differentiates the messages twice)."""
+        cell = batch[K.CELL]  # [B, 3, 3]
+        if strain is not None:
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            pos = pos + torch.einsum("ni,nij->nj", pos, sym[batch[K.BATCH]])
+            cell = cell + torch.bmm(cell, sym)
+        edges, raw = self.edges(batch, pos, cell, twice=differentiated and self.training)
+        state = self.embed(batch[K.ATOMIC_NUMBERS])
+        state = self.run_blocks(self.backbone.blocks, state, edges)
+        return self.heads(self.backbone.scalars(state), batch, raw if direct_forces else None)
 
     def edges(
         self,
@@ -279,6 +285,15 @@ class Potential(nn.Module):
         if raw_edges is not None and self.force_head is not None:
             out[K.FORCES] = self.force_head(h, raw_edges)
         return out
+
+
+def stress_from_virial(virial: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Stress [B, 3, 3] = (1/V) dE/dε, zero for structures not periodic in all directions."""
+    c = batch[K.CELL]  # (a x b) . c: no LAPACK call, exports to any backend
+    volume = (torch.linalg.cross(c[:, 0], c[:, 1]) * c[:, 2]).sum(-1).abs()  # [B]
+    periodic = batch[K.PBC].all(dim=1) & (volume > 1e-8)
+    stress = virial / torch.where(periodic, volume, 1.0)[:, None, None]
+    return stress * periodic[:, None, None]
 
 
 def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

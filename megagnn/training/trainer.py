@@ -22,6 +22,7 @@ from megagnn.checkpoint import sharded
 from megagnn.config import Config
 from megagnn.data.graph import to_device
 from megagnn.data.sampler import iterate_batches
+from megagnn.models.compiled import CompiledForward
 from megagnn.parallel.pipeline import forward_backward as pipeline_forward_backward
 from megagnn.parallel.state import ParallelState, default_device
 from megagnn.precision import DTYPES
@@ -119,6 +120,10 @@ class Trainer:
         for note in notes:
             self.log(note)
         self.model = (self.pipeline or self.potential).to(self.device, self.dtype)
+        # the training forward: the module, or one compiled graph of its outputs
+        self.forward = (
+            CompiledForward(self.potential, log=self.log) if cfg.train.compile else self.model
+        )
         if pretrained is not None:
             fresh = pretrained.load_into(self.model, self.par, cfg)
         frozen = freeze(cfg, self.model, spec)
@@ -285,11 +290,14 @@ class Trainer:
         """One optimizer step and its bookkeeping: the first step of a run is FLOP-counted,
         the time budget learns the step's duration, the schedule and compute advance."""
         started = time.perf_counter()
+        compiled = getattr(self.forward, "compile_s", 0.0)
         if self.compute.flops_per_atom is None:
             metrics = self._measure_flops(micro)
         else:
             metrics = self.train_step(micro)
-        if self.clock is not None and self.step:  # the first, FLOP-counted step is slow
+        # a FLOP-counted or compiling step is no guide to the next ones
+        compiling = getattr(self.forward, "compile_s", 0.0) != compiled
+        if self.clock is not None and self.step and not compiling:
             self.clock.record("step", time.perf_counter() - started)
         self.scheduler.step()
         self.step += 1
@@ -339,9 +347,12 @@ class Trainer:
         picks = rng.choice(len(self.sources), size=n, p=weights / weights.sum())
         return [next(self._streams[i]) for i in picks]
 
-    def forward_backward(self, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
+    def forward_backward(
+        self, batches: list[dict], eager: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
         """Loss and gradients of the mean loss over ``batches`` (microbatches), accumulated in
-        the parameters' grads. Returns each microbatch's loss terms where the loss lives."""
+        the parameters' grads. Returns each microbatch's loss terms where the loss lives.
+        ``eager``: through the module even when training runs compiled."""
 
         def loss_fn(batch, pred):
             terms = loss_terms(pred, batch, self.potential.scale, self.cfg.loss)
@@ -352,10 +363,10 @@ class Trainer:
             return pipeline_forward_backward(
                 self.pipeline, batches, loss_fn, autocast=self.autocast
             )
-        out = []
+        out, forward = [], self.model if eager else self.forward
         for i, batch in enumerate(batches):
             with self.autocast():
-                pred = self.model(batch)
+                pred = forward(batch)
             loss, terms = loss_fn(batch, pred)
             with self.optimizer.no_sync(last=i == len(batches) - 1):
                 (loss / len(batches)).backward()
@@ -395,13 +406,17 @@ class Trainer:
     def _measure_flops(self, micro: list[dict] | None = None) -> dict | None:
         """FLOPs per atom of the job, from a FlopCounterMode count of one step on every rank
         (collective). ``micro``: count this real training step and return its metrics;
-        without it, count a forward and backward on the first batch and change nothing."""
+        without it, count a forward and backward on the first batch and change nothing.
+        A compiled forward runs code the counter cannot see: its model is counted eagerly."""
+        if micro is not None and self.cfg.train.compile:
+            self._measure_flops()
+            return self.train_step(micro)
         if micro is None:
             source = self.sources[0]
             first = next(iter(iterate_batches(source.data.graphs, source.sampler, 0)))
             batches = [to_device(first, self.device, self.dtype)] * self.cfg.train.microbatches
             self.model.train()
-            _, flops = budget.count_flops(lambda: self.forward_backward(batches))
+            _, flops = budget.count_flops(lambda: self.forward_backward(batches, eager=True))
             self.optimizer.zero_grad()
             metrics = None
         else:
