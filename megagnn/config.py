@@ -514,11 +514,17 @@ class Config:
                 "model.forces=direct model.stress=false (or model.forces=none), or "
                 "parallel.tensor instead of parallel.pipeline"
             )
-        if self.train.compile and (pipeline > 1 or self.parallel.tensor > 1):
+        if self.train.compile and (pipeline > 1 or self.parallel.node_parallel):
             raise ConfigError(
-                "train.compile=true runs on one model replica per process: it does not trace "
-                "tensor- or pipeline-parallel collectives yet (set parallel.tensor=1 and "
-                "parallel.pipeline=1, or train.compile=false)"
+                "train.compile=true traces tensor-parallel layers but not pipeline stages or "
+                "node-parallel regions yet: set parallel.pipeline=1 and "
+                "parallel.node_parallel=false, or train.compile=false"
+            )
+        if self.train.compile and self.parallel.tensor > 1 and self.model.family == "irrep":
+            raise ConfigError(
+                "train.compile=true with parallel.tensor > 1 does not compile IrrepNet yet (its "
+                "traced graph fixes the atom count under tensor parallelism): use "
+                "parallel.tensor=1 or train.compile=false for model.family=irrep"
             )
         if self.train.compile and self.train.recompute_activations:
             raise ConfigError(

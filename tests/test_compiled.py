@@ -18,8 +18,9 @@ from megagnn.models.compiled import INPUTS, CompiledForward, trace
 from megagnn.training.trainer import Trainer
 
 CUTOFF = 4.0
-# irrep-c2: IrrepNet with the second-order product of its neighbour sums
-FAMILIES = ["schnet", "painn", "egnn", "irrep", "irrep-c2"]
+# irrep-c2: IrrepNet with the second-order product of its neighbour sums (a superset of the
+# first-order model's code path, which the slow test runs too)
+FAMILIES = ["schnet", "painn", "egnn", "irrep-c2"]
 
 
 def small_model(family, forces="conservative"):
@@ -118,7 +119,7 @@ def test_compiled_forward_matches_eager_without_recompiling(forces):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "irrep"])
 def test_inductor_compiled_forward_matches_eager(family):
     """The real backend: Inductor's generated code (minutes per family on 2 cores)."""
     model = small_model(family)
@@ -156,7 +157,14 @@ def test_compiled_training_follows_eager_and_resumes(emt_dataset, tmp_path, fast
 
 
 @pytest.mark.parametrize(
-    "extra", [["parallel.tensor=2"], ["train.recompute_activations=true"]], ids=str
+    "extra",
+    [
+        ["parallel.pipeline=2", "model.forces=direct", "model.stress=false"],
+        ["parallel.tensor=2", "parallel.node_parallel=true"],
+        ["train.recompute_activations=true"],
+        ["parallel.tensor=2", "model.family=irrep"],
+    ],
+    ids=str,
 )
 def test_compile_refuses_what_it_cannot_trace(extra):
     with pytest.raises(ConfigError, match="train.compile"):

@@ -77,7 +77,9 @@ class ColumnParallelLinear(nn.Module):
         if not self.node_parallel:
             y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)
             return gather_from_region(y, self.group) if self.gather_output else y
-        if torch.is_grad_enabled():
+        # traced under torch.func (train.compile), Inductor decides what to keep; checkpoint's
+        # saved-tensor hooks do not work there
+        if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             # non-reentrant: second derivatives (force losses) pass through the recompute
             y = checkpoint(self._from_all_nodes, x, use_reentrant=False)
         else:

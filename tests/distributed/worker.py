@@ -10,6 +10,7 @@ AdamW step must agree to fp64 round-off.
     torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 1   # data parallel
     torchrun --nproc_per_node=4 tests/distributed/worker.py --tensor 2 --pipeline 2
     torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 2 --node-parallel
+    torchrun --nproc_per_node=2 tests/distributed/worker.py --tensor 2 --compile
 """
 
 import argparse
@@ -24,6 +25,7 @@ from megagnn import ops
 from megagnn.config import LossConfig, ModelConfig, ParallelConfig
 from megagnn.data import collate, structure_to_graph, to_device
 from megagnn.models import build_model
+from megagnn.models.compiled import CompiledForward
 from megagnn.parallel.data import (
     average_gradients,
     build_optimizer,
@@ -70,9 +72,10 @@ def batch_of(atoms_list, seed):
     return to_device(collate(graphs), "cpu", torch.float64)
 
 
-def run(model, batches, train_cfg):
-    """Mean loss over ``batches`` (microbatches) and its gradients, as the trainer takes them.
-    Returns the last microbatch's predictions and the mean loss (None off the last stage)."""
+def run(model, batches, train_cfg, forward=None):
+    """Mean loss over ``batches`` (microbatches) and its gradients, as the trainer takes them
+    (``forward``: the model's outputs another way, e.g. compiled). Returns the last
+    microbatch's predictions and the mean loss (None off the last stage)."""
     model.zero_grad(set_to_none=True)
 
     def loss_fn(batch, pred):
@@ -84,7 +87,7 @@ def run(model, batches, train_cfg):
     else:
         results = []
         for batch in batches:
-            loss, out = loss_fn(batch, model(batch))
+            loss, out = loss_fn(batch, (forward or model)(batch))
             (loss / len(batches)).backward()
             results.append(out)
     if not results:
@@ -134,6 +137,9 @@ def main():
     ap.add_argument("--backend", default="torch", help="megagnn.ops backend of the parallel model")
     ap.add_argument("--node-parallel", action="store_true", help="node-parallel regions too")
     ap.add_argument("--families", default=",".join(FAMILIES), help="model families to check")
+    ap.add_argument(
+        "--compile", action="store_true", help="the parallel model through train.compile's graph"
+    )
     args = ap.parse_args()
     layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
     state = init_parallel(layout)
@@ -194,8 +200,10 @@ def main():
             else:
                 mine = microbatches(0)
                 ref_out, ref_loss = run(ref, mine, train_cfg)
+                # the graph compiles without code generation (aot_eager): the trace is tested
+                forward = CompiledForward(par, backend="aot_eager") if args.compile else None
                 with ops.use_backend(args.backend):
-                    out, loss = run(par, mine, train_cfg)
+                    out, loss = run(par, mine, train_cfg, forward)
                 if state.is_last_stage:
                     for key in (K.ENERGY, K.FORCES, K.STRESS):
                         if key in ref_out:
