@@ -8,12 +8,12 @@ batches: conservative forces and stress, fp32, one thread per process.
 
 Each (data, model, mode) runs in a process of its own (peak memory is per process): the
 Trainer of an ordinary run is built on the data, its first --steps training batches are
-read once, one step compiles (compiled mode) or warms up (eager), then the same batches are
-stepped through and timed. Batches vary in atoms and edges from step to step, so the
-compiled graph's dynamic sizes are exercised; both modes step through the same batches, so
-their times compare. Data: emt (tools/generate_emt_data.py, periodic alloys) and xtb
-(tools/generate_xtb_data.py: molecules, clusters and crystals), generated and preprocessed
-under --work when missing.
+read once, one step compiles (compiled mode, with an empty Inductor cache) or warms up
+(eager), then the same batches are stepped through and timed. Batches vary in atoms and
+edges from step to step, so the compiled graph's dynamic sizes are exercised; both modes
+step through the same batches, so their times compare. Data: emt
+(tools/generate_emt_data.py, periodic alloys) and xtb (tools/generate_xtb_data.py:
+molecules, clusters and crystals), generated and preprocessed under --work when missing.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def run_worker(spec: dict) -> dict:
             trainer.train_step([batch])
             times.append(time.perf_counter() - started)
     return {
+        "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "first_step_s": first,
         "compile_s": getattr(trainer.forward, "compile_s", 0.0),
@@ -128,21 +129,25 @@ def run_row(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, __file__, "--worker", json.dumps({**spec, "out": str(out)})]
-        subprocess.run(cmd, check=True, cwd=ROOT, env=ENV)
+        # a cold compile: Inductor's on-disk cache would make a rerun's compile time seconds
+        env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor"}
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
         return json.loads(out.read_text())
 
 
 def table(rows: list[dict]) -> str:
     lines = [
         "| data | family | parameters | eager step (s) | compiled step (s) | speedup | "
-        "compile (s) | peak RSS eager / compiled (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "compile (s) | graphs | mean step eager / compiled (s) | peak RSS eager / compiled (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['data']} | {r['family']} ({r['size']}) | {r['parameters']:,} | "
             f"{r['eager_step_s']:.3f} | {r['compiled_step_s']:.3f} | "
             f"{r['eager_step_s'] / r['compiled_step_s']:.2f}x | {r['compile_s']:.0f} | "
+            f"{r['compiled_graphs']} | "
+            f"{r['eager_mean_step_s']:.3f} / {r['compiled_mean_step_s']:.3f} | "
             f"{r['eager_peak_rss_bytes'] / 1e6:,.0f} / {r['compiled_peak_rss_bytes'] / 1e6:,.0f} |"
         )
     return "\n".join(lines)
@@ -168,15 +173,16 @@ def main(argv=None) -> int:
                 "data": name,
                 "family": family,
                 "size": size,
-                **{
-                    "parameters": eager["parameters"],
-                    "atoms_per_step": eager["atoms_per_step"],
-                    "eager_step_s": eager["step_s"],
-                    "compiled_step_s": compiled["step_s"],
-                    "compile_s": compiled["compile_s"],
-                    "eager_peak_rss_bytes": eager["peak_rss_bytes"],
-                    "compiled_peak_rss_bytes": compiled["peak_rss_bytes"],
-                },
+                "parameters": eager["parameters"],
+                "atoms_per_step": eager["atoms_per_step"],
+                "eager_step_s": eager["median_step_s"],
+                "compiled_step_s": compiled["median_step_s"],
+                "compile_s": compiled["compile_s"],
+                "compiled_graphs": compiled["graphs"],
+                "eager_mean_step_s": eager["step_s"],
+                "compiled_mean_step_s": compiled["step_s"],
+                "eager_peak_rss_bytes": eager["peak_rss_bytes"],
+                "compiled_peak_rss_bytes": compiled["peak_rss_bytes"],
             }
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
@@ -189,7 +195,9 @@ def main(argv=None) -> int:
             {"rows": rows},
             table(rows),
             protocol="conservative forces and stress, fp32, the same batches eager and "
-            f"compiled ({args.backend}), {args.steps} timed steps after the first",
+            f"compiled ({args.backend}), {args.steps} timed steps after the first; step: the "
+            "median; graphs: compiled graphs (more than 1: a batch recompiled, which the mean "
+            "step time includes)",
         )
     print(table(rows))
     return 0

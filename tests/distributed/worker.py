@@ -140,12 +140,15 @@ def main():
     ap.add_argument(
         "--compile", action="store_true", help="the parallel model through train.compile's graph"
     )
+    ap.add_argument("--layers", type=int, default=3, help="interaction blocks of the models")
+    ap.add_argument("--forces", help="one force mode to check (default: those the layout trains)")
     args = ap.parse_args()
     layout = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
     state = init_parallel(layout)
     train_cfg = LossConfig(energy_weight=1.0, force_weight=1.0, stress_weight=1.0)
     # conservative forces are refused under pipeline parallelism (config check)
     force_modes = ("direct", "none") if args.pipeline > 1 else ("conservative", "direct")
+    force_modes = (args.forces,) if args.forces else force_modes
     # a pipeline runs two microbatches, so 1F1B overlaps them and gradients accumulate
     n_micro = 2 if args.pipeline > 1 else 1
     report = []
@@ -157,7 +160,7 @@ def main():
                 family=family.partition("-")[0],
                 correlation=2 if family.endswith("-c2") else 1,
                 hidden=16,
-                layers=3,
+                layers=args.layers,
                 num_rbf=8,
                 radial_hidden=8,
                 cutoff=4.0,
