@@ -7,53 +7,23 @@ import functools
 
 import pytest
 import torch
-from ase.build import bulk, molecule
+from test_physics import CUTOFF, alloy, make_model, mol
 from test_training import run_losses, tiny_config
 
 from megagnn import keys as K
-from megagnn.config import ConfigError, ModelConfig, load_config
+from megagnn.config import ConfigError, load_config
 from megagnn.data import atoms_to_graph, collate, to_device
-from megagnn.models import build_model
 from megagnn.models.compiled import INPUTS, CompiledForward, trace
 from megagnn.training.trainer import Trainer
 
-CUTOFF = 4.0
 # irrep-c2: IrrepNet with the second-order product of its neighbour sums (a superset of the
 # first-order model's code path, which the slow test runs too)
 FAMILIES = ["schnet", "painn", "egnn", "irrep-c2"]
 
 
 def small_model(family, forces="conservative"):
-    torch.manual_seed(0)
-    family, _, variant = family.partition("-")
-    cfg = ModelConfig(
-        family=family,
-        correlation=2 if variant == "c2" else 1,
-        hidden=8,
-        layers=2,
-        num_rbf=4,
-        radial_hidden=8,
-        lmax=2,
-        cutoff=CUTOFF,
-        forces=forces,
-        stress=forces == "conservative",
-    )
-    model = build_model(cfg).double().train()
-    model.set_statistics(0, {29: -3.5, 79: -2.0, 1: -13.0, 8: -430.0, 6: -1000.0}, 0.7, 12.0)
-    return model
-
-
-def crystal(seed):
-    atoms = bulk("Cu", "fcc", a=3.7) * (2, 2, 1 + seed % 2)
-    atoms.numbers[::3] = 79
-    atoms.rattle(0.15, seed=seed)
-    return atoms
-
-
-def ethanol():
-    atoms = molecule("CH3CH2OH")
-    atoms.rattle(0.05, seed=2)
-    return atoms
+    model = make_model(family, forces, hidden=8, num_rbf=4, radial_hidden=8)
+    return model.train()
 
 
 def batch_of(structures):
@@ -80,7 +50,7 @@ def test_traced_graph_matches_eager_outputs_and_force_loss_gradients(family):
     """The trace is where correctness lives (what Inductor then compiles is this graph):
     one graph, traced on one batch, against the eager model on batches of other sizes."""
     model = small_model(family)
-    first = batch_of([crystal(0), ethanol()])  # a periodic crystal beside a molecule
+    first = batch_of([alloy(0), mol()])  # a periodic crystal beside a molecule
     graph = trace(model, first, forces=True, stress=True)
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     state = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -91,7 +61,7 @@ def test_traced_graph_matches_eager_outputs_and_force_loss_gradients(family):
         )
         return {K.ENERGY: energy, K.FORCES: forces, K.STRESS: stress, K.ENERGIES: energies}
 
-    for batch in (first, batch_of([crystal(1), crystal(2), ethanol()])):
+    for batch in (first, batch_of([alloy(1), alloy(2), mol()])):
         ref, ref_grads = outputs_and_gradients(model, model, batch)
         out, grads = outputs_and_gradients(traced, model, batch)
         for key in (K.ENERGY, K.ENERGIES, K.FORCES, K.STRESS):
@@ -106,7 +76,7 @@ def test_compiled_forward_matches_eager_without_recompiling(forces):
     model.labels_forces = forces != "none"
     compiled = CompiledForward(model, backend="aot_eager")
     torch._dynamo.utils.counters.clear()
-    for batch in (batch_of([crystal(0), ethanol()]), batch_of([crystal(1), crystal(2)])):
+    for batch in (batch_of([alloy(0), mol()]), batch_of([alloy(1), alloy(2)])):
         ref, ref_grads = outputs_and_gradients(model, model, batch)
         out, grads = outputs_and_gradients(compiled, model, batch)
         assert set(out) == set(ref)
@@ -124,7 +94,7 @@ def test_inductor_compiled_forward_matches_eager(family):
     """The real backend: Inductor's generated code (minutes per family on 2 cores)."""
     model = small_model(family)
     compiled = CompiledForward(model)
-    for batch in (batch_of([crystal(0), ethanol()]), batch_of([crystal(1), crystal(2)])):
+    for batch in (batch_of([alloy(0), mol()]), batch_of([alloy(1), alloy(2)])):
         ref, ref_grads = outputs_and_gradients(model, model, batch)
         out, grads = outputs_and_gradients(compiled, model, batch)
         for key in (K.ENERGY, K.FORCES, K.STRESS):

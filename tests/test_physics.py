@@ -17,18 +17,17 @@ CUTOFF = 4.0
 FAMILIES = ["schnet", "painn", "egnn", "irrep", "irrep-c2"]
 
 
-def make_model(family, forces="conservative", seed=0):
+def make_model(family, forces="conservative", seed=0, **sizes):
+    """``sizes``: other model settings (hidden=8, ...)."""
     torch.manual_seed(seed)
     family, _, variant = family.partition("-")
     cfg = ModelConfig(
         family=family,
         correlation=2 if variant == "c2" else 1,
-        hidden=16,
-        layers=2,
-        num_rbf=8,
         cutoff=CUTOFF,
         forces=forces,
         stress=forces == "conservative",
+        **{"hidden": 16, "layers": 2, "num_rbf": 8, **sizes},
     )
     model = build_model(cfg).double().eval()
     # non-trivial statistics so they are exercised too

@@ -133,9 +133,8 @@ class CompiledForward:
         self.compile_s = 0.0
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model, cfg = self.model, self.model.cfg
-        forces = cfg.forces != "none" and model.labels_forces
-        stress = cfg.stress and forces and cfg.forces == "conservative" and model.labels_stress
+        model = self.model
+        forces, stress = model.outputs()
         device = batch[K.POSITIONS].device
         fast = torch.get_autocast_dtype(device.type)
         autocast = fast if torch.is_autocast_enabled(device.type) else None
@@ -155,8 +154,9 @@ class CompiledForward:
         with torch.autocast(device.type, enabled=False), _no_duck_shapes():
             energy, f, s, energies = self.graphs[key](*state, *inputs)
         if new:  # the first call compiles
-            self.compile_s += time.perf_counter() - start
-            self.log(f"compiled the training forward in {time.perf_counter() - start:.0f} s")
+            seconds = time.perf_counter() - start
+            self.compile_s += seconds
+            self.log(f"compiled the training forward in {seconds:.0f} s")
         out = {K.ENERGY: energy, K.ENERGIES: energies}
         if forces:
             out[K.FORCES] = f

@@ -162,16 +162,24 @@ class Potential(nn.Module):
         ``labels_stress`` allow). With conservative forces the graph is kept (create_graph)
         while training, so force losses can be backpropagated.
         """
+        compute_forces, compute_stress = self.outputs(compute_forces, compute_stress)
+        conservative = compute_forces and self.cfg.forces == "conservative"
+        # forces are gradients: they need autograd even when called under no_grad
+        with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
+            return self._forward(batch, compute_forces, compute_stress, conservative)
+
+    def outputs(
+        self, compute_forces: bool | None = None, compute_stress: bool | None = None
+    ) -> tuple[bool, bool]:
+        """(forces, stress) to predict: as given, else what the config asks for and
+        ``labels_forces`` / ``labels_stress`` allow (stress needs conservative forces)."""
         cfg = self.cfg
         if compute_forces is None:
             compute_forces = cfg.forces != "none" and self.labels_forces
         if compute_stress is None:
             conservative = compute_forces and cfg.forces == "conservative"
             compute_stress = cfg.stress and conservative and self.labels_stress
-        conservative = compute_forces and cfg.forces == "conservative"
-        # forces are gradients: they need autograd even when called under no_grad
-        with torch.set_grad_enabled(torch.is_grad_enabled() or conservative):
-            return self._forward(batch, compute_forces, compute_stress, conservative)
+        return compute_forces, compute_stress
 
     def _forward(self, batch, compute_forces, compute_stress, conservative):
         pos = batch[K.POSITIONS].detach().requires_grad_(conservative)  # [N, 3]

@@ -69,23 +69,31 @@ def _mapping(name: str, doc: str, forward: Callable, shape: Callable) -> Callabl
     return op
 
 
+# each op's conjugate: its derivative, and the op whose derivative it is
+_CONJUGATE: dict[Callable, Callable] = {}
+
+
 class _Mapping(torch.autograd.Function):
-    """``op`` forward, its ``conjugate`` backward (whose backward is ``op`` again: twice
+    """``op`` forward, its conjugate backward (whose backward is ``op`` again: twice
     differentiable). The ops carry the same rule (``_conjugates``) for a traced graph; this
     Function carries it where autograd meets the ops themselves, and it works under
     ``torch.func`` transforms (which a custom op's own autograd rule does not)."""
 
     @staticmethod
-    def forward(x, op, conjugate, group):
+    def forward(x, op, group):
         return op(x, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.op, ctx.conjugate, ctx.group = inputs
+        _, ctx.op, ctx.group = inputs
 
     @staticmethod
     def backward(ctx, grad):
-        return _Mapping.apply(grad, ctx.conjugate, ctx.op, ctx.group), None, None, None
+        return _Mapping.apply(grad, _CONJUGATE[ctx.op], ctx.group), None, None
+
+
+def _apply(op, x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if _world(group) == 1 else _Mapping.apply(x, op, group.group_name)
 
 
 def _conjugates(a, b) -> None:
@@ -96,6 +104,7 @@ def _conjugates(a, b) -> None:
 
     a.register_autograd(lambda ctx, grad: (b(grad, ctx.group), None), setup_context=remember)
     b.register_autograd(lambda ctx, grad: (a(grad, ctx.group), None), setup_context=remember)
+    _CONJUGATE.update({a: b, b: a})
 
 
 def _reduce(x, group):
@@ -218,56 +227,40 @@ _conjugates(_to_nodes, _to_channels)
 
 
 def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if _world(group) == 1 else _Mapping.apply(x, _copy, _reduce_op, group.group_name)
+    return _apply(_copy, x, group)
 
 
 def reduce_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if _world(group) == 1 else _Mapping.apply(x, _reduce_op, _copy, group.group_name)
+    return _apply(_reduce_op, x, group)
 
 
 def split_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if _world(group) == 1 else _Mapping.apply(x, _split, _gather, group.group_name)
+    return _apply(_split, x, group)
 
 
 def gather_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if _world(group) == 1 else _Mapping.apply(x, _gather, _split, group.group_name)
+    return _apply(_gather, x, group)
 
 
 def scatter_to_nodes(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return (
-        x
-        if _world(group) == 1
-        else _Mapping.apply(x, _scatter_nodes, _gather_nodes, group.group_name)
-    )
+    return _apply(_scatter_nodes, x, group)
 
 
 def gather_from_nodes(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return (
-        x
-        if _world(group) == 1
-        else _Mapping.apply(x, _gather_nodes, _scatter_nodes, group.group_name)
-    )
+    return _apply(_gather_nodes, x, group)
 
 
 def gather_nodes_for_partials(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return (
-        x
-        if _world(group) == 1
-        else _Mapping.apply(x, _gather_partials, _reduce_scatter, group.group_name)
-    )
+    return _apply(_gather_partials, x, group)
 
 
 def reduce_scatter_to_nodes(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return (
-        x
-        if _world(group) == 1
-        else _Mapping.apply(x, _reduce_scatter, _gather_partials, group.group_name)
-    )
+    return _apply(_reduce_scatter, x, group)
 
 
 def channels_to_nodes(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if _world(group) == 1 else _Mapping.apply(x, _to_nodes, _to_channels, group.group_name)
+    return _apply(_to_nodes, x, group)
 
 
 def nodes_to_channels(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if _world(group) == 1 else _Mapping.apply(x, _to_channels, _to_nodes, group.group_name)
+    return _apply(_to_channels, x, group)
