@@ -143,7 +143,7 @@ def cfconv(x: torch.Tensor, edges, filter_mlp: nn.Module) -> torch.Tensor:
     from megagnn.kernels.continuous_filter import cfconv as kernel
 
     rbf, w1, b1, w2, b2, kind = _fused_filter(filter_mlp, edges)
-    return kernel(x, rbf, edges.envelope, edges.index, edges.num_nodes, w1, b1, w2, b2, kind)
+    return kernel(x, rbf, edges.envelope, edges.local_index, edges.num_nodes, w1, b1, w2, b2, kind)
 
 
 def painn_message(
@@ -164,5 +164,5 @@ def painn_message(
     from megagnn.kernels.equivariant_message import painn_message as kernel
 
     rbf, w1, b1, w2, b2, kind = _fused_filter(filter_mlp, edges)
-    args = (edges.envelope, edges.unit, edges.index, edges.num_nodes, w1, b1, w2, b2, kind)
+    args = (edges.envelope, edges.unit, edges.local_index, edges.num_nodes, w1, b1, w2, b2, kind)
     return kernel(phi, v, rbf, *args)

@@ -27,6 +27,9 @@ class RandomEdges:
         out = messages.new_zeros(self.n_atoms, *messages.shape[1:])
         return out.index_add(0, self.receiver, messages)
 
+    def map(self, fn):
+        return fn(self)
+
 
 def reference_messages(block: IrrepBlock, x: torch.Tensor, edges: RandomEdges) -> torch.Tensor:
     """Σ_p R_p ⊙ (y_j^{l1} ⊗ Y^{l2})^{l3} / sqrt(paths into l3), every path one einsum."""

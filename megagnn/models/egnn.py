@@ -46,9 +46,13 @@ class EGNNBlock(nn.Module):
         (h,) = state  # [N, H] ([N/tp, H] in node-parallel regions)
         ab = self.pair(h)  # [N, 2H/tp]
         a, b = ab[:, 0::2], ab[:, 1::2]  # [N, H/tp] each
-        z = a[edges.receiver] + b[edges.sender] + self.radial(edges.rbf)  # [E, H/tp]
-        weight = edges.envelope.unsqueeze(-1).to(z.dtype)  # [E, 1]
-        agg = edges.aggregate(self.act(z) * weight) * edges.inv_avg_neighbors  # [N, H/tp]
+
+        def message(e: Edges) -> torch.Tensor:
+            z = a[e.receiver] + b[e.sender] + self.radial(e.rbf)  # [E, H/tp]
+            weight = e.envelope.unsqueeze(-1).to(z.dtype)  # [E, 1]
+            return e.aggregate(self.act(z) * weight)
+
+        agg = edges.map(message) * edges.inv_avg_neighbors  # [N, H/tp]
         m = self.message(agg)  # [N, H] (all-reduce) or [N/tp, H] (reduce-scatter)
         return (h + self.node(torch.cat([h, m], dim=-1)),)
 

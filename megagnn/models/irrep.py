@@ -190,11 +190,15 @@ class IrrepBlock(nn.Module):
     def forward(self, state: tuple[torch.Tensor], edges: Edges) -> tuple[torch.Tensor]:
         (x,) = state  # [N, (L+1)², C]
         y = torch.cat(self.up(x), dim=1)  # [N, (L+1)², C/tp]
-        sh = spherical_harmonics(self.lmax, edges.unit).to(x.dtype)  # [E, (L+1)²]
-        w = self.radial(edges.rbf) * edges.envelope.unsqueeze(-1).to(x.dtype)
-        # messages Σ_p (R_p(r_ij) ⊙ y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}, [E, (L+1)², C/tp]
-        messages = torch.cat(couple(y, self._path_major(w), sh, self.lmax, edges.sender), 1)
-        agg = edges.aggregate(messages) * edges.inv_avg_neighbors  # A_i [N, (L+1)², C/tp]
+
+        def message(e: Edges) -> torch.Tensor:
+            sh = spherical_harmonics(self.lmax, e.unit).to(x.dtype)  # [E, (L+1)²]
+            w = self.radial(e.rbf) * e.envelope.unsqueeze(-1).to(x.dtype)
+            # Σ_p (R_p(r_ij) ⊙ y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}, [E, (L+1)², C/tp]
+            messages = torch.cat(couple(y, self._path_major(w), sh, self.lmax, e.sender), 1)
+            return e.aggregate(messages)
+
+        agg = edges.map(message) * edges.inv_avg_neighbors  # A_i [N, (L+1)², C/tp]
         if self.product is not None:  # + Σ_p w_p(s_i) ⊙ (A_i^{l1} ⊗ A_i^{l2})^{l3}
             w = self._path_major(self.product(self.gather_nodes(x[:, 0, :])))  # [N, P, C/tp]
             agg = agg + torch.cat(couple(agg, w, agg, self.lmax), 1)

@@ -31,7 +31,9 @@ class PaiNNMessage(nn.Module):
 
     def forward(self, s: torch.Tensor, v: torch.Tensor, edges: Edges) -> State:
         # gather -> filter ⊙ message -> segment sum, fused on GPUs
-        ds, dv = painn_message(self.phi(s), v, edges, self.filter)  # [N, H/tp], [N, 3, H/tp]
+        phi = self.phi(s)  # [N, 3H/tp]
+        # [N, H/tp], [N, 3, H/tp]
+        ds, dv = edges.map(lambda e: painn_message(phi, v, e, self.filter))
         ds, dv = ds * edges.inv_avg_neighbors, dv * edges.inv_avg_neighbors
         return s + self.gather_ds(ds), v + dv
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megagnn import keys as K
 from megagnn.config import ModelConfig
-from megagnn.models.edges import Edges, sort_by_receiver
+from megagnn.models.edges import ChunkedEdges, Edges, chunk_bounds, sort_by_receiver
 from megagnn.models.egnn import EGNN
 from megagnn.models.irrep import IrrepNet
 from megagnn.models.painn import PaiNN
@@ -57,11 +58,14 @@ class DirectForceHead(nn.Module):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, h: torch.Tensor, edges: Edges) -> torch.Tensor:  # -> [N, 3]
-        sender, receiver = edges.sender, edges.receiver
         x = self.node(h)  # [N, H/tp]
-        w = self.out(x[sender] * x[receiver] * self.radial(edges.rbf)).squeeze(-1)  # [E]
-        f = (w * edges.envelope).unsqueeze(-1).to(edges.unit.dtype) * edges.unit  # [E, 3]
-        return edges.aggregate(f) * edges.inv_avg_neighbors
+
+        def force(e: Edges) -> torch.Tensor:
+            w = self.out(x[e.sender] * x[e.receiver] * self.radial(e.rbf)).squeeze(-1)  # [E]
+            f = (w * e.envelope).unsqueeze(-1).to(e.unit.dtype) * e.unit  # [E, 3]
+            return e.aggregate(f)
+
+        return edges.map(force) * edges.inv_avg_neighbors
 
 
 class Potential(nn.Module):
@@ -103,6 +107,9 @@ class Potential(nn.Module):
         # node-parallel regions split the atoms evenly over the tensor-parallel ranks: the
         # blocks see N padded to a multiple of this (padding atoms have no edges)
         self.node_multiple = 1
+        # evaluate a graph of more edges than this chunk by chunk, recomputing each chunk's
+        # per-edge tensors in backward (ChunkedEdges): for structures of 10^5-10^6 atoms
+        self.edge_chunk: int | None = None
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) and .half() cast every floating buffer: the reference energies keep fp64
@@ -224,12 +231,37 @@ class Potential(nn.Module):
         pos: torch.Tensor,
         cell: torch.Tensor,
         twice: bool = False,
-    ) -> tuple[Edges, Edges]:
+    ) -> tuple[Edges | ChunkedEdges, Edges | ChunkedEdges]:
         """Edge geometry in full precision, as the blocks see it (behind the tensor-parallel
         boundary) and raw (for the direct force head, which works on replicated values);
-        ``twice``: the loss will differentiate the messages twice (see Edges)."""
+        ``twice``: the loss will differentiate the messages twice (see Edges). With
+        ``edge_chunk`` set and more edges than that, ``ChunkedEdges`` that compute the
+        geometry chunk by chunk when the blocks map over them."""
+        index, shifts = batch[K.EDGE_INDEX], batch[K.CELL_SHIFTS]
+        inv = 1.0 / self.avg_num_neighbors
+        num_nodes = self.padded(pos.shape[0])
+        chunk = self.edge_chunk
+        if chunk is not None and index.shape[1] > chunk and not torch.compiler.is_compiling():
+            if bool((index[1, 1:] < index[1, :-1]).any()):  # no copies of edges in order
+                index, shifts = sort_by_receiver(index, shifts)
+            bounds = chunk_bounds(index[1], num_nodes, chunk)
+
+            def geometry(e0: int, e1: int, n0: int, n1: int, raw: bool) -> Edges:
+                edges = self._geometry(batch, pos, cell, index[:, e0:e1], shifts[e0:e1], twice)
+                edges = replace(edges, num_nodes=n1 - n0, offset=n0)
+                return edges if raw else self._to_channels(edges)
+
+            return tuple(  # type: ignore[return-value]
+                ChunkedEdges(functools.partial(geometry, raw=raw), bounds, inv, num_nodes)
+                for raw in (False, True)
+            )
         # the kernels need receiver-sorted edges: established here, whatever made the batch
-        index, shifts = sort_by_receiver(batch[K.EDGE_INDEX], batch[K.CELL_SHIFTS])
+        index, shifts = sort_by_receiver(index, shifts)
+        raw = self._geometry(batch, pos, cell, index, shifts, twice)
+        return replace(self._to_channels(raw), num_nodes=num_nodes), raw
+
+    def _geometry(self, batch, pos, cell, index, shifts, twice: bool) -> Edges:
+        """The ``Edges`` of receiver-sorted ``index [2, E]`` with ``shifts [E, 3]``."""
         sender, receiver = index
         edge_graph = batch[K.BATCH][receiver]
         # (a meta-device forward, which counts FLOPs of any size, has no autocast)
@@ -242,15 +274,12 @@ class Potential(nn.Module):
             # [E, K], [E]: one fused pass over the edges on GPUs
             rbf, env = radial_basis(vec, r, self.basis, self.cfg.cutoff, self.cfg.envelope_p)
         inv = 1.0 / self.avg_num_neighbors
-        raw = Edges(index, rbf, env, unit, inv, pos.shape[0], True, differentiated_twice=twice)
+        return Edges(index, rbf, env, unit, inv, pos.shape[0], True, differentiated_twice=twice)
+
+    def _to_channels(self, edges: Edges) -> Edges:
+        """The edges as the blocks see them: behind the tensor-parallel boundary."""
         to_channels = self.geometry_to_channels
-        blocks = replace(
-            raw,
-            envelope=to_channels(env),
-            unit=to_channels(unit),
-            num_nodes=self.padded(pos.shape[0]),
-        )
-        return blocks, raw
+        return replace(edges, envelope=to_channels(edges.envelope), unit=to_channels(edges.unit))
 
     def padded(self, num_atoms: int) -> int:
         """Number of nodes the blocks hold: atoms padded to ``node_multiple``."""
@@ -267,8 +296,12 @@ class Potential(nn.Module):
         """Apply ``blocks`` in order; with ``recompute_activations`` each block keeps only its
         input and recomputes the rest in backward (works for force losses: second derivatives
         pass through the non-reentrant checkpoint)."""
+        # chunked edges (a structure too large to store per-edge tensors) also recompute
+        # whole blocks: then backward holds one block's node activations, not all of them
+        chunked = isinstance(edges, ChunkedEdges)
         for block in blocks:
-            if self.recompute_activations and self.training and torch.is_grad_enabled():
+            recompute = self.recompute_activations and self.training or chunked
+            if recompute and torch.is_grad_enabled():
                 state = checkpoint(block, state, edges, use_reentrant=False)
             else:
                 state = block(state, edges)

@@ -40,7 +40,7 @@ class SchNetBlock(nn.Module):
         (h,) = state  # [N, H] ([N/tp, H] in node-parallel regions)
         x = self.in2f(h)  # [N, H/tp]
         # Σ_j x_j ⊙ W(rbf_ij) u_ij: gather -> message -> segment sum, fused on GPUs
-        agg = cfconv(x, edges, self.filter)  # [N, H/tp]
+        agg = edges.map(lambda e: cfconv(x, e, self.filter))  # [N, H/tp]
         return (h + self.f2out(agg * edges.inv_avg_neighbors),)
 
 
