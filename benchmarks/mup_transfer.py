@@ -36,13 +36,31 @@ def run_point(args, parametrization: str, width: int, lr: float, folder: Path) -
     sets += ["train.progress=false", f"checkpoint.every={args.steps}", *args.set]
     cmd = [sys.executable, "-m", "megagnn.pretrain", "--config", args.config, "--set", *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     row = {"parametrization": parametrization, "width": width, "lr": lr}
-    if proc.returncode != 0:
-        return {**row, "error": proc.stderr[-500:]}
+    if _final_validation(run, args.steps) is None:  # a finished point is not rerun
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if proc.returncode != 0:
+            return {**row, "error": proc.stderr[-500:]}
+    val = _final_validation(run, args.steps)
+    return {
+        **row,
+        "val_loss": val["val/loss"],
+        "val_forces_mae": val.get("val/forces_mae"),
+        "val_energy_mae": val.get("val/energy_mae"),
+    }
+
+
+def _final_validation(run: Path, steps: int) -> dict | None:
+    """The validation record of the run's last step, if it got there."""
+    if not (run / "metrics.jsonl").is_file():
+        return None
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if "val/loss" in r][-1]
-    return {**row, "val_loss": val["val/loss"], "val_forces_mae": val.get("val/forces_mae")}
+    val = [r for r in records if "val/loss" in r and r["step"] >= steps]
+    return val[-1] if val else None
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -101,12 +119,12 @@ def main(argv=None) -> int:
     for r in failed:
         print(f"failed: {r['parametrization']} width {r['width']} lr {r['lr']}: {r['error']}")
     lines = [
-        "| parametrisation | width | lr | val loss | val force MAE eV/Å |",
-        "|---|---|---|---|---|",
+        "| parametrisation | width | lr | val loss | val energy MAE eV | val force MAE eV/Å |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['parametrization']} | {r['width']} | {r['lr']:g} | {r['val_loss']:.4g} "
-        f"| {r['val_forces_mae']:.4f} |"
+        f"| {_fmt(r['val_energy_mae'])} | {_fmt(r['val_forces_mae'])} |"
         for r in rows
         if "val_loss" in r
     ]
