@@ -44,6 +44,19 @@ def _refuse_inside(source: Path, checkpoint: Path, out_dir: Path) -> None:
         )
 
 
+def _return_freed_memory() -> None:
+    """Make glibc's malloc give every allocation of 1 MB or more back to the system when it
+    is freed. By default its threshold rises to the size of the largest block freed, after
+    which tensors of the same size come from a heap that keeps freed memory: streaming a
+    checkpoint tensor by tensor would then grow by a few tensors' worth. No-op off glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def consolidate(
     source: str | Path, out_dir: str | Path, progress: bool = True, average: bool = True
 ) -> Path:
@@ -65,10 +78,12 @@ def consolidate(
     weights = "ema" if any(v != k for k, v in sources.items()) else "trained"
     by_name = {k.removeprefix("model."): sources[k] for k in keys}
     out_dir.mkdir(parents=True, exist_ok=True)
+    _return_freed_memory()
+    reader = sharded.TensorReader(path)
     consolidated.write_weights(
         out_dir / consolidated.WEIGHTS,
         [(k.removeprefix("model."), meta[k].global_shape, meta[k].dtype) for k in keys],
-        lambda name: sharded.read_tensor(path, by_name[name], meta[by_name[name]]),
+        lambda name: reader.read(by_name[name], meta[by_name[name]]),
         {"step": str(saved.step), "weights": weights},
         lambda entries: tqdm(entries, desc="consolidate", unit=" tensors", disable=not progress),
     )

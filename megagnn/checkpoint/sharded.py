@@ -437,3 +437,36 @@ def read_tensor(path: Path, key: str, meta, device: torch.device | str = "cpu") 
     rank = dist.get_rank()  # dist_checkpointing() made a group if there was none
     wanted = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=rank)}
     return load_raw(dc, wanted, path)[key]
+
+
+class TensorReader:
+    """Whole global tensors of one checkpoint, one at a time, for a single process (the
+    consolidation's streaming read): torch.distributed.checkpoint reads each saved shard
+    straight into the assembled tensor, with the checkpoint's index read once. Holds the
+    tensor and one saved shard at a time (megatron-core's load also rereads the index per
+    call: 2.04x the largest tensor where this takes 1.55x, for a 1B model saved at TP=2)."""
+
+    def __init__(self, path: str | Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        class Cached(FileSystemReader):
+            def read_metadata(self):
+                if not hasattr(self, "_index"):
+                    self._index = super().read_metadata()
+                return self._index
+
+        self.reader = Cached(str(path))
+        self.path = Path(path)
+
+    def read(self, key: str, meta) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        target = torch.empty(meta.global_shape, dtype=meta.dtype)
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({key: target}, storage_reader=self.reader, no_dist=True)
+        except (Exception, CheckpointException) as e:
+            verify(self.path)  # a corrupt file is named as such
+            raise CheckpointError(f"cannot read {key} from {self.path}: {_reason(e)}") from e
+        return target
