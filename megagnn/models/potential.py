@@ -238,7 +238,6 @@ class Potential(nn.Module):
         ``edge_chunk`` set and more edges than that, ``ChunkedEdges`` that compute the
         geometry chunk by chunk when the blocks map over them."""
         index, shifts = batch[K.EDGE_INDEX], batch[K.CELL_SHIFTS]
-        inv = 1.0 / self.avg_num_neighbors
         num_nodes = self.padded(pos.shape[0])
         chunk = self.edge_chunk
         if chunk is not None and index.shape[1] > chunk and not torch.compiler.is_compiling():
@@ -252,7 +251,12 @@ class Potential(nn.Module):
                 return edges if raw else self._to_channels(edges)
 
             return tuple(  # type: ignore[return-value]
-                ChunkedEdges(functools.partial(geometry, raw=raw), bounds, inv, num_nodes)
+                ChunkedEdges(
+                    functools.partial(geometry, raw=raw),
+                    bounds,
+                    1.0 / self.avg_num_neighbors,
+                    num_nodes,
+                )
                 for raw in (False, True)
             )
         # the kernels need receiver-sorted edges: established here, whatever made the batch
