@@ -179,7 +179,10 @@ def main(argv=None) -> int:
     )
     shutil.rmtree(work / "tp1", ignore_errors=True)  # 12 GB; its peak is what was asked
     for run in (a, b):
-        cmd = [PY, "-c", CONSOLIDATE, str(run), str(run) + "-consolidated"]
+        out = Path(str(run) + "-consolidated")
+        out.mkdir(exist_ok=True)
+        memory = ["--memory-report", str(out / "memory.json"), "--no-progress"]
+        cmd = [*convert, "consolidate", str(run), str(out), *memory]
         rows.append(stage(f"consolidate {run.name}", cmd, log))
     evaluate = [PY, "-c", EVALUATE, str(a) + "-consolidated"]
     rows.append(stage("evaluate (calculator)", evaluate, log, env=threads))
@@ -219,24 +222,6 @@ def report(args, argv, work: Path, a: Path, b: Path) -> int:
         write_results(args.out, __file__, argv, device, summary, _table(summary))
     return 0
 
-
-# consolidate in a process that reports its resident memory just before (the baseline:
-# Python, torch, megatron-core's checkpointing imported) and its peak after
-CONSOLIDATE = """
-import json, sys
-from pathlib import Path
-import megatron.core.dist_checkpointing
-from megagnn.convert import consolidate
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-base = status("VmRSS:")
-consolidate(sys.argv[1], sys.argv[2], progress=False)
-peak = status("VmHWM:")
-report = {"baseline_rss_bytes": base, "peak_above_baseline_bytes": peak - base}
-Path(sys.argv[2], "memory.json").write_text(json.dumps(report))
-"""
 
 # evaluate a consolidated model through the ASE calculator (a separate process: its own peak)
 EVALUATE = """

@@ -10,6 +10,10 @@ piece (--edge-chunk 0).
 A model is a size name of configs/model/ with random weights and Cu statistics (memory and
 time do not depend on the weights). Rows: model, atoms, edges, forces, peak_rss_bytes,
 seconds (one evaluation, neighbour list included), bytes per atom, seconds per atom.
+
+`--ranks 2` evaluates each structure across two tensor-parallel processes under torchrun
+with node-parallel regions (the calculator given the rank's slices of the model); the row's
+peak is the largest rank's, `peak_rss_bytes_per_rank` has each.
 """
 
 from __future__ import annotations
@@ -41,7 +45,18 @@ def worker(args) -> dict:
     cfg = load_config(str(ROOT / "configs" / "model" / f"{args.model}.yaml"), overrides).model
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    model = build_model(cfg).to(dtype).eval()
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:  # under torchrun: the structure across a tensor-parallel group
+        from megagnn.config import ParallelConfig
+        from megagnn.parallel.materialize import materialize
+        from megagnn.parallel.state import init_parallel
+        from megagnn.parallel.tensor import parallelize_tensor
+
+        par = init_parallel(ParallelConfig(tensor=ranks))
+        model = parallelize_tensor(build_model(cfg, device="meta"), par.tp_group, True)
+        model = materialize(model, 0).to(dtype).eval()
+    else:
+        model = build_model(cfg).to(dtype).eval()
     model.set_statistics(0, {29: -3.7}, 0.5, 40.0)
     reps = max(1, round((args.atoms / 4) ** (1 / 3)))
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (reps, reps, reps)
@@ -58,9 +73,19 @@ def worker(args) -> dict:
 
     edges = neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc, args.cutoff)[0].shape[1]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    per_rank = [(peak, base)]
+    if ranks > 1:
+        import torch.distributed as dist
+
+        per_rank = [None] * ranks
+        dist.all_gather_object(per_rank, (peak, base))
+        peak, base = max(per_rank)
     return {
         "model": args.model,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "ranks": ranks,
+        "node_parallel": ranks > 1,
+        "peak_rss_bytes_per_rank": [p for p, _ in per_rank],
+        "parameters": sum(p.numel() for p in build_model(cfg, device="meta").parameters()),
         "atoms": len(atoms),
         "edges": int(edges),
         "dtype": args.dtype,
@@ -82,7 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--edge-chunk", type=int, default=2**16, help="0: one piece")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="per process")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="evaluate each structure across this many tensor-parallel processes (torchrun, "
+        "node-parallel regions); peaks are per rank",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per size")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -90,12 +122,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         args.atoms = args.atoms[0]
-        print(json.dumps(worker(args)))
+        row = worker(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row))
         return 0
     rows = []
+    launch = [sys.executable]
+    if args.ranks > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}", "--standalone"]
     for model in args.models:
         for atoms in args.atoms:
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--atoms", str(atoms)]
+            cmd = [*launch, __file__, "--worker", "--model", model, "--atoms", str(atoms)]
             cmd += ["--cutoff", str(args.cutoff), "--dtype", args.dtype]
             cmd += ["--edge-chunk", str(args.edge_chunk), "--threads", str(args.threads)]
             try:
@@ -112,19 +149,20 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     if args.out:
         lines = [
-            "| model | atoms | edges | peak RSS (GB) | bytes/atom | seconds | µs/atom |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| model | ranks | atoms | edges | peak RSS a rank (GB) | bytes/atom | seconds | "
+            "µs/atom |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['model']} | {r['atoms']:,} | | {r['error']} | | | |")
+                lines.append(f"| {r['model']} | | {r['atoms']:,} | | {r['error']} | | | |")
                 continue
             lines.append(
-                f"| {r['model']} | {r['atoms']:,} | {r['edges']:,} | "
+                f"| {r['model']} | {r.get('ranks', 1)} | {r['atoms']:,} | {r['edges']:,} | "
                 f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['bytes_per_atom']:,.0f} | "
                 f"{r['seconds']:.1f} | {r['seconds_per_atom'] * 1e6:.0f} |"
             )
-        device = f"cpu, {args.threads} threads, {args.dtype}"
+        device = f"cpu, {args.ranks} x {args.threads} threads, {args.dtype}"
         write_results(args.out, __file__, argv, device, {"rows": rows}, "\n".join(lines))
     return 0
 

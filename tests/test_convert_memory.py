@@ -3,39 +3,24 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from test_training import tiny_config
 
 from megagnn.training.trainer import Trainer
 
-# consolidate in a fresh process, its resident memory read just before (the baseline, with
-# megatron-core's checkpointing imported) and its peak after (VmHWM: after exec, Linux's
-# ru_maxrss starts from the parent's resident memory at fork, here pytest's)
-CONSOLIDATE = """
-import json, sys
-import megatron.core.dist_checkpointing
-from megagnn.convert import consolidate
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-base = status("VmRSS:")
-consolidate(sys.argv[1], sys.argv[2], progress=False)
-print(json.dumps(status("VmHWM:") - base))
-"""
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 
 
 def test_consolidation_peak_is_at_most_twice_the_largest_tensor(emt_dataset, tmp_path):
     # a SchNet whose [2048, 2048] weights (16.8 MB each) make most of its 111 MB
     wide = ["model.family=schnet", "model.hidden=2048", "train.max_steps=1"]
     Trainer(tiny_config(emt_dataset, tmp_path / "run", *wide)).train()
-    out = subprocess.run(
-        [sys.executable, "-c", CONSOLIDATE, str(tmp_path / "run"), str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    # in a fresh process, which reads its own peak above its resident memory before
+    report = tmp_path / "memory.json"
+    cmd = [sys.executable, str(TOOL), "consolidate", str(tmp_path / "run"), str(tmp_path / "one")]
+    subprocess.run([*cmd, "--memory-report", str(report), "--no-progress"], check=True)
+    peak = json.loads(report.read_text())["peak_above_baseline_bytes"]
     largest = 2048 * 2048 * 4
     total = (tmp_path / "one" / "model.safetensors").stat().st_size
     assert total > 5 * largest  # so that holding the model would fail the test

@@ -26,6 +26,7 @@ CMakeLists.txt). Needs a C++ compiler; takes about half a minute for small model
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from megagnn.checkpoint import CheckpointError, open_saved
+from megagnn.checkpoint.sharded import dist_checkpointing
 from megagnn.convert import consolidate
 
 
@@ -48,6 +50,12 @@ def main(argv=None) -> int:
     c.add_argument("source", help="run folder, checkpoints folder or step-N folder")
     c.add_argument("out", help="output folder")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--memory-report",
+        metavar="FILE",
+        help="write this process's resident memory (Linux) before consolidating and its "
+        "peak above that to FILE (JSON), to check that conversion streams",
+    )
     c.add_argument(
         "--trained-weights",
         action="store_true",
@@ -80,12 +88,22 @@ def main(argv=None) -> int:
         return reshard(args, argv if argv is not None else sys.argv[1:])
     try:
         if args.command == "consolidate":
+            base = 0
+            if args.memory_report:  # the libraries it reads with are not its memory
+                dist_checkpointing()
+                base = resident_bytes("VmRSS")
             path = consolidate(
                 args.source,
                 args.out,
                 progress=not args.no_progress,
                 average=not args.trained_weights,
             )
+            if args.memory_report:
+                report = {
+                    "baseline_rss_bytes": base,
+                    "peak_above_baseline_bytes": resident_bytes("VmHWM") - base,
+                }
+                Path(args.memory_report).write_text(json.dumps(report))
         else:
             from megagnn.inference import export_package
 
@@ -101,6 +119,16 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak) of this process, from /proc. The peak, not
+    ru_maxrss: in a process started by fork and exec, ru_maxrss starts from the parent's
+    resident memory at the fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field} (Linux only)")
 
 
 def reshard(args: argparse.Namespace, argv: list[str]) -> int:

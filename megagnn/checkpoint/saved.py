@@ -20,7 +20,9 @@ from megagnn.checkpoint import consolidated, sharded
 from megagnn.checkpoint.errors import CheckpointError
 from megagnn.config import Config, config_from_dict, upgrade_saved
 from megagnn.models import Potential, build_model
+from megagnn.parallel.materialize import materialize
 from megagnn.parallel.state import ParallelState
+from megagnn.parallel.tensor import parallelize_tensor
 
 SHARDED, CONSOLIDATED = "sharded", "consolidated"
 
@@ -57,10 +59,26 @@ class Saved:
 
     # -- models ----------------------------------------------------------------------------
     def model(
-        self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+        self,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+        par: ParallelState | None = None,
+        node_parallel: bool = False,
     ) -> Potential:
         """The whole model in eval mode: the averaged weights where the run kept an
-        average."""
+        average. With ``par`` of a tensor-parallel group, this rank's slices of it
+        (``parallel.tensor.parallelize_tensor``; ``node_parallel`` also splits the atoms
+        between blocks): every rank of the group then evaluates the same structures
+        together, each holding 1/tp of the weights and of the per-atom activations."""
+        if par is not None and par.tp_size > 1:
+            cfg = self.config
+            model = build_model(cfg.model, device="meta")
+            model = parallelize_tensor(model, par.tp_group, node_parallel)
+            materialize(model, cfg.train.seed)  # every tensor is overwritten below
+            absent = self.load_into(model, par)
+            if absent:
+                raise CheckpointError(f"{self.path} lacks {', '.join(absent)}")
+            return model.to(device, dtype).eval()
         model = build_model(self.config.model)
         if self.kind == CONSOLIDATED:
             weights = consolidated.load_weights(self.path)

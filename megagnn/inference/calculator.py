@@ -23,16 +23,22 @@ from megagnn.data.graph import (
 from megagnn.elements import check_elements
 from megagnn.inference.package import Package, graph_inputs
 from megagnn.models import Potential
+from megagnn.parallel.state import ParallelState
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    parallel: ParallelState | None = None,
+    node_parallel: bool = True,
 ) -> Potential:
     """The whole model, in eval mode, from a run folder (its latest checkpoint), a
     checkpoint folder saved under any tensor/pipeline layout (its averaged weights where it
     has them, optim.ema_decay) or a consolidated folder (``tools/convert_checkpoint.py
-    consolidate``)."""
-    return open_saved(path).model(device, dtype)
+    consolidate``). With ``parallel`` (``init_parallel`` under torchrun, parallel.tensor > 1):
+    this rank's tensor-parallel slices, atoms split between blocks where ``node_parallel``."""
+    return open_saved(path).model(device, dtype, parallel, node_parallel)
 
 
 EDGE_CHUNK = 2**16
@@ -88,6 +94,12 @@ class MegaGNNCalculator(Calculator):
     many edges, each recomputed in backward (``ChunkedEdges``), so that memory grows with
     the atoms and one chunk rather than with every block's per-edge messages; None
     evaluates every structure in one piece. Not for packages, whose graph is fixed.
+
+    ``parallel``: evaluate each structure across a tensor-parallel group under torchrun
+    (``megagnn.parallel.state.init_parallel`` with parallel.tensor = the group's size):
+    every rank of the group holds 1/tp of the weights and, with ``node_parallel``, of the
+    per-atom activations, and all of them must be asked for the same structure at the same
+    time (each gets the whole result), as ranks running the same MD are.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -100,6 +112,8 @@ class MegaGNNCalculator(Calculator):
         dtype: torch.dtype = torch.float64,
         allow_unknown_elements: bool = False,
         edge_chunk: int | None = EDGE_CHUNK,
+        parallel: ParallelState | None = None,
+        node_parallel: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -112,7 +126,7 @@ class MegaGNNCalculator(Calculator):
             self.package = Package(model)
             self.dtype, self.device = self.package.dtype, self.package.device
         else:
-            self.model = load_model(model, device, dtype)
+            self.model = load_model(model, device, dtype, parallel, node_parallel)
         if self.package is None:
             self.model.edge_chunk = edge_chunk
         self.cutoff = self.package.cutoff if self.package else self.model.cfg.cutoff

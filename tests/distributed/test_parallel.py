@@ -56,3 +56,12 @@ def test_tensor_parallel_with_kernels_matches_single_process():
     pytest.importorskip("triton")
     out = torchrun(2, str(WORKER), "--tensor", "2", "--backend", "triton")
     assert "PARALLEL CHECKS PASSED" in out
+
+
+def test_calculator_evaluates_one_structure_across_tensor_parallel_ranks(tmp_path):
+    """Inference of one periodic structure (71 atoms, two elements, edges in chunks) through
+    the ASE calculator across two tensor-parallel ranks with node-parallel regions: energy,
+    forces and stress equal the whole model's in one process, for every family."""
+    worker = Path(__file__).with_name("calculator_worker.py")
+    out = torchrun(2, str(worker), str(tmp_path / "models"), "painn", "schnet", "egnn", "irrep")
+    assert out.count("tensor=2 matches") == 4
