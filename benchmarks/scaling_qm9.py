@@ -11,8 +11,10 @@ Protocol: a point with D training molecules trains for E(D) = E_max_d (D_max / D
 epochs (default 3 epochs at 110k, 31 at 1k: gamma = 0.5) on a cosine schedule and is
 evaluated on the whole validation split at its end. The small subsets run to convergence,
 the largest is compute-bound; `--check` adds the points that say which (twice the epochs,
-and a second seed). The compute axis (`--budgets`) trains full-data points for a fixed
-number of FLOPs each, for the IsoFLOP frontier.
+and a second seed). The compute axis (`--budgets 1e12 3e12 1e13`) trains every width on the
+full training split for a fixed number of FLOPs each: the IsoFLOP profiles whose minima make
+the compute-optimal frontier. Their records land beside the grid's (the fit tells them
+apart by their budget).
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def sweep(family: str, size: int, args, extra: list[str], tag: str = "") -> int:
     return subprocess.call(cmd, cwd=ROOT)
 
 
+def isoflop(family: str, budget: float, args) -> int:
+    """The IsoFLOP profile of one budget: each width trains on the full training split for
+    ``budget`` FLOPs (forward and backward, counted per atom), the schedule spanning it."""
+    sets = ["validate.every=250", "train.compile=true", *FAMILY_SETS.get(family, [])]
+    widths = args.widths or WIDTHS[family]
+    models = [f"model.family={family},model.hidden={w}" for w in widths]
+    name = f"{family}-isoflop"
+    cmd = [sys.executable, "tools/scaling_laws.py", "sweep", "--config", args.config]
+    cmd += ["--models", *models, "--fractions", "1", "--budgets", f"{budget:g}"]
+    cmd += ["--jobs", str(args.jobs), "--out", f"{args.work}/{name}"]
+    cmd += ["--keep", f"{args.rows}/{family}", "--set", *sets, *args.set]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="+", default=["painn", "egnn", "irrep"])
@@ -73,6 +90,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="overrides for every point")
     p.add_argument("--work", default="runs/scaling-qm9", help="the points' run folders")
     p.add_argument("--rows", default="benchmarks/results/scaling-qm9-rows")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        help="FLOPs: the IsoFLOP profiles (every width, full data) instead of the grid",
+    )
     p.add_argument("--fit", action="store_true", help="fit what has landed, per family")
     args = p.parse_args(argv)
     if args.fit:
@@ -83,7 +106,9 @@ def main(argv=None) -> int:
         return 0
     failed = 0
     for family in args.families:
-        for size in args.sizes:
+        for budget in args.budgets or []:
+            failed |= isoflop(family, budget, args)
+        for size in [] if args.budgets else args.sizes:
             if args.check == "long":
                 failed |= sweep(family, size, args, [], tag="-long")
             elif args.check == "seed":

@@ -90,6 +90,18 @@ def _no_duck_shapes():
         _config.use_duck_shape = before
 
 
+def with_empty_structure(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with a second structure of no atoms (unit cell, not periodic, head 0): its
+    energy and stress are zero and nothing reaches the first's, and the batch fits the graph
+    of any number of structures."""
+    out = dict(batch)
+    cell = batch[K.CELL]
+    out[K.CELL] = torch.cat([cell, torch.eye(3, dtype=cell.dtype, device=cell.device)[None]])
+    out[K.PBC] = torch.cat([batch[K.PBC], torch.zeros_like(batch[K.PBC][:1])])
+    out[K.HEAD] = torch.cat([batch[K.HEAD], torch.zeros_like(batch[K.HEAD][:1])])
+    return out
+
+
 def trace(model: Potential, batch: dict[str, torch.Tensor], forces: bool, stress: bool):
     """The graph of ``model``'s outputs on batches shaped like ``batch``: a GraphModule taking
     (weights and buffers in ``named_parameters``/``named_buffers`` order, then the batch
@@ -123,7 +135,8 @@ class CompiledForward:
 
     ``backend``: torch.compile's ("inductor"; "aot_eager" checks the graph without code
     generation). Batches of any size reuse the graph: atoms, edges and structures are
-    dynamic dimensions (a batch of a single structure compiles once more)."""
+    dynamic dimensions (a batch of a single structure is given an empty second one, since
+    a size of 1 would be specialised and compile again)."""
 
     def __init__(self, model: Potential, backend: str = "inductor", log: Callable | None = None):
         self.model = model
@@ -139,6 +152,9 @@ class CompiledForward:
         fast = torch.get_autocast_dtype(device.type)
         autocast = fast if torch.is_autocast_enabled(device.type) else None
         key = (forces, stress, batch[K.POSITIONS].dtype, device, autocast)
+        structures = batch[K.CELL].shape[0]
+        if structures == 1:  # sizes of 1 are specialised: this batch would compile again
+            batch = with_empty_structure(batch)
         new = key not in self.graphs
         start = time.perf_counter()
         if new:
@@ -147,12 +163,13 @@ class CompiledForward:
         _, state = _state(model)
         inputs = [batch[k] for k in INPUTS]
         for t, dims in zip(inputs, INPUTS.values(), strict=True):
-            for dim in dims:  # sizes of 1 are specialised: such batches compile once more
+            for dim in dims:  # a single atom or edge still compiles once more
                 if t.shape[dim] > 1:
                     torch._dynamo.mark_dynamic(t, dim)
         # autocast's casts are in the graph already: run it as traced
         with torch.autocast(device.type, enabled=False), _no_duck_shapes():
             energy, f, s, energies = self.graphs[key](*state, *inputs)
+        energy, s = energy[:structures], s[:structures]
         if new:  # the first call compiles
             seconds = time.perf_counter() - start
             self.compile_s += seconds
