@@ -27,11 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [1000, 3000, 10000, 30000, 110000]  # training molecules (nested subsets)
 D_MAX = 110000
-# widths per family: about 1.5 decades of parameters each (H..F embedding, 3 blocks)
+# widths per family: at least 1.5 decades of parameters each (H..F embedding, 3 blocks):
+# PaiNN 15.5k-593k, EGNN 24k-1.25M, IrrepNet (lmax 2, correlation 2) 17k-623k, SchNet
+# 15k-654k
 WIDTHS = {
     "painn": [16, 32, 64, 128],
     "egnn": [32, 64, 128, 256],
-    "irrep": [8, 16, 32, 64],
+    "irrep": [8, 24, 64, 128],
     "schnet": [32, 64, 128, 256],
 }
 FAMILY_SETS = {"irrep": ["model.lmax=2", "model.correlation=2"]}
