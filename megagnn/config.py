@@ -520,12 +520,6 @@ class Config:
                 "node-parallel regions yet: set parallel.pipeline=1 and "
                 "parallel.node_parallel=false, or train.compile=false"
             )
-        if self.train.compile and self.parallel.tensor > 1 and self.model.family == "irrep":
-            raise ConfigError(
-                "train.compile=true with parallel.tensor > 1 does not compile IrrepNet yet (its "
-                "traced graph fixes the atom count under tensor parallelism): use "
-                "parallel.tensor=1 or train.compile=false for model.family=irrep"
-            )
         if self.train.compile and self.train.recompute_activations:
             raise ConfigError(
                 "train.compile=true and train.recompute_activations=true: in the compiled "

@@ -135,7 +135,6 @@ def test_compiled_training_follows_eager_and_resumes(emt_dataset, tmp_path, fast
         ["parallel.pipeline=2", "model.forces=direct", "model.stress=false"],
         ["parallel.tensor=2", "parallel.node_parallel=true"],
         ["train.recompute_activations=true"],
-        ["parallel.tensor=2", "model.family=irrep"],
     ],
     ids=str,
 )

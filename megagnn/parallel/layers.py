@@ -75,7 +75,12 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.node_parallel:
-            y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)
+            # rows of any leading shape as one [rows, C] matrix: IrrepNet's [N, 2l+1, C]
+            # degree slices, given to the copy as they are, fixed the atom count of a
+            # compiled trace (train.compile under tensor parallelism)
+            flat = x.reshape(-1, x.shape[-1])
+            y = F.linear(copy_to_region(flat, self.group), self.weight, self.bias)
+            y = y.view(*x.shape[:-1], y.shape[-1])
             return gather_from_region(y, self.group) if self.gather_output else y
         # traced under torch.func (train.compile), Inductor decides what to keep; checkpoint's
         # saved-tensor hooks do not work there

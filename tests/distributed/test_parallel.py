@@ -39,13 +39,16 @@ def test_parallel_matches_single_process(nproc, tensor, pipeline, nodes):
     assert "PARALLEL CHECKS PASSED" in out
 
 
-def test_compiled_tensor_parallel_matches_single_process():
+@pytest.mark.parametrize(
+    "family", ["painn", pytest.param("irrep", marks=pytest.mark.slow)], ids=str
+)
+def test_compiled_tensor_parallel_matches_single_process(family):
     """train.compile's traced graph (compiled without code generation) on each rank's
     channel slice: the mappings are ops whose derivatives are their conjugates, so the force
-    loss's weight gradients match the single-device model. PaiNN with conservative forces in
-    two blocks (CI time; SchNet and EGNN pass too, and IrrepNet under tensor parallelism is
-    refused by the config for now)."""
-    args = ["--tensor", "2", "--compile", "--families", "painn", "--forces", "conservative"]
+    loss's weight gradients match the single-device model. Conservative forces in two blocks;
+    PaiNN in CI, IrrepNet (whose per-degree linears take [N, 2l+1, C] inputs, once traced
+    with the atom count fixed) with -m slow (CI time); SchNet and EGNN pass too."""
+    args = ["--tensor", "2", "--compile", "--families", family, "--forces", "conservative"]
     out = torchrun(2, str(WORKER), *args, "--layers", "2", timeout=900)
     assert "PARALLEL CHECKS PASSED" in out
 
