@@ -26,6 +26,7 @@ from megagnn.config import config_to_dict
 from megagnn.precision import DTYPES
 from megagnn.training.build import ModelSpec, build_rank_model, build_rank_optimizer
 from megagnn.training.ema import WeightAverage
+from megagnn.training.host_memory import return_freed_memory
 from megagnn.training.sources import SPLITS, recorded_run
 
 
@@ -42,19 +43,6 @@ def _refuse_inside(source: Path, checkpoint: Path, out_dir: Path) -> None:
             f"output {out_dir} is the source, its run folder or among its checkpoints, "
             "which are being read; write to another folder"
         )
-
-
-def _return_freed_memory() -> None:
-    """Make glibc's malloc give every allocation of 1 MB or more back to the system when it
-    is freed. By default its threshold rises to the size of the largest block freed, after
-    which tensors of the same size come from a heap that keeps freed memory: streaming a
-    checkpoint tensor by tensor would then grow by a few tensors' worth. No-op off glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def consolidate(
@@ -78,7 +66,7 @@ def consolidate(
     weights = "ema" if any(v != k for k, v in sources.items()) else "trained"
     by_name = {k.removeprefix("model."): sources[k] for k in keys}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _return_freed_memory()
+    return_freed_memory()
     reader = sharded.TensorReader(path)
     consolidated.write_weights(
         out_dir / consolidated.WEIGHTS,

@@ -444,7 +444,7 @@ class TensorReader:
     consolidation's streaming read): torch.distributed.checkpoint reads each saved shard
     straight into the assembled tensor, with the checkpoint's index read once. Holds the
     tensor and one saved shard at a time (megatron-core's load also rereads the index per
-    call: 2.04x the largest tensor where this takes 1.55x, for a 1B model saved at TP=2)."""
+    call: 2.04x the largest tensor where this took 1.95x, for a 1B model saved at TP=2)."""
 
     def __init__(self, path: str | Path):
         from torch.distributed.checkpoint import FileSystemReader

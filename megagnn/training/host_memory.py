@@ -16,6 +16,7 @@ import ctypes
 import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # the largest glibc takes: never trim in practice
 # the same setting for a child process that is not megagnn (benchmark baselines)
@@ -37,3 +38,16 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> None:
+    """The opposite choice, for a process that streams tensors one at a time (checkpoint
+    conversion): glibc serves every allocation of ``threshold`` bytes or more with its own
+    mmap and gives it back to the system when freed. By default its threshold rises to the
+    size of the largest block freed, after which tensors of that size come from a heap that
+    keeps freed memory, and a tensor-by-tensor stream grows by a few tensors' worth. No-op
+    off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
