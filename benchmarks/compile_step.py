@@ -121,6 +121,7 @@ def run_worker(spec: dict) -> dict:
         "step_s": sum(times) / len(times),
         "median_step_s": statistics.median(times),
         "atoms_per_step": sum(int(b["n_atoms"].sum()) for b in batches[1:]) / len(times),
+        "structures_per_step": sum(len(b["n_atoms"]) for b in batches[1:]) / len(times),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 

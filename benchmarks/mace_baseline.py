@@ -181,6 +181,81 @@ def throughput(args) -> dict:
     }
 
 
+def step_time(args) -> dict:
+    """Training structures per second of MACE on the structures of ``args.step_time`` (an
+    extxyz with energy, forces and stress results, as tools/generate_*_data.py write them):
+    batches of about ``args.max_atoms`` atoms in file order, the training loop's loss
+    (energy, forces, virials) and optimizer, one warm-up step, then the median of
+    ``args.steps`` steps. With ``args.target_parameters`` the channels are those whose
+    parameter count is nearest to it (on a log scale)."""
+    import statistics
+
+    import ase.io
+    from mace import data as data_mod
+    from mace import modules, tools
+    from mace.tools.torch_geometric.dataloader import DataLoader
+
+    atoms = ase.io.read(args.step_time, ":")
+    for a in atoms:  # calculator results -> the REF_* keys MACE reads
+        a.info["REF_energy"] = a.get_potential_energy()
+        a.arrays["REF_forces"] = a.get_forces()
+        if a.pbc.all():
+            a.info["REF_stress"] = a.get_stress(voigt=False)
+    keyspec = data_mod.KeySpecification(
+        info_keys={"energy": "REF_energy", "stress": "REF_stress"},
+        arrays_keys={"forces": "REF_forces"},
+    )
+    z_table = tools.AtomicNumberTable(sorted({int(z) for a in atoms for z in a.numbers}))
+    _, graphs = to_graphs(atoms, keyspec, z_table, args.cutoff, data_mod)
+    batch_size = max(1, round(args.max_atoms / np.mean([len(a) for a in atoms])))
+    loader = DataLoader(graphs, batch_size=batch_size, shuffle=False, drop_last=True)
+    avg_neighbors = float(modules.compute_avg_num_neighbors(loader))
+    counts = {}
+    for c in [int(args.channels)] if not args.target_parameters else range(8, 257, 4):
+        args.channels = c
+        model = build(args, z_table, {}, avg_neighbors, 0.0, 1.0)
+        counts[c] = sum(q.numel() for q in model.parameters())
+    args.channels = min(
+        counts, key=lambda c: abs(math.log(counts[c] / (args.target_parameters or counts[c])))
+    )
+    torch.manual_seed(args.seed)
+    model = build(args, z_table, {}, avg_neighbors, 0.0, 1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+    batches = list(loader)[: args.steps + 1]
+    if len(batches) < args.steps + 1:
+        raise SystemExit(
+            f"{args.step_time}: {len(batches)} batches, --steps needs {args.steps + 1}"
+        )
+
+    def step(batch) -> None:
+        out = model(batch.to_dict(), training=True, compute_force=True, compute_virials=True)
+        loss = loss_fn(out, batch, 1.0, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+
+    step(batches[0])  # warm-up
+    times = []
+    for batch in batches[1:]:
+        t0 = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        "family": "mace",
+        "parameters": counts[args.channels],
+        "channels": args.channels,
+        "max_L": args.max_L,
+        "correlation": args.correlation,
+        "batch_structures": batch_size,
+        "atoms_per_step": float(np.mean([b.num_nodes for b in batches[1:]])),
+        "step_time_s": median,
+        "step_times_s": times,
+        "structures_per_s": batch_size / median,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -195,7 +270,20 @@ def main(argv=None) -> int:
         help="time training steps on one cell of about ATOMS atoms instead of training on a "
         "split (megagnn's counterpart: tools/profile_throughput.py --atoms ATOMS)",
     )
-    p.add_argument("--steps", type=int, default=10, help="with --throughput: timed steps")
+    p.add_argument(
+        "--step-time",
+        metavar="EXTXYZ",
+        help="time training steps on batches of these structures (energy, forces and stress "
+        "as calculator results) and report structures/s",
+    )
+    p.add_argument(
+        "--target-parameters",
+        type=float,
+        help="with --step-time: the channels whose parameter count is nearest to this",
+    )
+    p.add_argument(
+        "--steps", type=int, default=10, help="with --throughput or --step-time: timed steps"
+    )
     p.add_argument("--device", default="cpu", help="with --throughput: cpu or cuda")
     p.add_argument(
         "--channels",
@@ -231,8 +319,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(args.seed)
-    if args.throughput is not None:
-        result = throughput(args)
+    if args.throughput is not None or args.step_time:
+        result = throughput(args) if args.throughput is not None else step_time(args)
         text = json.dumps(result, indent=1)
         if args.out:
             Path(args.out).write_text(text)

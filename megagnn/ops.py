@@ -22,6 +22,7 @@ from megagnn.kernels.reference import polynomial_envelope, segment_sum_reference
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
 _deterministic = False
+_for_compiler = False
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -72,6 +73,26 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+@contextlib.contextmanager
+def tracing_for_compiler() -> Iterator[None]:
+    """Trace the PyTorch references as a graph for Inductor to generate kernels from, in
+    the form a compiler fuses (``fusable``): a contraction written as one broadcast product
+    and sum becomes a loop that never stores the product, where eager code would."""
+    global _for_compiler
+    previous = _for_compiler
+    _for_compiler = True
+    try:
+        with use_backend("torch"):
+            yield
+    finally:
+        _for_compiler = previous
+
+
+def fusable() -> bool:
+    """Whether the graph being traced goes to a compiler (``tracing_for_compiler``)."""
+    return _for_compiler
 
 
 def _triton(t: torch.Tensor) -> bool:

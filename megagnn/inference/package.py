@@ -153,8 +153,9 @@ def export_package(
     for p in serve.parameters():
         p.requires_grad_(False)
     try:
-        # the package is a portable graph of torch ops: the PyTorch references, not kernels
-        with ops.use_backend("torch"):
+        # the package is a portable graph of torch ops: the PyTorch references, not kernels,
+        # in the form Inductor fuses
+        with ops.tracing_for_compiler():
             graph = make_fx(serve, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
     finally:
         for p, flag in zip(serve.parameters(), flags, strict=True):

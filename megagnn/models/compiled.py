@@ -118,7 +118,7 @@ def trace(model: Potential, batch: dict[str, torch.Tensor], forces: bool, stress
 
     example = [t.detach() for t in state] + [batch[k] for k in INPUTS]
     # the graph is made of the PyTorch references: Inductor generates the kernels
-    with ops.use_backend("torch"), _no_duck_shapes():
+    with ops.tracing_for_compiler(), _no_duck_shapes():
         return make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
 
 

@@ -36,6 +36,7 @@ import math
 import torch
 from torch import nn
 
+from megagnn import ops
 from megagnn.models.edges import Edges
 
 
@@ -146,7 +147,10 @@ def couple(
         size = cg.shape[1]
         if second.dim() == 2:  # one coupling [2l3+1, S] per item, a matmul with its rows
             coupling = (second @ cg.view(second.shape[1], -1)).view(-1, size, 2 * l3 + 1)
-            out.append(torch.bmm(coupling.transpose(1, 2), z_l3))  # [B, 2l3+1, C]
+            if ops.fusable():  # one loop over items and channels, no [B, S, C] stored
+                out.append((coupling.unsqueeze(-1) * z_l3.unsqueeze(2)).sum(1))
+            else:
+                out.append(torch.bmm(coupling.transpose(1, 2), z_l3))  # [B, 2l3+1, C]
         else:  # a coupling per channel
             coupling = torch.einsum("bkc,ksm->bsmc", second, cg)  # [B, S, 2l3+1, C]
             out.append(torch.einsum("bsmc,bsc->bmc", coupling, z_l3))
