@@ -90,8 +90,7 @@ def main(argv=None) -> int:
         row = {
             "size": size,
             "parameters": eager["parameters"],
-            "irrep_structures_per_s": compiled["structures_per_step"]
-            / compiled["median_step_s"],
+            "irrep_structures_per_s": compiled["structures_per_step"] / compiled["median_step_s"],
             "irrep_eager_structures_per_s": eager["structures_per_step"] / eager["median_step_s"],
             "irrep_atoms_per_step": eager["atoms_per_step"],
             "irrep_compile_s": compiled["compile_s"],
