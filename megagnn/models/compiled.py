@@ -136,7 +136,11 @@ class CompiledForward:
     ``backend``: torch.compile's ("inductor"; "aot_eager" checks the graph without code
     generation). Batches of any size reuse the graph: atoms, edges and structures are
     dynamic dimensions (a batch of a single structure is given an empty second one, since
-    a size of 1 would be specialised and compile again)."""
+    a size of 1 would be specialised and compile again). Inductor's CPU code still splits
+    sizes into a few ranges: it sums more than 4,096 fp32 terms in chunks, and sorts fewer
+    than 32,767 edges with its own kernel. The first batch across such a bound compiles once
+    more (molecules with under 4,096 edges after periodic cells with more), and never again.
+    Marking the sizes unbacked, which would avoid that, fails in Inductor's passes."""
 
     def __init__(self, model: Potential, backend: str = "inductor", log: Callable | None = None):
         self.model = model
