@@ -48,9 +48,18 @@ def test_qm9_geometries_get_xtb_forces_two_structures_per_molecule_grouped(tmp_p
     csv = tmp_path / "qm9_part1.csv"
     csv.write_text("\n".join([QM9_HEADER, *QM9_ROWS]) + "\n")
     monkeypatch.setattr(qm9_xtb, "CHUNK", 1)  # 3 chunks over 2 workers
-    one = list(qm9_xtb.generate(6, seed=2, progress=False, workers=1, files=[str(csv)]))
+    cache = tmp_path / "chunks"
+    one = list(qm9_xtb.generate(6, 2, progress=False, workers=1, files=[str(csv)], cache=cache))
     two = list(qm9_xtb.generate(6, seed=2, progress=False, workers=2, files=[str(csv)]))
     assert [a.info["id"] for a in one] == [a.info["id"] for a in two]
+    # a rerun reads the chunks the first one kept, and computes only what is missing
+    (cache / "n6-seed2" / "chunk-00001.json").unlink()
+    computed = []
+    original = qm9_xtb.generate_chunk
+    monkeypatch.setattr(qm9_xtb, "generate_chunk", lambda *a: computed.append(a[1]) or original(*a))
+    again = list(qm9_xtb.generate(6, 2, progress=False, files=[str(csv)], cache=cache))
+    assert computed == [1]
+    assert [a.get_potential_energy() for a in again] == [a.get_potential_energy() for a in one]
     assert len(one) >= 5  # a rejected draw is left out, not replaced
     for a, b in zip(one, two, strict=True):
         np.testing.assert_allclose(a.positions, b.positions, rtol=0, atol=1e-7)

@@ -16,11 +16,18 @@ among all of QM9; chunks of CHUNK molecules are seeded by (seed, chunk), so any 
 above 50 eV/Å) are left out and counted in the progress bar.
 
     python tools/generate_qm9_xtb_data.py -o data/qm9xtb/raw.extxyz -n 20000 --workers 2
+
+Finished chunks are kept in ``OUT.chunks/`` as they complete, so a run that is stopped
+(20,000 structures take about 3.3 core-hours) resumes where it was by running the same
+command again; the folder is removed once the file is written.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -86,10 +93,21 @@ def generate_chunk(seed: int, chunk: int, molecules: list[tuple]) -> tuple[list[
     return out, failed
 
 
-def _chunk_text(args: tuple[int, int, list[tuple]]) -> tuple[str, int, int]:
-    """One chunk as extxyz text, its rejected draws and its molecule count."""
-    structures, failed = generate_chunk(*args)
-    return to_text(structures), failed, len(args[2])
+def _chunk_text(args: tuple[int, int, list[tuple], str | None]) -> tuple[str, int, int]:
+    """One chunk as extxyz text, its rejected draws and its molecule count; with a cache
+    folder, read from there when an earlier run finished it, else kept there once done."""
+    seed, chunk, molecules, cache = args
+    kept = Path(cache) / f"chunk-{chunk:05d}.json" if cache else None
+    if kept is not None and kept.is_file():
+        saved = json.loads(kept.read_text())
+        return saved["text"], saved["failed"], len(molecules)
+    structures, failed = generate_chunk(seed, chunk, molecules)
+    text = to_text(structures)
+    if kept is not None:  # written whole, then renamed: a killed run leaves no half chunk
+        tmp = kept.with_name(kept.name + ".tmp")
+        tmp.write_text(json.dumps({"text": text, "failed": failed}))
+        os.replace(tmp, kept)
+    return text, failed, len(molecules)
 
 
 def generate(
@@ -98,12 +116,18 @@ def generate(
     progress: bool = True,
     workers: int = 1,
     files: list[str] | None = None,
+    cache: str | Path | None = None,
 ) -> Iterator[Atoms]:
     """Yield up to ``n`` labelled structures of ``n / 2`` QM9 molecules (fewer by the
-    rejected draws), chunk by chunk in order; the same for any ``workers``."""
+    rejected draws), chunk by chunk in order; the same for any ``workers``. ``cache``: a
+    folder that keeps every finished chunk, so that a run that was stopped resumes there
+    (chunks depend on ``n`` and ``seed``, so a subfolder holds each pair)."""
     molecules = choose_molecules(-(-n // PER_MOLECULE), seed, files)
+    if cache is not None:
+        cache = Path(cache) / f"n{n}-seed{seed}"
+        cache.mkdir(parents=True, exist_ok=True)
     tasks = [
-        (seed, k, molecules[start : start + CHUNK])
+        (seed, k, molecules[start : start + CHUNK], cache and str(cache))
         for k, start in enumerate(range(0, len(molecules), CHUNK))
     ]
     bar = tqdm(
@@ -135,4 +159,5 @@ def main(argv: list[str] | None = None) -> int:
         default_num=20000,
         noun="structures",
         parallel=True,
+        resumable=True,
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,10 +256,12 @@ def generate_extxyz_main(
     default_num: int,
     noun: str,
     parallel: bool = False,
+    resumable: bool = False,
 ) -> int:
     """The command line of a reference-data generator: ``generate(n, seed, progress=...)``
-    (and ``workers=`` if ``parallel``) yields labelled structures, written atomically to
-    ``--out`` as extxyz."""
+    (and ``workers=`` if ``parallel``, ``cache=`` if ``resumable``: a folder beside
+    ``--out`` where finished work survives a stopped run) yields labelled structures,
+    written atomically to ``--out`` as extxyz."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
@@ -272,8 +275,13 @@ def generate_extxyz_main(
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     extra = {"workers": args.workers} if parallel else {}
+    cache = Path(args.out + ".chunks")
+    if resumable:
+        extra["cache"] = cache
     structures = generate(args.num, args.seed, progress=not args.no_progress, **extra)
     count = atomic_write_extxyz(args.out, structures)
+    if resumable:
+        shutil.rmtree(cache, ignore_errors=True)
     print(f"wrote {count} {noun} to {args.out}")
     return 0
 
