@@ -166,8 +166,6 @@ def export_package(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.pt2")
     configs = {"aot_inductor.metadata": metadata(model, dtype, device, run_config)}
-    if device == "cpu":  # inductor's vectorised C++ code fails on the scatter-add of messages
-        configs["cpp.simdlen"] = 1
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(tmp), inductor_configs=configs
     )
