@@ -33,6 +33,7 @@ from results_io import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+DEVICE = f"{os.cpu_count()}-core x86-64 CPU, one process of one thread at a time"
 GENERATORS = {"emt": "tools/generate_emt_data.py", "xtb": "tools/generate_xtb_data.py"}
 
 
@@ -136,6 +137,15 @@ def run_row(spec: dict) -> dict:
         return json.loads(out.read_text())
 
 
+def eager_and_compiled(
+    data: Path, size: str, max_atoms: int, steps: int, backend: str = "inductor"
+) -> tuple[dict, dict]:
+    """The eager and the compiled row of one model size on the same batches."""
+    spec = {"data": str(data), "size": size, "max_atoms": max_atoms}
+    spec.update(steps=steps, backend=backend)
+    return run_row({**spec, "compile": False}), run_row({**spec, "compile": True})
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| data | family | parameters | eager step (s) | compiled step (s) | speedup | "
@@ -166,10 +176,9 @@ def main(argv=None) -> int:
         data = ensure_data(name, work, args.structures)
         for pair in args.models:
             family, _, size = pair.partition("=")
-            spec = {"data": str(data), "size": size, "max_atoms": args.max_atoms}
-            spec.update(steps=args.steps, backend=args.backend)
-            eager = run_row({**spec, "compile": False})
-            compiled = run_row({**spec, "compile": True})
+            eager, compiled = eager_and_compiled(
+                data, size, args.max_atoms, args.steps, args.backend
+            )
             row = {
                 "data": name,
                 "family": family,
@@ -192,7 +201,7 @@ def main(argv=None) -> int:
             args.out,
             __file__,
             argv,
-            f"{os.cpu_count()}-core x86-64 CPU, one process of one thread at a time",
+            DEVICE,
             {"rows": rows},
             table(rows),
             protocol="conservative forces and stress, fp32, the same batches eager and "

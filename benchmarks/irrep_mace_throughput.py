@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from compile_step import ENV, ROOT, ensure_data, run_row
+from compile_step import DEVICE, ENV, ROOT, eager_and_compiled, ensure_data
 from results_io import write_results
 
 
@@ -82,10 +81,7 @@ def main(argv=None) -> int:
     data = ensure_data("emt", work, args.structures)
     rows = []
     for size in args.sizes:
-        spec = {"data": str(data), "size": f"irrep-{size}", "max_atoms": args.max_atoms}
-        spec.update(steps=args.steps, backend="inductor")
-        eager = run_row({**spec, "compile": False})
-        compiled = run_row({**spec, "compile": True})
+        eager, compiled = eager_and_compiled(data, f"irrep-{size}", args.max_atoms, args.steps)
         mace = mace_row(args, work / "emt" / "raw.extxyz", eager["parameters"])
         row = {
             "size": size,
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
             args.out,
             __file__,
             argv,
-            f"{os.cpu_count()}-core x86-64 CPU, one process of one thread at a time",
+            DEVICE,
             {"rows": rows},
             table(rows),
             protocol="EMT cells (tools/generate_emt_data.py), conservative forces and stress, "
