@@ -93,11 +93,11 @@ def generate_chunk(seed: int, chunk: int, molecules: list[tuple]) -> tuple[list[
     return out, failed
 
 
-def _chunk_text(args: tuple[int, int, list[tuple], str | None]) -> tuple[str, int, int]:
+def _chunk_text(args: tuple[int, int, list[tuple], Path | None]) -> tuple[str, int, int]:
     """One chunk as extxyz text, its rejected draws and its molecule count; with a cache
     folder, read from there when an earlier run finished it, else kept there once done."""
     seed, chunk, molecules, cache = args
-    kept = Path(cache) / f"chunk-{chunk:05d}.json" if cache else None
+    kept = cache / f"chunk-{chunk:05d}.json" if cache is not None else None
     if kept is not None and kept.is_file():
         saved = json.loads(kept.read_text())
         return saved["text"], saved["failed"], len(molecules)
@@ -127,7 +127,7 @@ def generate(
         cache = Path(cache) / f"n{n}-seed{seed}"
         cache.mkdir(parents=True, exist_ok=True)
     tasks = [
-        (seed, k, molecules[start : start + CHUNK], cache and str(cache))
+        (seed, k, molecules[start : start + CHUNK], cache)
         for k, start in enumerate(range(0, len(molecules), CHUNK))
     ]
     bar = tqdm(

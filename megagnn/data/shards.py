@@ -275,13 +275,12 @@ def generate_extxyz_main(
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     extra = {"workers": args.workers} if parallel else {}
-    cache = Path(args.out + ".chunks")
     if resumable:
-        extra["cache"] = cache
+        extra["cache"] = Path(args.out + ".chunks")
     structures = generate(args.num, args.seed, progress=not args.no_progress, **extra)
     count = atomic_write_extxyz(args.out, structures)
     if resumable:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(extra["cache"], ignore_errors=True)
     print(f"wrote {count} {noun} to {args.out}")
     return 0
 
