@@ -122,7 +122,11 @@ def segment_sum(
     ``src [E, ...]``, ``index [E]`` (any order, repeats allowed) -> ``[num_segments, ...]``.
     Low-precision inputs are accumulated in fp32 and cast back. ``is_sorted`` (index
     non-decreasing) lets the kernel take its deterministic path without checking.
+    A count of one known when traced (a package's single structure) is a plain sum:
+    Inductor's threaded CPU code cannot vectorise a scatter whose target index is constant.
     """
+    if type(num_segments) is int and num_segments == 1:
+        return src.sum(0, keepdim=True)
     if _triton(src) and (is_sorted or not _deterministic):  # unsorted: atomics
         from megagnn.kernels.aggregate import segment_sum as kernel
 

@@ -35,6 +35,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def threaded_kernels():
+    """Packages compiled here have threaded kernels, as on any machine with more than one
+    core, whatever thread count the suite runs with: Inductor writes other (vectorised,
+    atomic) code for them than for one thread."""
+    with torch._inductor.config.patch({"cpp.threads": 2}):
+        yield
+
+
 def structures() -> dict[str, Atoms]:
     cell = bulk("Cu", "fcc", a=3.65) * (3, 2, 2)
     cell.numbers[::4] = 79
