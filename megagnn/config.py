@@ -34,6 +34,12 @@ class ModelConfig:
     correlation: int = 1
     """model.family=irrep: body order of the node update, 1 (the neighbour sum A) or 2 (also
     A ⊗ A, channel-wise: MACE's product basis to second order)."""
+    tensor_product: str = "auto"
+    """model.family=irrep: what runs the channel-wise tensor products. 'e3nn' (megagnn's
+    written-out contraction of e3nn's Clebsch-Gordan coefficients), 'cueq' (the same
+    products as cuequivariance-torch polynomials: its CUDA kernel with
+    cuequivariance-ops-torch installed, else its plain-PyTorch method) or 'auto' (cueq on
+    CUDA where its kernels are installed, else e3nn). All give the same numbers and weights."""
     layers: int = 3
     """Number of interaction blocks L."""
     num_rbf: int = 16
@@ -77,6 +83,21 @@ class ModelConfig:
             raise ConfigError(f"model.lmax={self.lmax}: use 1..4")
         if self.correlation not in (1, 2) or (self.correlation > 1 and self.family != "irrep"):
             raise ConfigError(f"model.correlation={self.correlation}: use 1, or 2 with irrep")
+        if self.tensor_product not in ("auto", "e3nn", "cueq"):
+            raise ConfigError(
+                f"model.tensor_product={self.tensor_product!r}: use 'auto', 'e3nn' or 'cueq'"
+            )
+        if self.tensor_product == "cueq":
+            import importlib.util
+
+            if self.family != "irrep":
+                raise ConfigError("model.tensor_product=cueq applies to model.family=irrep only")
+            if importlib.util.find_spec("cuequivariance_torch") is None:
+                raise ConfigError(
+                    "model.tensor_product=cueq needs cuequivariance-torch (pip install "
+                    "cuequivariance-torch; on GPUs also cuequivariance-ops-torch-cu12), or use "
+                    "model.tensor_product=e3nn, which gives the same numbers"
+                )
         if self.rbf not in ("gaussian", "bessel"):
             raise ConfigError(f"model.rbf={self.rbf!r}: use 'gaussian' or 'bessel'")
         if self.forces not in ("conservative", "direct", "none"):

@@ -23,7 +23,8 @@ not edges, so it costs little. Spherical harmonics (component normalisation) and
 Clebsch-Gordan coefficients are e3nn's, in its real basis (e3nn is well tested, its
 harmonics are plain polynomials that differentiate twice and export). The contraction is
 written out, one batched matmul per output degree over the stacked rows of every path into
-it (``coupling_plan``), so tensor parallelism and later a fused kernel see it. It replaced
+it (``coupling_plan``), so tensor parallelism and later a fused kernel see it;
+``model.tensor_product=cueq`` hands the same products to cuequivariance (``cueq.py``). It replaced
 one einsum per path, whose per-path slices of the radial weights each cost a zero fill of
 the full [E, C, P] tensor in backward and again in double backward.
 """
@@ -37,38 +38,9 @@ import torch
 from torch import nn
 
 from megagnn import ops
+from megagnn.models import cueq
 from megagnn.models.edges import Edges
-
-
-def paths(lmax: int) -> list[tuple[int, int, int]]:
-    """(l1 feature, l2 harmonic, l3 output) products of natural parity, in a fixed order."""
-    return [
-        (l1, l2, l3)
-        for l1 in range(lmax + 1)
-        for l2 in range(lmax + 1)
-        for l3 in range(abs(l1 - l2), min(l1 + l2, lmax) + 1)
-        if (l1 + l2 + l3) % 2 == 0
-    ]
-
-
-@functools.lru_cache(maxsize=64)
-def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:
-    """Clebsch-Gordan coefficients [2l1+1, 2l2+1, 2l3+1] (e3nn's wigner_3j, real basis) in
-    fp64 on the host, scaled so each output component has unit variance for unit-variance
-    inputs. Computed once per path, outside any trace: the package sees constants."""
-    from e3nn import o3
-
-    with torch.device("cpu"):  # also when the model is built on the meta device
-        return o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * math.sqrt(2 * l3 + 1)
-
-
-def spherical_harmonics(lmax: int, unit: torch.Tensor) -> torch.Tensor:
-    """Y^l_m(r̂) for l <= lmax, [E, (lmax+1)²], component normalisation (|Y^l|² = 2l+1)."""
-    from e3nn import o3
-
-    return o3.spherical_harmonics(
-        list(range(lmax + 1)), unit, normalize=False, normalization="component"
-    )
+from megagnn.models.o3 import clebsch_gordan, paths, spherical_harmonics
 
 
 def degree(x: torch.Tensor, l: int) -> torch.Tensor:
@@ -162,12 +134,20 @@ PRODUCT_HIDDEN = 16  # width of the MLP that gives A ⊗ A's path weights (about
 
 class IrrepBlock(nn.Module):
     def __init__(
-        self, hidden: int, lmax: int, num_rbf: int, radial_hidden: int, correlation: int = 1
+        self,
+        hidden: int,
+        lmax: int,
+        num_rbf: int,
+        radial_hidden: int,
+        correlation: int = 1,
+        tensor_product: str = "auto",
     ):
         super().__init__()
-        self.hidden, self.lmax = hidden, lmax
+        self.hidden, self.lmax, self.tensor_product = hidden, lmax, tensor_product
         self.paths = paths(lmax)
         coupling_plan(lmax)  # computed now, not inside an export trace
+        if tensor_product != "e3nn" and cueq.installed():
+            cueq.coefficients(lmax)
         self.up = DegreeLinear(lmax, hidden, hidden)
         # radial weights, channel-major (channel c, path p at c * P + p): a contiguous split
         # over tensor-parallel ranks keeps every path of a channel together
@@ -199,13 +179,12 @@ class IrrepBlock(nn.Module):
             sh = spherical_harmonics(self.lmax, e.unit).to(x.dtype)  # [E, (L+1)²]
             w = self.radial(e.rbf) * e.envelope.unsqueeze(-1).to(x.dtype)
             # Σ_p (R_p(r_ij) ⊙ y_j^{l1} ⊗ Y^{l2}(r̂_ij))^{l3}, [E, (L+1)², C/tp]
-            messages = torch.cat(couple(y, self._path_major(w), sh, self.lmax, e.sender), 1)
-            return e.aggregate(messages)
+            return e.aggregate(self.couple(y, self._path_major(w), sh, e.sender))
 
         agg = edges.map(message) * edges.inv_avg_neighbors  # A_i [N, (L+1)², C/tp]
         if self.product is not None:  # + Σ_p w_p(s_i) ⊙ (A_i^{l1} ⊗ A_i^{l2})^{l3}
             w = self._path_major(self.product(self.gather_nodes(x[:, 0, :])))  # [N, P, C/tp]
-            agg = agg + torch.cat(couple(agg, w, agg, self.lmax), 1)
+            agg = agg + self.couple(agg, w, agg)
         mixed = self.out(agg)  # scalars [N, 1, (L+1) C], degrees l > 0 [N, 2l+1, C]
         scalars, gates = mixed[0][..., : self.hidden], mixed[0][..., self.hidden :]
         update = [nn.functional.silu(scalars)]
@@ -213,6 +192,17 @@ class IrrepBlock(nn.Module):
             gate = torch.sigmoid(gates[..., (l - 1) * self.hidden : l * self.hidden])
             update.append(mixed[l] * gate)  # [N, 2l+1, C] x [N, 1, C]
         return (x + torch.cat(update, dim=1),)
+
+    def couple(
+        self, x: torch.Tensor, w: torch.Tensor, second: torch.Tensor, index=None
+    ) -> torch.Tensor:
+        """``couple``, by what model.tensor_product picks, as [B, (L+1)², C]."""
+        choice = self.tensor_product
+        if choice == "auto":
+            choice = "cueq" if x.is_cuda and cueq.installed() and cueq.has_cuda_ops() else "e3nn"
+        if choice == "cueq":
+            return cueq.couple(x, w, second, self.lmax, index)
+        return torch.cat(couple(x, w, second, self.lmax, index), 1)
 
     def _path_major(self, w: torch.Tensor) -> torch.Tensor:
         """[B, C/tp · P] channel-major -> [B, P, C/tp], so path rows gather channel vectors."""
@@ -236,12 +226,14 @@ class IrrepNet(nn.Module):
         radial_hidden: int,
         lmax: int = 2,
         correlation: int = 1,
+        tensor_product: str = "auto",
     ):
         super().__init__()
         self.hidden, self.lmax = hidden, lmax
         self.embedding = nn.Embedding(max_z + 1, hidden)
         self.blocks = nn.ModuleList(
-            IrrepBlock(hidden, lmax, num_rbf, radial_hidden, correlation) for _ in range(layers)
+            IrrepBlock(hidden, lmax, num_rbf, radial_hidden, correlation, tensor_product)
+            for _ in range(layers)
         )
         self.split_nodes = nn.Identity()
         self.gather_nodes = nn.Identity()

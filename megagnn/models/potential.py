@@ -26,7 +26,9 @@ BACKBONES = {"schnet": SchNet, "painn": PaiNN, "egnn": EGNN, "irrep": IrrepNet}
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     args = (cfg.hidden, cfg.layers, cfg.num_rbf, cfg.max_z, cfg.radial_hidden)
     if cfg.family == "irrep":
-        return IrrepNet(*args, lmax=cfg.lmax, correlation=cfg.correlation)
+        return IrrepNet(
+            *args, lmax=cfg.lmax, correlation=cfg.correlation, tensor_product=cfg.tensor_product
+        )
     return BACKBONES[cfg.family](*args)
 
 
