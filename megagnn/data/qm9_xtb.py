@@ -10,20 +10,23 @@ forces. Each chosen molecule gives:
   0.5 fs from the QM9 geometry, a B3LYP minimum and so near GFN1-xTB's).
 Both share the molecule's group, ``qm9-<Index>`` (the QM9 reader's), so a split never puts
 one in training and the other in test, and a molecule's xTB and DFT records group alike.
-Record ids: ``qm9-<Index>-rattled`` and ``qm9-<Index>-md``. Molecules are a seeded choice
-among all of QM9; chunks of CHUNK molecules are seeded by (seed, chunk), so any number of
-``--workers`` writes the same file. Rejected draws (atoms too close, SCF failure, force
-above 50 eV/Å) are left out and counted in the progress bar.
+Record ids: ``qm9-<Index>-rattled`` and ``qm9-<Index>-md``. Molecules come in a seeded order
+of all of QM9, CHUNK at a time, until N structures are kept: rejected draws (atoms too
+close, SCF failure, force above 50 eV/Å) are left out, counted in the progress bar and made
+up by further molecules. Chunk k holds molecules k·CHUNK ... of that order and is seeded by
+(seed, k), whatever N, so any number of ``--workers`` writes the same file and a larger N
+extends a smaller one.
 
     python tools/generate_qm9_xtb_data.py -o data/qm9xtb/raw.extxyz -n 20000 --workers 2
 
 Finished chunks are kept in ``OUT.chunks/`` as they complete, so a run that is stopped
-(20,000 structures take about 3.3 core-hours) resumes where it was by running the same
-command again; the folder is removed once the file is written.
+(20,000 structures from about 10,900 molecules take 1 to 3 core-hours) resumes where it was
+by running the same command again; the folder is removed once the file is written.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -55,18 +58,15 @@ MD_STEPS = 10
 MIN_BOND = 0.7
 
 
-def choose_molecules(count: int, seed: int, files: list[str] | None = None) -> list[tuple]:
-    """``count`` distinct QM9 molecules drawn by ``seed``, in QM9 order, as (Index, atomic
-    numbers, positions)."""
+def ordered_molecules(seed: int, files: list[str] | None = None) -> list[tuple]:
+    """Every QM9 molecule as (Index, atomic numbers, positions), in an order drawn by
+    ``seed``: the first n of it are a random choice of n, for any n."""
     molecules = [
         (int(a.info["id"]), a.numbers.copy(), a.positions.copy())
         for path in files or qm9.installed_files()
         for a in qm9.read(path)
     ]
-    if count > len(molecules):
-        raise ValueError(f"{count} molecules asked, QM9 has {len(molecules)}")
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(molecules))[:count])
-    return [molecules[i] for i in chosen]
+    return [molecules[i] for i in np.random.default_rng(seed).permutation(len(molecules))]
 
 
 def generate_chunk(seed: int, chunk: int, molecules: list[tuple]) -> tuple[list[Atoms], int]:
@@ -118,32 +118,31 @@ def generate(
     files: list[str] | None = None,
     cache: str | Path | None = None,
 ) -> Iterator[Atoms]:
-    """Yield up to ``n`` labelled structures of ``n / 2`` QM9 molecules (fewer by the
-    rejected draws), chunk by chunk in order; the same for any ``workers``. ``cache``: a
-    folder that keeps every finished chunk, so that a run that was stopped resumes there
-    (chunks depend on ``n`` and ``seed``, so a subfolder holds each pair)."""
-    molecules = choose_molecules(-(-n // PER_MOLECULE), seed, files)
+    """Yield ``n`` labelled structures (fewer only if QM9 runs out), chunk by chunk of the
+    seeded molecule order until ``n`` are kept; the same for any ``workers``. ``cache``: a
+    folder that keeps every finished chunk, so that a run that was stopped, or one asking
+    for more, resumes there (chunks depend on ``seed`` alone: a subfolder holds each)."""
+    molecules = ordered_molecules(seed, files)
     if cache is not None:
-        cache = Path(cache) / f"n{n}-seed{seed}"
+        cache = Path(cache) / f"seed{seed}"
         cache.mkdir(parents=True, exist_ok=True)
-    tasks = [
+    tasks = (  # lazily: how many chunks n needs depends on the rejected draws
         (seed, k, molecules[start : start + CHUNK], cache)
         for k, start in enumerate(range(0, len(molecules), CHUNK))
-    ]
-    bar = tqdm(
-        total=len(molecules), desc="GFN1-xTB on QM9", unit=" molecules", disable=not progress
     )
-    failed = written = 0
+    bar = tqdm(total=n, desc="GFN1-xTB on QM9", unit=" structures", disable=not progress)
+    failed = written = used = 0
     results = in_order(_chunk_text, tasks, workers)
     try:
         for text, bad, done in results:
-            failed += bad
-            for atoms in from_text(text):
-                if written < n:
-                    written += 1
-                    yield atoms
-            bar.update(done)
-            bar.set_postfix(rejected=failed)
+            failed, used = failed + bad, used + done
+            for atoms in itertools.islice(from_text(text), n - written):
+                written += 1
+                yield atoms
+                bar.update()
+            bar.set_postfix(molecules=used, rejected=failed)
+            if written == n:
+                break
     finally:
         results.close()  # ends the worker pool even when the caller stops early
         bar.close()
@@ -154,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         generate,
         description="Generate GFN1-xTB (tblite) energies and forces on QM9 geometries: a "
-        "rattled conformer and a short-MD frame per molecule (300/800/1500 K), for a seeded "
-        "choice of N/2 of QM9's molecules (the installed qm9pack), one group per molecule.",
+        "rattled conformer and a short-MD frame per molecule (300/800/1500 K), from QM9's "
+        "molecules (the installed qm9pack) in a seeded order until N are kept, one group "
+        "per molecule.",
         default_num=20000,
         noun="structures",
         parallel=True,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -300,7 +300,7 @@ def from_text(text: str) -> Iterator[Atoms]:
     yield from ase.io.iread(io.StringIO(text), index=":", format="extxyz")
 
 
-def in_order(work, tasks: list, workers: int) -> Iterator:
+def in_order(work, tasks: Iterable, workers: int) -> Iterator:
     """``work(task)`` of every task, in order: here, or over ``workers`` spawned processes
     of one thread each."""
     if workers <= 1:
