@@ -241,11 +241,14 @@ def test_cpp_runner_matches_python(packaged, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "family", [pytest.param("schnet", marks=pytest.mark.slow), "egnn", "irrep"]
-)
+    "family",
+    [pytest.param("schnet", marks=pytest.mark.slow), pytest.param("egnn", marks=pytest.mark.slow),
+     "irrep"],
+)  # fmt: skip
 def test_every_family_exports(tmp_path, family):
-    """SchNet, EGNN and IrrepNet compile into packages too (PaiNN: the fixture above; SchNet
-    only with -m slow: each compile takes about 40 s on 2 cores)."""
+    """SchNet, EGNN and IrrepNet compile into packages too (PaiNN: the fixture above; the
+    scalar families SchNet and EGNN only with -m slow: each compile takes 40-60 s on 2 cores
+    with threaded kernels)."""
     torch.manual_seed(0)
     # IrrepNet with the product, as its named sizes have it, at L = 1: the same code as L = 2
     # (whose physics tests/test_physics.py checks) in a smaller graph to compile
