@@ -24,10 +24,12 @@ import torch
 from megagnn.models.o3 import clebsch_gordan, paths
 
 
+@functools.cache
 def installed() -> bool:
     return importlib.util.find_spec("cuequivariance_torch") is not None
 
 
+@functools.cache
 def has_cuda_ops() -> bool:
     return importlib.util.find_spec("cuequivariance_ops_torch") is not None
 
