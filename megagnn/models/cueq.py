@@ -8,8 +8,9 @@ with the other: the choice adds no weights. The layout is ours as it is: ``[B, (
 flattened is cuequivariance's ``ir_mul`` order (components, then channels), and the path
 weights ``[B, P, C]`` one segment per path. On CUDA with ``cuequivariance-ops-torch``
 installed the product runs as its ``uniform_1d`` kernel, elsewhere as its plain-PyTorch
-"naive" method (the one that runs on CPU, where the parity tests run it). Optional: nothing
-else imports this module, and a config that asks for it without the package is refused.
+"naive" method (the one that runs on CPU, where the parity tests run it). Optional:
+cuequivariance is imported only when a product runs here, and a config that asks for it
+without the package installed is refused.
 """
 
 from __future__ import annotations
