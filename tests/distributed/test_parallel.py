@@ -53,6 +53,15 @@ def test_compiled_tensor_parallel_matches_single_process(family):
     assert "PARALLEL CHECKS PASSED" in out
 
 
+def test_tensor_parallel_with_cuequivariance_matches_single_process():
+    """model.tensor_product=cueq on each rank's channel slice (its products are built for
+    the local channel count), conservative force loss included."""
+    pytest.importorskip("cuequivariance_torch")
+    args = ["--tensor", "2", "--families", "irrep-c2-cueq", "--forces", "conservative"]
+    out = torchrun(2, str(WORKER), *args, "--layers", "2")
+    assert "PARALLEL CHECKS PASSED" in out
+
+
 def test_tensor_parallel_with_kernels_matches_single_process():
     """The Triton kernels (interpreted on CPU) on each rank's channel slice, conservative
     force loss included, against the single-device PyTorch model."""

@@ -40,7 +40,8 @@ from megagnn.parallel.tensor import parallelize_tensor
 from megagnn.training.loss import loss_terms
 
 TOL = dict(rtol=1e-9, atol=1e-11)
-FAMILIES = ("schnet", "painn", "egnn", "irrep", "irrep-c2")  # c2: model.correlation=2
+# c2: model.correlation=2; cueq (not among the defaults): model.tensor_product=cueq
+FAMILIES = ("schnet", "painn", "egnn", "irrep", "irrep-c2")
 
 
 def structures():
@@ -158,7 +159,8 @@ def main():
             torch.manual_seed(0)
             cfg = ModelConfig(
                 family=family.partition("-")[0],
-                correlation=2 if family.endswith("-c2") else 1,
+                correlation=2 if "-c2" in family else 1,
+                tensor_product="cueq" if family.endswith("-cueq") else "auto",
                 hidden=16,
                 layers=args.layers,
                 num_rbf=8,
