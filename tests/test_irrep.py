@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from megagnn.models.irrep import IrrepBlock, clebsch_gordan, degree, spherical_harmonics
+from megagnn.models.irrep import IrrepBlock, degree
+from megagnn.models.o3 import clebsch_gordan, spherical_harmonics
 
 
 class RandomEdges:

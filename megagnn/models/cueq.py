@@ -2,9 +2,9 @@
 which MACE uses for its GPU speed-up): ``model.tensor_product=cueq``.
 
 The products are handed to cuequivariance as segmented polynomials built here from the same
-Clebsch-Gordan coefficients and path normalisation as ``irrep.couple``, not from its own
-descriptors, so both give the same numbers (to rounding) and a model trained with one runs
-with the other: the choice adds no weights. The layout is ours as it is: ``[B, (L+1)², C]``
+normalised Clebsch-Gordan blocks as ``irrep.couple`` (``o3.path_couplings``), not from its
+own descriptors, so both give the same numbers (to rounding) and a model trained with one
+runs with the other: the choice adds no weights. The layout is ours as it is: ``[B, (L+1)², C]``
 flattened is cuequivariance's ``ir_mul`` order (components, then channels), and the path
 weights ``[B, P, C]`` one segment per path. On CUDA with ``cuequivariance-ops-torch``
 installed the product runs as its ``uniform_1d`` kernel, elsewhere as its plain-PyTorch
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 
 import numpy as np
 import torch
 
-from megagnn.models.o3 import clebsch_gordan, paths
+from megagnn.models.o3 import path_couplings, paths
 
 
 @functools.cache
@@ -37,14 +36,9 @@ def has_cuda_ops() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def coefficients(lmax: int) -> tuple[np.ndarray, ...]:
-    """Per path of ``paths(lmax)``, its Clebsch-Gordan block over sqrt(paths into l3), as
-    ``irrep.coupling_plan`` normalises it. IrrepBlock asks for it when built: the host
-    arrays must exist before any trace, where tensors have no data to read."""
-    all_paths = paths(lmax)
-    return tuple(
-        clebsch_gordan(l1, l2, l3).numpy() / math.sqrt(sum(q[2] == l3 for q in all_paths))
-        for l1, l2, l3 in all_paths
-    )
+    """``o3.path_couplings`` as host arrays, the form cuequivariance takes. IrrepBlock asks
+    for them when built: they must exist before any trace, where tensors have no data."""
+    return tuple(c.numpy() for c in path_couplings(lmax))
 
 
 def polynomial(lmax: int, channels: int, per_channel: bool):

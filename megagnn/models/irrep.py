@@ -32,7 +32,6 @@ the full [E, C, P] tensor in backward and again in double backward.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ from torch import nn
 from megagnn import ops
 from megagnn.models import cueq
 from megagnn.models.edges import Edges
-from megagnn.models.o3 import clebsch_gordan, paths, spherical_harmonics
+from megagnn.models.o3 import path_couplings, paths, spherical_harmonics
 
 
 def degree(x: torch.Tensor, l: int) -> torch.Tensor:
@@ -79,7 +78,7 @@ def coupling_plan(lmax: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Ten
 
 
 def _coupling_plan(lmax: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    all_paths = paths(lmax)
+    all_paths, couplings = paths(lmax), path_couplings(lmax)
     rows, path, cgs = [], [], []
     for l3 in range(lmax + 1):
         into = [(p, q) for p, q in enumerate(all_paths) if q[2] == l3]
@@ -88,8 +87,8 @@ def _coupling_plan(lmax: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Te
         start = 0
         for p, (l1, l2, _) in into:
             stop = start + 2 * l1 + 1
-            block = clebsch_gordan(l1, l2, l3).transpose(0, 1) / math.sqrt(len(into))
-            cg[l2 * l2 : (l2 + 1) ** 2, start:stop] = block  # [2l2+1, 2l1+1, 2l3+1]
+            block = couplings[p].transpose(0, 1)  # [2l2+1, 2l1+1, 2l3+1]
+            cg[l2 * l2 : (l2 + 1) ** 2, start:stop] = block
             rows += range(l1 * l1, (l1 + 1) ** 2)
             path += [p] * (2 * l1 + 1)
             start = stop

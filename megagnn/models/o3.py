@@ -33,6 +33,19 @@ def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:
         return o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * math.sqrt(2 * l3 + 1)
 
 
+@functools.lru_cache(maxsize=8)
+def path_couplings(lmax: int) -> tuple[torch.Tensor, ...]:
+    """Per path of ``paths(lmax)``, the Clebsch-Gordan block [2l1+1, 2l2+1, 2l3+1] that
+    IrrepNet's contraction applies: divided by sqrt(number of paths into l3), so each output
+    degree keeps unit variance. fp64 on the host, computed outside any trace."""
+    all_paths = paths(lmax)
+    with torch.device("cpu"):
+        return tuple(
+            clebsch_gordan(l1, l2, l3) / math.sqrt(sum(q[2] == l3 for q in all_paths))
+            for l1, l2, l3 in all_paths
+        )
+
+
 def spherical_harmonics(lmax: int, unit: torch.Tensor) -> torch.Tensor:
     """Y^l_m(r̂) for l <= lmax, [E, (lmax+1)²], component normalisation (|Y^l|² = 2l+1)."""
     from e3nn import o3
