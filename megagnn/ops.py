@@ -122,8 +122,9 @@ def segment_sum(
     ``src [E, ...]``, ``index [E]`` (any order, repeats allowed) -> ``[num_segments, ...]``.
     Low-precision inputs are accumulated in fp32 and cast back. ``is_sorted`` (index
     non-decreasing) lets the kernel take its deterministic path without checking.
-    A count of one known when traced (a package's single structure) is a plain sum:
-    Inductor's threaded CPU code cannot vectorise a scatter whose target index is constant.
+    A count of one given as a Python int (a one-structure batch; in a package's trace, where
+    structure counts are otherwise symbolic, its single structure) is a plain sum: Inductor's
+    threaded CPU code cannot vectorise a scatter whose target index is constant.
     """
     if type(num_segments) is int and num_segments == 1:
         return src.sum(0, keepdim=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from ase import Atoms
 from tqdm import tqdm
 
 from megagnn.data.formats import qm9
-from megagnn.data.shards import generate_extxyz_main
+from megagnn.data.shards import atomic_write_text, generate_extxyz_main
 from megagnn.data.xtb import (
     TEMPERATURES,
     amplitude,
@@ -104,9 +103,7 @@ def _chunk_text(args: tuple[int, int, list[tuple], Path | None]) -> tuple[str, i
     structures, failed = generate_chunk(seed, chunk, molecules)
     text = to_text(structures)
     if kept is not None:  # written whole, then renamed: a killed run leaves no half chunk
-        tmp = kept.with_name(kept.name + ".tmp")
-        tmp.write_text(json.dumps({"text": text, "failed": failed}))
-        os.replace(tmp, kept)
+        atomic_write_text(kept, json.dumps({"text": text, "failed": failed}))
     return text, failed, len(molecules)
 
 
