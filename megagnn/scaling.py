@@ -46,6 +46,16 @@ def _fit_once(n: np.ndarray, loss: np.ndarray, d: np.ndarray | None) -> dict[str
     return _unpack(result.x, joint)
 
 
+def _with_frontier(p: dict[str, float]) -> dict[str, float]:
+    """Adds to a joint fit the frontier it implies (approach 3 of Hoffmann et al. 2022):
+    minimising E + A N^-alpha + B D^-beta at fixed C ∝ N D gives N_opt ∝ C^a and
+    D_opt ∝ C^b with a = beta / (alpha + beta) and b = alpha / (alpha + beta)."""
+    if "beta" in p:
+        p["a"] = p["beta"] / (p["alpha"] + p["beta"])
+        p["b"] = p["alpha"] / (p["alpha"] + p["beta"])
+    return p
+
+
 @dataclass
 class PowerLawFit:
     """Best-fit parameters, bootstrap percentile intervals and the fit's log-RMS error."""
@@ -72,14 +82,14 @@ def fit_power_law(
     d = None if d is None else np.asarray(d, float)
     if len(x) < (5 if d is not None else 3) or np.any(loss <= 0) or np.any(x <= 0):
         raise ValueError("need positive sizes and losses, and more points than parameters")
-    best = _fit_once(x, loss, d)
+    best = _with_frontier(_fit_once(x, loss, d))
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap):
         idx = rng.integers(0, len(x), len(x))
         if len(np.unique(x[idx])) < 3:  # a resample without three sizes cannot fit a curve
             continue
-        samples.append(_fit_once(x[idx], loss[idx], None if d is None else d[idx]))
+        samples.append(_with_frontier(_fit_once(x[idx], loss[idx], None if d is None else d[idx])))
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     intervals = {}
     for k in best if samples else ():

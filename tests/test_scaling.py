@@ -23,6 +23,16 @@ def test_joint_law_in_parameters_and_data():
     assert fit.params["alpha"] == pytest.approx(0.3, abs=0.02)
     assert fit.params["beta"] == pytest.approx(0.25, abs=0.02)
     np.testing.assert_allclose(fit.predict(n, d), loss, rtol=1e-3)
+    # the frontier it implies, against the minimum of the law along lines of C = N D found
+    # numerically at two budgets
+    best_n = []
+    for c in (1e12, 1e14):
+        grid = np.geomspace(1e3, 1e11, 200001)
+        best_n.append(grid[np.argmin(fit.predict(grid, c / grid))])
+    slope = np.log(best_n[1] / best_n[0]) / np.log(100)
+    assert fit.params["a"] == pytest.approx(slope, abs=1e-3)
+    assert fit.params["a"] + fit.params["b"] == pytest.approx(1)
+    assert fit.intervals["a"][0] <= fit.params["a"] <= fit.intervals["a"][1]
 
 
 def test_refuses_too_few_or_non_positive_points():

@@ -331,6 +331,18 @@ def _fit_row(law: str, fit, where: str) -> str:
     )
 
 
+def _implied_frontier(joint) -> list[str]:
+    if joint is None or "a" not in joint.intervals:
+        return []
+    p, ci = joint.params, joint.intervals
+    return [
+        "",
+        "Frontier implied by L(N, D) if compute grows as N D (a fixed number of passes over "
+        f"the data): N_opt ∝ C^{p['a']:.3g} [{ci['a'][0]:.3g}, {ci['a'][1]:.3g}], "
+        f"D_opt ∝ C^{p['b']:.3g} [{ci['b'][0]:.3g}, {ci['b'][1]:.3g}] (90% bootstrap)",
+    ]
+
+
 def plot(rows: list[dict], name: str, key: str, fits: dict, path: Path) -> None:
     import matplotlib
 
@@ -449,6 +461,7 @@ def fit(args: argparse.Namespace) -> int:
             "| law | on | alpha | beta | E (irreducible) | log-RMS error |",
             "|---|---|---|---|---|---|",
             *(_fit_row(law, f, where) for law, (f, where) in fits.items()),
+            *_implied_frontier(fits["L(N, D)"][0]),
         ]
         plot(rows, name, key, fits, stem.parent / f"{stem.name}-{name}.png")
         lines += frontier_lines(rows, name, key, args.bootstrap, doc)
