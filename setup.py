@@ -51,6 +51,9 @@ setup(
         # model.tensor_product=cueq: IrrepNet's tensor products by cuequivariance (on GPUs
         # its kernels come with cuequivariance-ops-torch-cu12)
         "cueq": ["cuequivariance==0.13.0", "cuequivariance-torch==0.13.0"],
+        # model.tensor_product=oeq: IrrepNet's edge product by OpenEquivariance (CUDA only;
+        # its build downloads LibTorch, so it cannot be installed offline)
+        "oeq": ["openequivariance==0.7.0"],
         "gpu": ["triton>=3.6"],
         "dev": ["pytest", "pytest-xdist", "triton>=3.6", "ruff"],
     },

@@ -38,8 +38,9 @@ class ModelConfig:
     """model.family=irrep: what runs the channel-wise tensor products. 'e3nn' (megagnn's
     written-out contraction of e3nn's Clebsch-Gordan coefficients), 'cueq' (the same
     products as cuequivariance-torch polynomials: its CUDA kernel with
-    cuequivariance-ops-torch installed, else its plain-PyTorch method) or 'auto' (cueq on
-    CUDA where its kernels are installed, else e3nn). All give the same numbers and weights."""
+    cuequivariance-ops-torch installed, else its plain-PyTorch method), 'oeq' (the edge
+    product by OpenEquivariance's generated kernels; CUDA only) or 'auto' (cueq on CUDA
+    where its kernels are installed, else e3nn). All give the same numbers and weights."""
     layers: int = 3
     """Number of interaction blocks L."""
     num_rbf: int = 16
@@ -83,10 +84,21 @@ class ModelConfig:
             raise ConfigError(f"model.lmax={self.lmax}: use 1..4")
         if self.correlation not in (1, 2) or (self.correlation > 1 and self.family != "irrep"):
             raise ConfigError(f"model.correlation={self.correlation}: use 1, or 2 with irrep")
-        if self.tensor_product not in ("auto", "e3nn", "cueq"):
+        if self.tensor_product not in ("auto", "e3nn", "cueq", "oeq"):
             raise ConfigError(
-                f"model.tensor_product={self.tensor_product!r}: use 'auto', 'e3nn' or 'cueq'"
+                f"model.tensor_product={self.tensor_product!r}: use 'auto', 'e3nn', 'cueq' or 'oeq'"
             )
+        if self.tensor_product == "oeq":
+            import importlib.util
+
+            if self.family != "irrep":
+                raise ConfigError("model.tensor_product=oeq applies to model.family=irrep only")
+            if importlib.util.find_spec("openequivariance") is None:
+                raise ConfigError(
+                    "model.tensor_product=oeq needs OpenEquivariance and a CUDA GPU (pip "
+                    "install openequivariance), or use model.tensor_product=e3nn, which gives "
+                    "the same numbers"
+                )
         if self.tensor_product == "cueq":
             import importlib.util
 

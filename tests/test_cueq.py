@@ -108,8 +108,8 @@ def test_traced_graph_matches_the_eager_reference():
 def test_config_says_what_to_change(monkeypatch):
     with pytest.raises(ConfigError, match="irrep only"):
         ModelConfig(family="painn", tensor_product="cueq")
-    with pytest.raises(ConfigError, match="'auto', 'e3nn' or 'cueq'"):
-        ModelConfig(family="irrep", tensor_product="oeq")
+    with pytest.raises(ConfigError, match="'auto', 'e3nn', 'cueq' or 'oeq'"):
+        ModelConfig(family="irrep", tensor_product="fast")
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,

@@ -24,7 +24,8 @@ Clebsch-Gordan coefficients are e3nn's, in its real basis (e3nn is well tested, 
 harmonics are plain polynomials that differentiate twice and export). The contraction is
 written out, one batched matmul per output degree over the stacked rows of every path into
 it (``coupling_plan``), so tensor parallelism and later a fused kernel see it;
-``model.tensor_product=cueq`` hands the same products to cuequivariance (``cueq.py``). It replaced
+``model.tensor_product=cueq`` hands the same products to cuequivariance (``cueq.py``),
+``oeq`` the edge product to OpenEquivariance (``oeq.py``). The written-out form replaced
 one einsum per path, whose per-path slices of the radial weights each cost a zero fill of
 the full [E, C, P] tensor in backward and again in double backward.
 """
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from megagnn import ops
-from megagnn.models import cueq
+from megagnn.models import cueq, oeq
 from megagnn.models.edges import Edges
 from megagnn.models.o3 import path_couplings, paths, spherical_harmonics
 
@@ -201,6 +202,8 @@ class IrrepBlock(nn.Module):
             choice = "cueq" if x.is_cuda and cueq.installed() and cueq.has_cuda_ops() else "e3nn"
         if choice == "cueq":
             return cueq.couple(x, w, second, self.lmax, index)
+        if choice == "oeq" and second.dim() == 2:  # the edge product; A ⊗ A stays written out
+            return oeq.couple(x, w, second, self.lmax, index)
         return torch.cat(couple(x, w, second, self.lmax, index), 1)
 
     def _path_major(self, w: torch.Tensor) -> torch.Tensor:
