@@ -6,6 +6,7 @@ benchmarks/results/scaling-qm9-rows/<family>/ (so the study resumes from committ
 
     python benchmarks/scaling_qm9.py --families painn egnn irrep --jobs 2
     python benchmarks/scaling_qm9.py --families painn --fit   # the fits of what has landed
+    python benchmarks/scaling_qm9.py --report   # every family's exponents, published beside
 
 Protocol: a point with D training molecules trains for E(D) = E_max_d (D_max / D)^gamma
 epochs (default 3 epochs at 110k, 31 at 1k: gamma = 0.5) on a cosine schedule and is
@@ -20,6 +21,7 @@ apart by their budget).
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,72 @@ def isoflop(family: str, budget: float, args) -> int:
     return subprocess.call(cmd, cwd=ROOT)
 
 
+# published exponents beside which the QM9 ones are read (alpha, beta, N_opt exponent a)
+PUBLISHED = [
+    (
+        "EGNN",
+        "OMol25 subset, 34M structures, 1 epoch, μP (Ngo & Ravanbakhsh 2025)",
+        0.39,
+        0.39,
+        0.5,
+    ),
+    ("GemNet-OC", "same", 0.52, 0.50, 0.5),
+    ("eSEN (l ≤ 4)", "same", 0.82, 0.75, 0.5),
+    ("UMA (dense)", "OMat/OMol/OC/ODAC mixture (UMA paper, 2025)", None, None, 0.61),
+    ("equivariant GNN", "Frey et al. 2023", None, 0.26, None),
+]
+
+
+def _interval(fit: dict | None, key: str) -> str:
+    if not fit or key not in fit["params"]:
+        return ""
+    lo, hi = fit["intervals"].get(key, (float("nan"), float("nan")))
+    return f"{fit['params'][key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def report(args) -> int:
+    """One table of every family's exponents (from the per-family fit JSONs) beside the
+    published ones: the table of benchmarks/results/scaling-qm9-cpu.md."""
+    lines = [
+        "| family | points | parameters | L(N) alpha | L(D) beta | joint alpha | joint beta "
+        "| frontier a (joint) | frontier a (IsoFLOP) | log-RMS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for family in args.families:
+        path = ROOT / f"benchmarks/results/scaling-qm9-{family}-cpu.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        fits = doc["fits"].get("energy", {})
+        joint = fits.get("L(N, D)")
+        params = [r["parameters"] for r in doc["points"] if not r.get("budget")]
+        iso = doc.get("frontier", {}).get("energy")
+        iso_a = ""
+        if iso:
+            lo, hi = iso["intervals"].get("a", (float("nan"), float("nan")))
+            iso_a = f"{iso['a']:.2f} [{lo:.2f}, {hi:.2f}] ({len(iso['budgets'])} budgets)"
+        lines.append(
+            f"| {family} | {len(params)} | {min(params):,}-{max(params):,} "
+            f"| {_interval(fits.get('L(N)'), 'alpha')} | {_interval(fits.get('L(D)'), 'alpha')} "
+            f"| {_interval(joint, 'alpha')} | {_interval(joint, 'beta')} "
+            f"| {_interval(joint, 'a')} | {iso_a} "
+            f"| {joint['log_rmse']:.3f} |"
+            if joint
+            else f"| {family} | {len(params)} | | | | too few points | | | | |"
+        )
+        summary[family] = {"points": len(params), "fits": fits, "isoflop_frontier": iso}
+    lines += ["", "| published | data | alpha | beta | frontier a |", "|---|---|---|---|---|"]
+    for name, data, alpha, beta, a in PUBLISHED:
+        cells = ["" if v is None else f"{v:.2f}" for v in (alpha, beta, a)]
+        lines.append(f"| {name} | {data} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "benchmarks/results/scaling-qm9-cpu.json"
+    out.write_text(json.dumps({"families": summary, "published": PUBLISHED}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="+", default=["painn", "egnn", "irrep"])
@@ -99,7 +167,12 @@ def main(argv=None) -> int:
         help="FLOPs: the IsoFLOP profiles (every width, full data) instead of the grid",
     )
     p.add_argument("--fit", action="store_true", help="fit what has landed, per family")
+    p.add_argument(
+        "--report", action="store_true", help="every family's exponents beside published ones"
+    )
     args = p.parse_args(argv)
+    if args.report:
+        return report(args)
     if args.fit:
         for family in args.families:
             cmd = [sys.executable, "tools/scaling_laws.py", "fit", f"{args.rows}/{family}"]
