@@ -104,6 +104,13 @@ def _interval(fit: dict | None, key: str) -> str:
     return f"{fit['params'][key]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _grid_rows(family: str) -> list[dict]:
+    """The family's finished points as its fit JSON keeps them (``energy_mae``: the
+    validation MAE in eV per molecule)."""
+    doc = json.loads((ROOT / f"benchmarks/results/scaling-qm9-{family}-cpu.json").read_text())
+    return doc["points"]
+
+
 def report(args) -> int:
     """One table of every family's exponents (from the per-family fit JSONs) beside the
     published ones: the table of benchmarks/results/scaling-qm9-cpu.md."""
@@ -136,6 +143,26 @@ def report(args) -> int:
             else f"| {family} | {len(params)} | | | | too few points | | | | |"
         )
         summary[family] = {"points": len(params), "fits": fits, "isoflop_frontier": iso}
+    for family in summary:  # the grid itself: validation MAE per molecule, meV
+        rows = [r for r in _grid_rows(family) if not r.get("budget")]
+        sizes = sorted({r["train_structures"] for r in rows})
+        lines += [
+            "",
+            f"{family}: validation energy MAE (meV per molecule) by parameters and training "
+            "molecules",
+            "",
+            "| parameters | " + " | ".join(f"{d:,}" for d in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for n in sorted({r["parameters"] for r in rows}):
+            cells = {r["train_structures"]: r for r in rows if r["parameters"] == n}
+            lines.append(
+                f"| {n:,} | "
+                + " | ".join(
+                    f"{1000 * cells[d]['energy_mae']:.1f}" if d in cells else "" for d in sizes
+                )
+                + " |"
+            )
     lines += ["", "| published | data | alpha | beta | frontier a |", "|---|---|---|---|---|"]
     for name, data, alpha, beta, a in PUBLISHED:
         cells = ["" if v is None else f"{v:.2f}" for v in (alpha, beta, a)]
