@@ -28,8 +28,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from results_io import write_results
+
+if TYPE_CHECKING:
+    from megagnn.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -78,32 +82,39 @@ def ensure_data(name: str, work: Path, structures: int) -> Path:
     return processed
 
 
+def trainer_for(size: str, data, max_atoms: int, compile: bool, scratch) -> Trainer:
+    """The Trainer of an ordinary run of configs/model/SIZE.yaml on ``data``: conservative
+    forces and stress, no validation, its run folder under ``scratch``."""
+    from megagnn.config import load_config
+    from megagnn.training.trainer import Trainer
+
+    overrides = [
+        f"data.path={data}",
+        f"data.max_atoms={max_atoms}",
+        f"train.compile={str(compile).lower()}",
+        "model.forces=conservative",
+        "model.stress=true",
+        "validate.every=0",
+        "train.progress=false",
+        f"train.out_dir={scratch}/run",
+    ]
+    return Trainer(load_config(ROOT / "configs/model" / f"{size}.yaml", overrides))
+
+
 def run_worker(spec: dict) -> dict:
     """One row: build the run, step --steps batches after a first (compiling) step."""
     import functools
 
     import torch
 
-    from megagnn.config import load_config
     from megagnn.models.compiled import CompiledForward
     from megagnn.training import trainer as trainer_module
-    from megagnn.training.trainer import Trainer
 
     torch.set_num_threads(1)
     backend = spec.get("backend", "inductor")
     trainer_module.CompiledForward = functools.partial(CompiledForward, backend=backend)
-    overrides = [
-        f"data.path={spec['data']}",
-        f"data.max_atoms={spec['max_atoms']}",
-        f"train.compile={str(spec['compile']).lower()}",
-        "model.forces=conservative",
-        "model.stress=true",
-        "validate.every=0",
-        "train.progress=false",
-    ]
     with tempfile.TemporaryDirectory() as tmp:
-        overrides.append(f"train.out_dir={tmp}/run")
-        trainer = Trainer(load_config(ROOT / "configs/model" / f"{spec['size']}.yaml", overrides))
+        trainer = trainer_for(spec["size"], spec["data"], spec["max_atoms"], spec["compile"], tmp)
         stream = trainer.sources[0].batches()
         batches = [next(stream) for _ in range(spec["steps"] + 1)]
         started = time.perf_counter()

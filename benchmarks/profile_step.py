@@ -29,25 +29,14 @@ def main(argv=None) -> int:
 
     import torch
     import torch._inductor.config as inductor_config
+    from compile_step import trainer_for  # benchmarks/, this script's folder
     from torch.profiler import ProfilerActivity, profile
-
-    from megagnn.config import load_config
-    from megagnn.training.trainer import Trainer
 
     torch.set_num_threads(1)
     inductor_config.cpp.enable_kernel_profile = True
-    overrides = [
-        f"data.path={ROOT / args.work / args.data / 'processed'}",
-        "data.max_atoms=256",
-        f"train.compile={str(args.compile).lower()}",
-        "model.forces=conservative",
-        "model.stress=true",
-        "validate.every=0",
-        "train.progress=false",
-    ]
+    data = ROOT / args.work / args.data / "processed"
     with tempfile.TemporaryDirectory() as tmp:
-        overrides.append(f"train.out_dir={tmp}/run")
-        trainer = Trainer(load_config(ROOT / "configs/model" / f"{args.size}.yaml", overrides))
+        trainer = trainer_for(args.size, data, 256, args.compile, tmp)
         stream = trainer.sources[0].batches()
         batches = [next(stream) for _ in range(args.steps + 4)]
         started = time.perf_counter()

@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message says what to change."""
 
 
+# optional libraries that run IrrepNet's tensor products: choice -> (module, how to install)
+ACCELERATORS = {
+    "cueq": (
+        "cuequivariance_torch",
+        "cuequivariance-torch (pip install cuequivariance-torch; on GPUs also "
+        "cuequivariance-ops-torch-cu12)",
+    ),
+    "oeq": ("openequivariance", "OpenEquivariance and a CUDA GPU (pip install openequivariance)"),
+}
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     family: str = "painn"
@@ -84,30 +95,21 @@ class ModelConfig:
             raise ConfigError(f"model.lmax={self.lmax}: use 1..4")
         if self.correlation not in (1, 2) or (self.correlation > 1 and self.family != "irrep"):
             raise ConfigError(f"model.correlation={self.correlation}: use 1, or 2 with irrep")
-        if self.tensor_product not in ("auto", "e3nn", "cueq", "oeq"):
+        if self.tensor_product not in ("auto", "e3nn", *ACCELERATORS):
             raise ConfigError(
                 f"model.tensor_product={self.tensor_product!r}: use 'auto', 'e3nn', 'cueq' or 'oeq'"
             )
-        if self.tensor_product == "oeq":
+        if self.tensor_product in ACCELERATORS:
             import importlib.util
 
+            module, install = ACCELERATORS[self.tensor_product]
             if self.family != "irrep":
-                raise ConfigError("model.tensor_product=oeq applies to model.family=irrep only")
-            if importlib.util.find_spec("openequivariance") is None:
                 raise ConfigError(
-                    "model.tensor_product=oeq needs OpenEquivariance and a CUDA GPU (pip "
-                    "install openequivariance), or use model.tensor_product=e3nn, which gives "
-                    "the same numbers"
+                    f"model.tensor_product={self.tensor_product} applies to model.family=irrep only"
                 )
-        if self.tensor_product == "cueq":
-            import importlib.util
-
-            if self.family != "irrep":
-                raise ConfigError("model.tensor_product=cueq applies to model.family=irrep only")
-            if importlib.util.find_spec("cuequivariance_torch") is None:
+            if importlib.util.find_spec(module) is None:
                 raise ConfigError(
-                    "model.tensor_product=cueq needs cuequivariance-torch (pip install "
-                    "cuequivariance-torch; on GPUs also cuequivariance-ops-torch-cu12), or use "
+                    f"model.tensor_product={self.tensor_product} needs {install}, or use "
                     "model.tensor_product=e3nn, which gives the same numbers"
                 )
         if self.rbf not in ("gaussian", "bessel"):

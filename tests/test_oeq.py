@@ -2,7 +2,7 @@
 takes (``oeq.spec``), run here by e3nn's own TensorProduct, gives the written-out
 contraction's numbers through forces, stress and the force-loss backward (a second
 derivative), so that on a GPU only the module that runs the description changes
-(tests/gpu/test_oeq_cuda.py runs OpenEquivariance's kernels)."""
+(tests/gpu/test_tensor_products_cuda.py runs OpenEquivariance's kernels)."""
 
 import importlib.util
 

@@ -1,24 +1,31 @@
-"""model.tensor_product=cueq on a GPU: cuequivariance's CUDA kernel (uniform_1d) against the
-written-out contraction, through forces and the force-loss backward (its double backward)."""
+"""model.tensor_product=cueq and =oeq on a GPU: cuequivariance's CUDA kernel (uniform_1d) and
+OpenEquivariance's generated kernels against the written-out contraction, through forces and
+the force-loss backward (their double backward). Each skips without its package."""
+
+import importlib.util
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
-pytest.importorskip("cuequivariance_ops_torch")
 
 from test_compiled import batch_of, outputs_and_gradients  # noqa: E402
 from test_physics import alloy, make_model, mol  # noqa: E402
 
 from megagnn import keys as K  # noqa: E402
 
+KERNELS = {"cueq": "cuequivariance_ops_torch", "oeq": "openequivariance"}
+
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_kernel_matches_e3nn_on_forces_and_force_loss_gradients(dtype):
+@pytest.mark.parametrize("choice", sorted(KERNELS))
+def test_kernels_match_e3nn_on_forces_and_force_loss_gradients(choice, dtype):
+    if importlib.util.find_spec(KERNELS[choice]) is None:
+        pytest.skip(f"needs {KERNELS[choice]}")
     sizes = dict(hidden=32, num_rbf=8, radial_hidden=16)
     reference = make_model("irrep-c2", tensor_product="e3nn", **sizes).train()
-    model = make_model("irrep-c2", tensor_product="cueq", **sizes).train()
+    model = make_model("irrep-c2", tensor_product=choice, **sizes).train()
     model.load_state_dict(reference.state_dict())
     reference, model = reference.to("cuda", dtype), model.to("cuda", dtype)
     batch = {
