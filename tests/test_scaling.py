@@ -145,6 +145,18 @@ def test_sweep_runs_points_once_and_writes_cluster_scripts(emt_dataset, tmp_path
     assert "hidden8-layers1" in (tmp_path / "fit.md").read_text()
 
 
+def test_a_points_thread_count_serves_its_evaluation_too():
+    """`--set train.threads=1` with --jobs 1 (two sweeps side by side): the evaluation must
+    not take every core either."""
+    tool = _tool()
+    args = tool.parse_args(["sweep", "--config", "c.yaml", "--models", "m", "--out", "o"])
+    point = {"set": ["train.threads=1"], "run": "r"}
+    train, evaluate = tool.commands(point, args)
+    assert evaluate[evaluate.index("--threads") + 1] == "1"
+    train, evaluate = tool.commands({"set": [], "run": "r"}, args)
+    assert "--threads" not in evaluate  # one point at a time: every core
+
+
 def test_compute_optimal_frontier_recovers_chinchilla_exponents():
     """On L = E + A N^-alpha + B D^-beta with C = 6 N D, the IsoFLOP minima follow
     N_opt ∝ C^(beta / (alpha + beta)) and D_opt ∝ C^(alpha / (alpha + beta))."""

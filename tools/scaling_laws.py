@@ -154,7 +154,10 @@ def commands(point: dict, args: argparse.Namespace) -> list[list[str]]:
     train += [*point["set"], f"train.out_dir={point['run']}"]
     evaluate = [py, "-m", "megagnn.evaluate", "--run", point["run"], "--split", "val"]
     evaluate += ["--json", f"{point['run']}/val_metrics.json", "--no-progress"]
-    if args.jobs > 1:
+    given = [s.partition("=")[2] for s in point["set"] if s.startswith("train.threads=")]
+    if given and given[-1] != "null":  # the points' own thread count serves evaluation too
+        evaluate += ["--threads", given[-1]]
+    elif args.jobs > 1:
         train += [f"train.threads={threads(args)}"]
         evaluate += ["--threads", str(threads(args))]
     # every point is measured on the same split: a structure holding an element that a
