@@ -111,6 +111,51 @@ def _grid_rows(family: str) -> list[dict]:
     return doc["points"]
 
 
+def _mae_by_point(folder: Path) -> dict[tuple[int, int], float]:
+    """(parameters, training molecules) -> validation MAE in meV, of the kept records."""
+    out = {}
+    for run in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if (run / "point.json").is_file() and (run / "val_metrics.json").is_file():
+            point = json.loads((run / "point.json").read_text())
+            mae = json.loads((run / "val_metrics.json").read_text())["energy_mae"]
+            out[point["parameters"], point["train_structures"]] = 1000 * mae
+    return out
+
+
+def convergence_lines(args) -> list[str]:
+    """The points trained again with a second seed and with twice the epochs: converged
+    where doubling the training moves the error less than the seeds differ."""
+    lines = []
+    for family in args.families:
+        rows = ROOT / args.rows
+        base = _mae_by_point(rows / family)
+        seed, long = _mae_by_point(rows / f"{family}-seed1"), _mae_by_point(rows / f"{family}-long")
+        keys = sorted(set(seed) | set(long))
+        if not keys:
+            continue
+        lines += [
+            "",
+            f"{family}: convergence checks (validation MAE, meV per molecule)",
+            "",
+            "| parameters | molecules | seed 0 | seed 1 | seed spread | 2x epochs | change |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key in keys:
+            b, s1, lg = base.get(key), seed.get(key), long.get(key)
+            cells = [
+                "" if v is None else f"{v:.1f}"
+                for v in (
+                    b,
+                    s1,
+                    abs(s1 - b) if b and s1 else None,
+                    lg,
+                    lg - b if b and lg else None,
+                )
+            ]
+            lines.append(f"| {key[0]:,} | {key[1]:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(args) -> int:
     """One table of every family's exponents (from the per-family fit JSONs) beside the
     published ones: the table of benchmarks/results/scaling-qm9-cpu.md."""
@@ -163,6 +208,7 @@ def report(args) -> int:
                 )
                 + " |"
             )
+    lines += convergence_lines(args)
     lines += ["", "| published | data | alpha | beta | frontier a |", "|---|---|---|---|---|"]
     for name, data, alpha, beta, a in PUBLISHED:
         cells = ["" if v is None else f"{v:.2f}" for v in (alpha, beta, a)]
