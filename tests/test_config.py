@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from megagnn.config import ConfigError, load_config
+from megagnn.config import ACCELERATORS, ConfigError, ModelConfig, load_config
 
 
 def test_yaml_include_and_overrides(tmp_path):
@@ -139,3 +141,20 @@ def test_threads_are_the_cores_per_local_process(monkeypatch):
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="train.threads must be >= 1"):
         load_config(None, ["train.threads=0"])
+
+
+@pytest.mark.parametrize("choice", sorted(ACCELERATORS))
+def test_tensor_product_libraries_say_what_to_install(choice, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="'auto', 'e3nn', 'cueq' or 'oeq'"):
+        ModelConfig(family="irrep", tensor_product="fast")
+    with pytest.raises(ConfigError, match="irrep only"):
+        ModelConfig(family="painn", tensor_product=choice)
+    module, install = ACCELERATORS[choice]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=f"needs {re.escape(install)}, or use"):
+        ModelConfig(family="irrep", tensor_product=choice)

@@ -3,15 +3,12 @@ the numbers of the written-out contraction, through forces, stress and the force
 backward (a second derivative), and in the trace that compiled training and packages use.
 On CPU it runs cuequivariance's plain-PyTorch method; tests/gpu runs its CUDA kernel."""
 
-import importlib.util
-
 import pytest
 import torch
 from test_compiled import batch_of, force_loss, outputs_and_gradients
 from test_physics import CUTOFF, alloy, make_model, mol
 
 from megagnn import keys as K
-from megagnn.config import ConfigError, ModelConfig
 from megagnn.data import atoms_to_graph, to_device
 from megagnn.inference.package import export_program, graph_inputs
 from megagnn.models import cueq
@@ -103,21 +100,6 @@ def test_traced_graph_matches_the_eager_reference():
     torch.testing.assert_close(stress, ref[K.STRESS], **TOL)
     for p, r in zip(model.parameters(), ref_grads, strict=True):
         torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
-
-
-def test_config_says_what_to_change(monkeypatch):
-    with pytest.raises(ConfigError, match="irrep only"):
-        ModelConfig(family="painn", tensor_product="cueq")
-    with pytest.raises(ConfigError, match="'auto', 'e3nn', 'cueq' or 'oeq'"):
-        ModelConfig(family="irrep", tensor_product="fast")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "cuequivariance_torch" else real(name, *a),
-    )
-    with pytest.raises(ConfigError, match="pip install cuequivariance-torch"):
-        ModelConfig(family="irrep", tensor_product="cueq")
 
 
 def test_package_graph_matches_the_eager_reference():
