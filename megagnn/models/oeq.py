@@ -25,7 +25,7 @@ import importlib.util
 
 import torch
 
-from megagnn.models.o3 import paths
+from megagnn.models.o3 import path_couplings, paths
 
 
 @functools.cache
@@ -41,11 +41,11 @@ def spec(lmax: int, channels: int) -> dict:
     """The edge product as e3nn's ``o3.TensorProduct`` arguments (which OpenEquivariance's
     ``TPProblem`` takes as they are): x [C x l], harmonics [1 x l] -> [C x l], per-edge
     weights."""
-    all_paths = paths(lmax)
+    # e3nn multiplies a path by sqrt(path_weight) x wigner_3j(l1, l2, l3), and its wigner_3j
+    # has unit norm: IrrepNet's block (a multiple of it) has norm sqrt(path_weight)
     instructions = [
-        # e3nn multiplies a path by sqrt(path_weight) x wigner_3j(l1, l2, l3)
-        (l1, l2, l3, "uvu", True, (2 * l3 + 1) / sum(q[2] == l3 for q in all_paths))
-        for l1, l2, l3 in all_paths
+        (l1, l2, l3, "uvu", True, float(block.square().sum()))
+        for (l1, l2, l3), block in zip(paths(lmax), path_couplings(lmax), strict=True)
     ]
     return dict(
         irreps_in1="+".join(f"{channels}x{_irrep(l)}" for l in range(lmax + 1)),
