@@ -98,29 +98,24 @@ PUBLISHED = [
 ]
 
 
-def _interval(fit: dict | None, key: str) -> str:
+def _interval(value: float, intervals: dict, key: str) -> str:
+    lo, hi = intervals.get(key, (float("nan"), float("nan")))
+    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _fit_interval(fit: dict | None, key: str) -> str:
     if not fit or key not in fit["params"]:
         return ""
-    lo, hi = fit["intervals"].get(key, (float("nan"), float("nan")))
-    return f"{fit['params'][key]:.2f} [{lo:.2f}, {hi:.2f}]"
-
-
-def _grid_rows(family: str) -> list[dict]:
-    """The family's finished points as its fit JSON keeps them (``energy_mae``: the
-    validation MAE in eV per molecule)."""
-    doc = json.loads((ROOT / f"benchmarks/results/scaling-qm9-{family}-cpu.json").read_text())
-    return doc["points"]
+    return _interval(fit["params"][key], fit["intervals"], key)
 
 
 def _mae_by_point(folder: Path) -> dict[tuple[int, int], float]:
     """(parameters, training molecules) -> validation MAE in meV, of the kept records."""
-    out = {}
-    for run in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if (run / "point.json").is_file() and (run / "val_metrics.json").is_file():
-            point = json.loads((run / "point.json").read_text())
-            mae = json.loads((run / "val_metrics.json").read_text())["energy_mae"]
-            out[point["parameters"], point["train_structures"]] = 1000 * mae
-    return out
+    sys.path.insert(0, str(ROOT / "tools"))
+    from scaling_laws import collect  # the sweep's own reader of finished points
+
+    rows = collect(folder) if folder.is_dir() else []
+    return {(r["parameters"], r["train_structures"]): 1000 * r["energy_mae"] for r in rows}
 
 
 def convergence_lines(args) -> list[str]:
@@ -165,7 +160,7 @@ def report(args) -> int:
         "| frontier a (joint) | frontier a (IsoFLOP) | log-RMS |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    summary = {}
+    summary, grids = {}, {}
     for family in args.families:
         path = ROOT / f"benchmarks/results/scaling-qm9-{family}-cpu.json"
         if not path.exists():
@@ -173,24 +168,24 @@ def report(args) -> int:
         doc = json.loads(path.read_text())
         fits = doc["fits"].get("energy", {})
         joint = fits.get("L(N, D)")
-        params = [r["parameters"] for r in doc["points"] if not r.get("budget")]
+        grids[family] = [r for r in doc["points"] if not r.get("budget")]
+        params = [r["parameters"] for r in grids[family]]
         iso = doc.get("frontier", {}).get("energy")
         iso_a = ""
         if iso:
-            lo, hi = iso["intervals"].get("a", (float("nan"), float("nan")))
-            iso_a = f"{iso['a']:.2f} [{lo:.2f}, {hi:.2f}] ({len(iso['budgets'])} budgets)"
+            iso_a = f"{_interval(iso['a'], iso['intervals'], 'a')} ({len(iso['budgets'])} budgets)"
         lines.append(
             f"| {family} | {len(params)} | {min(params):,}-{max(params):,} "
-            f"| {_interval(fits.get('L(N)'), 'alpha')} | {_interval(fits.get('L(D)'), 'alpha')} "
-            f"| {_interval(joint, 'alpha')} | {_interval(joint, 'beta')} "
-            f"| {_interval(joint, 'a')} | {iso_a} "
+            f"| {_fit_interval(fits.get('L(N)'), 'alpha')} "
+            f"| {_fit_interval(fits.get('L(D)'), 'alpha')} "
+            f"| {_fit_interval(joint, 'alpha')} | {_fit_interval(joint, 'beta')} "
+            f"| {_fit_interval(joint, 'a')} | {iso_a} "
             f"| {joint['log_rmse']:.3f} |"
             if joint
             else f"| {family} | {len(params)} | | | | too few points | | | | |"
         )
         summary[family] = {"points": len(params), "fits": fits, "isoflop_frontier": iso}
-    for family in summary:  # the grid itself: validation MAE per molecule, meV
-        rows = [r for r in _grid_rows(family) if not r.get("budget")]
+    for family, rows in grids.items():  # the grid itself: validation MAE per molecule, meV
         sizes = sorted({r["train_structures"] for r in rows})
         lines += [
             "",
