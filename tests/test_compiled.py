@@ -4,6 +4,8 @@ derivative), for every family; batches of other sizes reuse the graph; training 
 step for step like eager and resumes."""
 
 import functools
+import os
+import time
 
 import pytest
 import torch
@@ -141,3 +143,22 @@ def test_compiled_training_follows_eager_and_resumes(emt_dataset, tmp_path, fast
 def test_compile_refuses_what_it_cannot_trace(extra):
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["train.compile=true", *extra])
+
+
+def test_truncated_kernels_left_by_a_killed_compile_are_removed(tmp_path, monkeypatch):
+    """A killed link leaves an empty library that Inductor would load forever after: the
+    compiled forward clears such files from Inductor's cache before it compiles."""
+    old = time.time() - 3600
+    stale = tmp_path / "k2" / "ck2w.main.so"
+    fresh = tmp_path / "k3" / "ck3w.main.so"  # a link that may be under way: left alone
+    whole = tmp_path / "k4" / "ck4w.main.so"
+    for path, data, mtime in ((stale, b"", old), (fresh, b"", None), (whole, b"\x7fELF" * 64, old)):
+        path.parent.mkdir()
+        path.write_bytes(data)
+        if mtime:
+            os.utime(path, (mtime, mtime))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    messages = []
+    CompiledForward(small_model("schnet"), log=messages.append)
+    assert not stale.exists() and fresh.exists() and whole.exists()
+    assert messages == [f"removed a truncated kernel from Inductor's cache: {stale}"]

@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from megagnn import keys as K
 from megagnn import ops
@@ -127,6 +129,23 @@ def _state(model: Potential) -> tuple[list[str], list[torch.Tensor]]:
     return [n for n, _ in pairs], [t for _, t in pairs]
 
 
+def remove_truncated_kernels(cache: Path, age_s: float = 60.0) -> list[Path]:
+    """Delete the kernel libraries in Inductor's cache ``cache`` that are shorter than an
+    ELF header and older than ``age_s`` (a link writes its library in well under that), and
+    return them. A process killed while Inductor links a kernel leaves such a file behind;
+    Inductor does not rebuild a library that exists, so every later compile of that kernel,
+    forward or backward, would fail with "file too short" (pytorch/pytorch#102539)."""
+    removed = []
+    now = time.time()
+    for path in cache.glob("*/*.so"):
+        with contextlib.suppress(OSError):  # another process may remove it first
+            info = path.stat()
+            if info.st_size < 64 and now - info.st_mtime > age_s:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 class CompiledForward:
     """``compiled(batch)`` returns what ``model(batch)`` does in training (energy, forces,
     stress, energies) from one compiled graph per kind of batch (forces, stress, dtype,
@@ -148,6 +167,9 @@ class CompiledForward:
         self.log = log or (lambda text: None)
         self.graphs: dict[tuple, Callable] = {}
         self.compile_s = 0.0
+        if backend == "inductor":
+            for path in remove_truncated_kernels(Path(cache_dir())):
+                self.log(f"removed a truncated kernel from Inductor's cache: {path}")
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model = self.model
