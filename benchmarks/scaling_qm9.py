@@ -152,6 +152,37 @@ def convergence_lines(args) -> list[str]:
     return lines
 
 
+def isoflop_lines(family: str, rows: list[dict], iso: dict | None) -> list[str]:
+    """The IsoFLOP profiles: validation MAE by parameters and budget, and each budget's
+    minimum (N_opt) where the fit found one."""
+    if not rows:
+        return []
+    budgets = sorted({r["budget"] for r in rows})
+    lines = [
+        "",
+        f"{family}: IsoFLOP profiles, validation energy MAE (meV per molecule) by parameters "
+        "and training FLOPs (full training split)",
+        "",
+        "| parameters | " + " | ".join(f"{c:.0e}" for c in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for n in sorted({r["parameters"] for r in rows}):
+        cells = {r["budget"]: r for r in rows if r["parameters"] == n}
+        lines.append(
+            f"| {n:,} | "
+            + " | ".join(
+                f"{1000 * cells[c]['energy_mae']:.1f}" if c in cells else "" for c in budgets
+            )
+            + " |"
+        )
+    if iso:
+        opt = dict(zip(iso["budgets"], iso["n_opt"], strict=True))
+        lines.append(
+            "| N_opt | " + " | ".join(f"{opt[c]:,.0f}" if c in opt else "" for c in budgets) + " |"
+        )
+    return lines
+
+
 def report(args) -> int:
     """One table of every family's exponents (from the per-family fit JSONs) beside the
     published ones: the table of benchmarks/results/scaling-qm9-cpu.md."""
@@ -160,7 +191,7 @@ def report(args) -> int:
         "| frontier a (joint) | frontier a (IsoFLOP) | log-RMS |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    summary, grids = {}, {}
+    summary, grids, profiles = {}, {}, {}
     for family in args.families:
         path = ROOT / f"benchmarks/results/scaling-qm9-{family}-cpu.json"
         if not path.exists():
@@ -171,6 +202,7 @@ def report(args) -> int:
         grids[family] = [r for r in doc["points"] if not r.get("budget")]
         params = [r["parameters"] for r in grids[family]]
         iso = doc.get("frontier", {}).get("energy")
+        profiles[family] = ([r for r in doc["points"] if r.get("budget")], iso)
         iso_a = ""
         if iso:
             iso_a = f"{_interval(iso['a'], iso['intervals'], 'a')} ({len(iso['budgets'])} budgets)"
@@ -204,6 +236,8 @@ def report(args) -> int:
                 )
                 + " |"
             )
+    for family, (rows, iso) in profiles.items():
+        lines += isoflop_lines(family, rows, iso)
     lines += convergence_lines(args)
     lines += ["", "| published | data | alpha | beta | frontier a |", "|---|---|---|---|---|"]
     for name, data, alpha, beta, a in PUBLISHED:
