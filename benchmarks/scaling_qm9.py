@@ -152,29 +152,30 @@ def convergence_lines(args) -> list[str]:
     return lines
 
 
+def mae_table(title: str, rows: list[dict], column: str, labels: list[str]) -> list[str]:
+    """Markdown lines of the validation MAE (meV per molecule): one row per parameter count,
+    one column per sorted value of ``column`` (headed by ``labels``)."""
+    values = sorted({r[column] for r in rows})
+    lines = ["", title, "", "| parameters | " + " | ".join(labels) + " |"]
+    lines.append("|---|" + "---|" * len(values))
+    for n in sorted({r["parameters"] for r in rows}):
+        cells = {r[column]: 1000 * r["energy_mae"] for r in rows if r["parameters"] == n}
+        row = [f"{cells[v]:.1f}" if v in cells else "" for v in values]
+        lines.append(f"| {n:,} | " + " | ".join(row) + " |")
+    return lines
+
+
 def isoflop_lines(family: str, rows: list[dict], iso: dict | None) -> list[str]:
     """The IsoFLOP profiles: validation MAE by parameters and budget, and each budget's
     minimum (N_opt) where the fit found one."""
     if not rows:
         return []
     budgets = sorted({r["budget"] for r in rows})
-    lines = [
-        "",
+    title = (
         f"{family}: IsoFLOP profiles, validation energy MAE (meV per molecule) by parameters "
-        "and training FLOPs (full training split)",
-        "",
-        "| parameters | " + " | ".join(f"{c:.0e}" for c in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
-    ]
-    for n in sorted({r["parameters"] for r in rows}):
-        cells = {r["budget"]: r for r in rows if r["parameters"] == n}
-        lines.append(
-            f"| {n:,} | "
-            + " | ".join(
-                f"{1000 * cells[c]['energy_mae']:.1f}" if c in cells else "" for c in budgets
-            )
-            + " |"
-        )
+        "and training FLOPs (full training split)"
+    )
+    lines = mae_table(title, rows, "budget", [f"{c:.0e}" for c in budgets])
     if iso:
         opt = dict(zip(iso["budgets"], iso["n_opt"], strict=True))
         lines.append(
@@ -219,23 +220,11 @@ def report(args) -> int:
         summary[family] = {"points": len(params), "fits": fits, "isoflop_frontier": iso}
     for family, rows in grids.items():  # the grid itself: validation MAE per molecule, meV
         sizes = sorted({r["train_structures"] for r in rows})
-        lines += [
-            "",
+        title = (
             f"{family}: validation energy MAE (meV per molecule) by parameters and training "
-            "molecules",
-            "",
-            "| parameters | " + " | ".join(f"{d:,}" for d in sizes) + " |",
-            "|---|" + "---|" * len(sizes),
-        ]
-        for n in sorted({r["parameters"] for r in rows}):
-            cells = {r["train_structures"]: r for r in rows if r["parameters"] == n}
-            lines.append(
-                f"| {n:,} | "
-                + " | ".join(
-                    f"{1000 * cells[d]['energy_mae']:.1f}" if d in cells else "" for d in sizes
-                )
-                + " |"
-            )
+            "molecules"
+        )
+        lines += mae_table(title, rows, "train_structures", [f"{d:,}" for d in sizes])
     for family, (rows, iso) in profiles.items():
         lines += isoflop_lines(family, rows, iso)
     lines += convergence_lines(args)
