@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from megagnn import keys as K
 from megagnn import ops
@@ -168,6 +167,9 @@ class CompiledForward:
         self.graphs: dict[tuple, Callable] = {}
         self.compile_s = 0.0
         if backend == "inductor":
+            # imported here: importing Inductor costs every trainer 0.3 s, compiled or not
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
             for path in remove_truncated_kernels(Path(cache_dir())):
                 self.log(f"removed a truncated kernel from Inductor's cache: {path}")
 
