@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from scaling_laws import collect  # noqa: E402  (the sweep's own reader of finished points)
+
 SIZES = [1000, 3000, 10000, 30000, 110000]  # training molecules (nested subsets)
 D_MAX = 110000
 # widths per family: at least 1.5 decades of parameters each (H..F embedding, 3 blocks):
@@ -111,9 +114,6 @@ def _fit_interval(fit: dict | None, key: str) -> str:
 
 def _mae_by_point(folder: Path) -> dict[tuple[int, int], float]:
     """(parameters, training molecules) -> validation MAE in meV, of the kept records."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from scaling_laws import collect  # the sweep's own reader of finished points
-
     rows = collect(folder) if folder.is_dir() else []
     return {(r["parameters"], r["train_structures"]): 1000 * r["energy_mae"] for r in rows}
 

@@ -1,3 +1,4 @@
+import importlib.util
 import re
 
 import pytest
@@ -145,8 +146,6 @@ def test_threads_are_the_cores_per_local_process(monkeypatch):
 
 @pytest.mark.parametrize("choice", sorted(ACCELERATORS))
 def test_tensor_product_libraries_say_what_to_install(choice, monkeypatch):
-    import importlib.util
-
     with pytest.raises(ConfigError, match="'auto', 'e3nn', 'cueq' or 'oeq'"):
         ModelConfig(family="irrep", tensor_product="fast")
     with pytest.raises(ConfigError, match="irrep only"):
