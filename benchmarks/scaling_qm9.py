@@ -43,6 +43,9 @@ WIDTHS = {
     "schnet": [32, 64, 128, 256],
 }
 FAMILY_SETS = {"irrep": ["model.lmax=2", "model.correlation=2"]}
+# points trained again with seed 1 (the grid's convergence checks, and IsoFLOP points): the
+# fits take them in, and their spread is the seed noise of the fits' bootstrap
+REPEATS = ["{rows}/{family}-seed1", "benchmarks/results/scaling-qm9-rows-isoflop-seed1/{family}"]
 
 
 def epochs(size: int, top: float, gamma: float) -> float:
@@ -192,7 +195,7 @@ def report(args) -> int:
         "| frontier a (joint) | frontier a (IsoFLOP) | log-RMS |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    summary, grids, profiles = {}, {}, {}
+    summary, grids, profiles, notes = {}, {}, {}, []
     for family in args.families:
         path = ROOT / f"benchmarks/results/scaling-qm9-{family}-cpu.json"
         if not path.exists():
@@ -218,6 +221,14 @@ def report(args) -> int:
             else f"| {family} | {len(params)} | | | | too few points | | | | |"
         )
         summary[family] = {"points": len(params), "fits": fits, "isoflop_frontier": iso}
+        noise = doc.get("seed_noise", {}).get("energy_per_structure", {})
+        summary[family]["seed_noise"] = noise
+        notes += [
+            f"{family}: seed noise of the {part} points {100 * v['sigma_log']:.1f}% (log MAE, "
+            f"{v['points']} points run with two seeds); the bootstrap draws it about the fit"
+            for part, v in noise.items()
+        ]
+    lines += ["", *notes] if notes else []
     for family, rows in grids.items():  # the grid itself: validation MAE per molecule, meV
         sizes = sorted({r["train_structures"] for r in rows})
         title = (
@@ -269,6 +280,8 @@ def main(argv=None) -> int:
         for family in args.families:
             cmd = [sys.executable, "tools/scaling_laws.py", "fit", f"{args.rows}/{family}"]
             cmd += ["--results", f"benchmarks/results/scaling-qm9-{family}-cpu"]
+            repeats = [r.format(rows=args.rows, family=family) for r in REPEATS]
+            cmd += ["--repeats", *(r for r in repeats if (ROOT / r).is_dir())]
             subprocess.call(cmd, cwd=ROOT)
         return 0
     failed = 0

@@ -6,7 +6,12 @@
 
 Fits are least squares in log-loss (relative errors weigh small and large losses alike),
 with E, A, B and the exponents kept positive by fitting their logarithms. Intervals are
-bootstrap percentiles: refits on points resampled with replacement.
+bootstrap percentiles: refits on points resampled with replacement. On a few points per
+curve (an IsoFLOP parabola through four) the scatter of the points about the curve says
+little of how far a point moves when it is trained again with another seed. Given that
+seed-to-seed spread (``seed_noise`` of repeated points), the bootstrap is parametric: a
+resample is the fitted curve at the resampled points times a fresh seed's noise, which is
+what rerunning the same design with new seeds would give if the curve is right.
 """
 
 from __future__ import annotations
@@ -56,6 +61,26 @@ def _with_frontier(p: dict[str, float]) -> dict[str, float]:
     return p
 
 
+def seed_noise(keys: list, loss: np.ndarray) -> tuple[float, int]:
+    """(sigma, groups): the pooled standard deviation of log loss between points that share a
+    key (the same point trained with different seeds), over the keys seen more than once."""
+    logs: dict = {}
+    for key, value in zip(keys, np.log(np.asarray(loss, float)), strict=True):
+        logs.setdefault(key, []).append(value)
+    groups = [np.array(v) for v in logs.values() if len(v) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    if not dof:
+        return 0.0, 0
+    return float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof)), len(groups)
+
+
+def _reseeded(loss: np.ndarray, fitted: np.ndarray, noise: float, rng) -> np.ndarray:
+    """The losses of one bootstrap resample: the points as measured, or, given the seed noise,
+    the fitted curve times a fresh seed's noise (not the measured points times it: they
+    carry one seed's noise already, so that would count it twice)."""
+    return fitted * np.exp(rng.normal(0.0, noise, loss.shape)) if noise else loss
+
+
 @dataclass
 class PowerLawFit:
     """Best-fit parameters, bootstrap percentile intervals and the fit's log-RMS error."""
@@ -76,8 +101,10 @@ def fit_power_law(
     bootstrap: int = 200,
     level: float = 0.9,
     seed: int = 0,
+    noise: float = 0.0,
 ) -> PowerLawFit:
-    """Fit L(x) = E + A x^-alpha, or the joint law in (x, d) = (N, D) when ``d`` is given."""
+    """Fit L(x) = E + A x^-alpha, or the joint law in (x, d) = (N, D) when ``d`` is given.
+    ``noise``: the seed-to-seed spread of log loss; given, the bootstrap is parametric."""
     x, loss = np.asarray(x, float), np.asarray(loss, float)
     d = None if d is None else np.asarray(d, float)
     if len(x) < (5 if d is not None else 3) or np.any(loss <= 0) or np.any(x <= 0):
@@ -89,7 +116,9 @@ def fit_power_law(
         idx = rng.integers(0, len(x), len(x))
         if len(np.unique(x[idx])) < 3:  # a resample without three sizes cannot fit a curve
             continue
-        samples.append(_with_frontier(_fit_once(x[idx], loss[idx], None if d is None else d[idx])))
+        xi, di = x[idx], None if d is None else d[idx]
+        drawn = _reseeded(loss[idx], _predict(best, xi, di), noise, rng)
+        samples.append(_with_frontier(_fit_once(xi, drawn, di)))
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     intervals = {}
     for k in best if samples else ():
@@ -134,28 +163,33 @@ def compute_optimal_frontier(
     bootstrap: int = 200,
     level: float = 0.9,
     seed: int = 0,
+    noise: float = 0.0,
 ) -> Frontier:
     """The frontier of points (budget c, parameters n, data d, loss) on two or more budgets,
-    each with three or more model sizes."""
+    each with three or more model sizes; ``noise`` as in `fit_power_law`."""
     c, n, d, loss = (np.asarray(v, float) for v in (c, n, d, loss))
     budgets = np.unique(c)
     if len(budgets) < 2:
         raise ValueError("a compute-optimal frontier needs at least two budgets")
     groups = [np.flatnonzero(c == b) for b in budgets]
 
-    def frontier(choice):
+    def frontier(choice, loss=loss):
         opt = np.array([isoflop_minimum(n[g], d[g], loss[g]) for g in choice])
         a = np.polyfit(np.log(budgets), np.log(opt[:, 0]), 1)[0]
         b = np.polyfit(np.log(budgets), np.log(opt[:, 1]), 1)[0]
         return opt, float(a), float(b)
 
     opt, a, b = frontier(groups)
+    fitted = np.empty_like(loss)  # each profile's parabola in log N, at its points
+    for g in groups:
+        coef = np.polyfit(np.log(n[g]), np.log(loss[g]), 2)
+        fitted[g] = np.exp(np.polyval(coef, np.log(n[g])))
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap):
         choice = [rng.choice(g, len(g)) for g in groups]
         try:
-            samples.append(frontier(choice)[1:])
+            samples.append(frontier(choice, _reseeded(loss, fitted, noise, rng))[1:])
         except (ValueError, np.linalg.LinAlgError):
             continue  # a resample with fewer than three sizes in some budget
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2

@@ -220,3 +220,68 @@ def test_budget_sweep_points_and_the_frontier_of_their_results(tmp_path):
     frontier = json.loads(stem.with_suffix(".json").read_text())["frontier"]["forces"]
     assert frontier["a"] == pytest.approx(0.28 / 0.62, abs=0.05)
     assert "N_opt ∝ C^" in stem.with_suffix(".md").read_text()
+
+
+def test_seed_noise_is_the_pooled_spread_of_repeated_points_and_widens_intervals():
+    """seed_noise pools the log-loss spread over points trained more than once; a bootstrap
+    given it draws a new seed per point, so its intervals widen (and without it they are the
+    plain point resampling's, draw for draw)."""
+    from megagnn.scaling import compute_optimal_frontier, seed_noise
+
+    sigma, groups = seed_noise(["a", "a", "b", "b", "c"], np.exp([0.0, 0.2, 1.0, 1.4, 5.0]))
+    assert groups == 2 and sigma == pytest.approx(np.sqrt((0.02 + 0.08) / 2))
+    assert seed_noise(["a", "b"], [1.0, 2.0]) == (0.0, 0)
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for c in [1e13, 1e14, 1e15]:  # five sizes a budget, like a CPU-sized study
+        for n in np.geomspace(1e6, 1e9, 5):
+            loss = 0.05 + 4000 * n**-0.34 + 400 * (c / (6 * n)) ** -0.28
+            rows.append((c, n, c / (6 * n), loss * np.exp(rng.normal(0, 0.01))))
+    c, n, d, loss = map(np.array, zip(*rows, strict=True))
+
+    def width(fit, key):
+        lo, hi = fit.intervals[key]
+        return hi - lo
+
+    plain = compute_optimal_frontier(c, n, d, loss, bootstrap=100)
+    assert compute_optimal_frontier(c, n, d, loss, bootstrap=100, noise=0.0) == plain
+    noisy = compute_optimal_frontier(c, n, d, loss, bootstrap=100, noise=0.1)
+    assert noisy.a == plain.a and width(noisy, "a") > 2 * width(plain, "a")
+    x = np.repeat(np.logspace(5, 9, 5), 2)
+    law = 0.05 + 30.0 * x**-0.35
+    assert width(fit_power_law(x, law, bootstrap=50, noise=0.1), "alpha") > 2 * width(
+        fit_power_law(x, law, bootstrap=50), "alpha"
+    )
+
+
+def test_fit_takes_repeated_points_into_the_fits_and_their_noise(tmp_path):
+    """fit --repeats: points trained again with another seed join the fits, the table marks
+    them, and their spread from the sweep's points is the seed noise the bootstrap adds."""
+    import json
+
+    tool = _tool()
+
+    def write(folder, n, d, loss):
+        run = folder / f"n{n}-d{d}"
+        run.mkdir(parents=True)
+        point = {"model": f"n{n}", "fraction": d / 1000, "parameters": n}
+        point.update(train_structures=d, train_atoms=18 * d)
+        (run / "point.json").write_text(json.dumps(point))
+        (run / "val_metrics.json").write_text(json.dumps({"energy_mae": loss}))
+
+    for n in (1e4, 3e4, 1e5, 3e5):
+        for d in (100, 300, 1000):
+            write(tmp_path / "sweep", int(n), d, 0.01 + 2 * n**-0.5 + 0.5 * d**-0.4)
+    base = 0.01 + 2 * 1e4**-0.5 + 0.5 * np.array([100, 300]) ** -0.4
+    for d, b, shift in ((100, base[0], 0.1), (300, base[1], -0.1)):
+        write(tmp_path / "seed1", 10000, d, b * np.exp(shift))
+    stem = tmp_path / "out" / "fit"
+    args = ["fit", str(tmp_path / "sweep"), "--results", str(stem), "--bootstrap", "20"]
+    assert tool.main([*args, "--repeats", str(tmp_path / "seed1")]) == 0
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    noise = doc["seed_noise"]["energy_per_structure"]["grid"]
+    assert noise["points"] == 2 and noise["sigma_log"] == pytest.approx(0.1 / np.sqrt(2))
+    assert doc["fits"]["energy_per_structure"]["L(N, D)"]["points"] == 14
+    text = stem.with_suffix(".md").read_text()
+    assert text.count("(repeat)") == 2 and "MAE, grid points: 7.1%" in text

@@ -78,6 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("sweep", help="sweep folder")
     f.add_argument("--results", required=True, help="output path stem (.json, .md, .png)")
     f.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples")
+    f.add_argument(
+        "--repeats",
+        nargs="*",
+        default=[],
+        metavar="FOLDER",
+        help="finished points that repeat points of the sweep with another seed: they join "
+        "the fits, and their spread sets the seed noise that each bootstrap resample adds",
+    )
     return p.parse_args(argv)
 
 
@@ -284,11 +292,11 @@ def collect(folder: Path) -> list[dict]:
     return rows
 
 
-def _fit_or_none(x, loss, d=None, bootstrap=300):
+def _fit_or_none(x, loss, d=None, bootstrap=300, noise=0.0):
     from megagnn.scaling import fit_power_law
 
     try:
-        return fit_power_law(x, loss, d=d, bootstrap=bootstrap)
+        return fit_power_law(x, loss, d=d, bootstrap=bootstrap, noise=noise)
     except ValueError:
         return None
 
@@ -302,7 +310,7 @@ def _largest_with_range(values, other, points: int = 3) -> float:
     return values.max()
 
 
-def fits_for(rows: list[dict], key: str, bootstrap: int) -> dict:
+def fits_for(rows: list[dict], key: str, bootstrap: int, noise: float = 0.0) -> dict:
     import numpy as np
 
     n = np.array([r["parameters"] for r in rows], float)
@@ -311,9 +319,10 @@ def fits_for(rows: list[dict], key: str, bootstrap: int) -> dict:
     out = {}
     top_d, top_n = _largest_with_range(d, n), _largest_with_range(n, d)
     at_d, at_n = d == top_d, n == top_n
-    out["L(N)"] = (_fit_or_none(n[at_d], loss[at_d], bootstrap=bootstrap), f"D = {top_d:.0f}")
-    out["L(D)"] = (_fit_or_none(d[at_n], loss[at_n], bootstrap=bootstrap), f"N = {top_n:.0f}")
-    out["L(N, D)"] = (_fit_or_none(n, loss, d=d, bootstrap=bootstrap), "all points")
+    kw = {"bootstrap": bootstrap, "noise": noise}
+    out["L(N)"] = (_fit_or_none(n[at_d], loss[at_d], **kw), f"D = {top_d:.0f}")
+    out["L(D)"] = (_fit_or_none(d[at_n], loss[at_n], **kw), f"N = {top_n:.0f}")
+    out["L(N, D)"] = (_fit_or_none(n, loss, d=d, **kw), "all points")
     return out
 
 
@@ -381,7 +390,9 @@ def plot(rows: list[dict], name: str, key: str, fits: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def frontier_lines(rows: list[dict], name: str, key: str, bootstrap: int, doc: dict) -> list:
+def frontier_lines(
+    rows: list[dict], name: str, key: str, bootstrap: int, doc: dict, noise: float = 0.0
+) -> list:
     """The compute-optimal frontier of the points trained to a budget, as markdown lines."""
     import numpy as np
 
@@ -395,7 +406,7 @@ def frontier_lines(rows: list[dict], name: str, key: str, bootstrap: int, doc: d
         for k in ("budget", "parameters", "atoms_seen", key)
     )
     try:
-        f = compute_optimal_frontier(c, n, d, loss, bootstrap=bootstrap)
+        f = compute_optimal_frontier(c, n, d, loss, bootstrap=bootstrap, noise=noise)
     except ValueError as e:
         return ["", f"Compute-optimal frontier ({name}): not fitted: {e}"]
     doc.setdefault("frontier", {})[name] = f.__dict__
@@ -415,23 +426,51 @@ def frontier_lines(rows: list[dict], name: str, key: str, bootstrap: int, doc: d
     ]
 
 
+def _point_key(row: dict) -> tuple:
+    """What makes two records the same point: model size, data and budget (not the seed)."""
+    return row["parameters"], row["train_structures"], row.get("budget") or 0
+
+
+def seed_noise_lines(points: list[dict], part: str, name: str, key: str, doc: dict):
+    """(noise, lines): the seed-to-seed spread of log loss over the ``points`` (sweep and
+    repeats, of one ``part``: grid or budget) that share a point, and the line reporting it.
+    The parts keep their own: short high-rate budget runs need not be as noisy as the grid."""
+    from megagnn.scaling import seed_noise
+
+    sigma, groups = seed_noise([_point_key(r) for r in points], [r[key] for r in points])
+    if not groups:
+        return 0.0, []
+    doc.setdefault("seed_noise", {}).setdefault(name, {})[part] = {
+        "sigma_log": sigma,
+        "points": groups,
+    }
+    return sigma, [
+        "",
+        f"Seed noise of the validation {name} MAE, {part} points: {100 * sigma:.1f}% "
+        f"(standard deviation of log MAE) over {groups} points trained with more than one "
+        "seed; the bootstrap below draws fresh seeds' noise about the fitted curve.",
+    ]
+
+
 def fit(args: argparse.Namespace) -> int:
     rows = collect(Path(args.sweep))
     if not rows:
         print(f"error: no finished points in {args.sweep}", file=sys.stderr)
         return 2
-    for r in rows:
+    repeats = [r for folder in args.repeats for r in collect(Path(folder))]
+    for r in rows + repeats:
         r.setdefault("flops", float("nan"))
     stem = Path(args.results)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"sweep": args.sweep, "points": rows, "fits": {}}
+    doc = {"sweep": args.sweep, "points": rows, "repeats": repeats, "fits": {}}
     lines = [
         "| model | parameters N | fraction | structures D | atoms | steps | compute C FLOPs "
         "| wall s | energy MAE eV/atom | energy MAE eV | force MAE eV/Å |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
-    for r in sorted(rows, key=lambda r: (r["parameters"], r["train_structures"], r["flops"])):
+    marked = [dict(r, model=f"{r['model']} (repeat)") for r in repeats]
+    for r in sorted(rows + marked, key=lambda r: (_point_key(r), r["model"])):
         lines.append(
             f"| {r['model']} | {r['parameters']} | {r['fraction']:g} | {r['train_structures']} "
             f"| {r['train_atoms']} | {r.get('steps', '')} | {r['flops']:.3g} "
@@ -440,11 +479,17 @@ def fit(args: argparse.Namespace) -> int:
             f"| {r.get(METRICS['forces'], nan):.5f} |"
         )
     for name, key in METRICS.items():
-        if not all(key in r for r in rows):
+        if not all(key in r for r in rows + repeats):
             continue
-        # the laws in N and D from the grid; points trained to a budget make the frontier
-        grid = [r for r in rows if not r.get("budget")] or rows
-        fits = fits_for(grid, key, args.bootstrap)
+        # the laws in N and D from the grid; points trained to a budget make the frontier.
+        # A sweep holds each point once, so the points seen twice are the repeats.
+        every = rows + repeats
+        grid = [r for r in every if not r.get("budget")] or every
+        budgeted = [r for r in every if r.get("budget")]
+        noise, noise_lines = seed_noise_lines(grid, "grid", name, key, doc)
+        budget_noise, budget_lines = seed_noise_lines(budgeted, "budget", name, key, doc)
+        lines += noise_lines + budget_lines
+        fits = fits_for(grid, key, args.bootstrap, noise)
         doc["fits"][name] = {
             law: None
             if f is None
@@ -467,7 +512,7 @@ def fit(args: argparse.Namespace) -> int:
             *_implied_frontier(fits["L(N, D)"][0]),
         ]
         plot(rows, name, key, fits, stem.parent / f"{stem.name}-{name}.png")
-        lines += frontier_lines(rows, name, key, args.bootstrap, doc)
+        lines += frontier_lines(every, name, key, args.bootstrap, doc, budget_noise)
     text = "\n".join(lines)
     print(text)
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
