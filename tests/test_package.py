@@ -265,3 +265,26 @@ def test_every_family_exports(tmp_path, family):
     torch.testing.assert_close(energy.item(), ref["energy"], **TOL, msg=family)
     torch.testing.assert_close(forces.numpy(), ref["forces"], **TOL, msg=family)
     torch.testing.assert_close(stress.numpy(), ref["stress"], **TOL, msg=family)
+
+
+def test_a_package_build_clears_truncated_kernels_first(tmp_path, monkeypatch):
+    """A build killed while linking leaves an empty library in Inductor's cache that every
+    later build would load: the export removes it before it compiles."""
+    import os
+    import time
+
+    stale = tmp_path / "k2" / "ck2w.main.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    seen = []
+
+    def compile_and_package(program, package_path, inductor_configs):
+        seen.append(stale.exists())
+        Path(package_path).write_bytes(b"")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    model = build_model(ModelConfig(family="schnet", hidden=8, layers=1, num_rbf=8, max_z=8))
+    export_package(model, tmp_path / "model.pt2")
+    assert seen == [False]

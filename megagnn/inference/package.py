@@ -34,7 +34,7 @@ from megagnn import keys as K
 from megagnn import ops
 from megagnn.config import config_from_dict, config_to_dict
 from megagnn.models import Potential
-from megagnn.models.compiled import Outputs
+from megagnn.models.compiled import Outputs, clean_inductor_cache
 
 INPUTS = ("positions", "atomic_numbers", "cell", "pbc", "edge_index", "cell_shifts", "head")
 
@@ -174,6 +174,7 @@ def export_package(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.pt2")
     configs = {"aot_inductor.metadata": metadata(model, dtype, device, run_config)}
+    clean_inductor_cache()  # a build killed mid-link must not break every later one
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(tmp), inductor_configs=configs
     )

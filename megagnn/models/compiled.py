@@ -145,6 +145,15 @@ def remove_truncated_kernels(cache: Path, age_s: float = 60.0) -> list[Path]:
     return removed
 
 
+def clean_inductor_cache(log: Callable = lambda text: None) -> None:
+    """`remove_truncated_kernels` on Inductor's cache, before a compile reads it."""
+    # imported here: importing Inductor costs every trainer 0.3 s, compiled or not
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    for path in remove_truncated_kernels(Path(cache_dir())):
+        log(f"removed a truncated kernel from Inductor's cache: {path}")
+
+
 class CompiledForward:
     """``compiled(batch)`` returns what ``model(batch)`` does in training (energy, forces,
     stress, energies) from one compiled graph per kind of batch (forces, stress, dtype,
@@ -167,11 +176,7 @@ class CompiledForward:
         self.graphs: dict[tuple, Callable] = {}
         self.compile_s = 0.0
         if backend == "inductor":
-            # imported here: importing Inductor costs every trainer 0.3 s, compiled or not
-            from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-            for path in remove_truncated_kernels(Path(cache_dir())):
-                self.log(f"removed a truncated kernel from Inductor's cache: {path}")
+            clean_inductor_cache(self.log)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model = self.model
