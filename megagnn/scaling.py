@@ -129,6 +129,12 @@ def fit_power_law(
 
 
 # -- compute-optimal frontier (IsoFLOP profiles, approach 2 of Hoffmann et al. 2022) ---------
+def _profile_parabola(n: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Coefficients (highest first) of the parabola in log N through an IsoFLOP profile's
+    log losses."""
+    return np.polyfit(np.log(n), np.log(loss), 2)
+
+
 def isoflop_minimum(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> tuple[float, float]:
     """(N_opt, D_opt) of one compute budget: the minimum of a parabola in log N through the
     points (the best point if the parabola opens downwards), kept inside the sizes tried;
@@ -136,7 +142,7 @@ def isoflop_minimum(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> tuple[flo
     x, y = np.log(n), np.log(loss)
     if len(np.unique(x)) < 3:
         raise ValueError("an IsoFLOP profile needs at least three model sizes")
-    c2, c1, _ = np.polyfit(x, y, 2)
+    c2, c1, _ = _profile_parabola(n, loss)
     best = x[np.argmin(y)] if c2 <= 0 else float(np.clip(-c1 / (2 * c2), x.min(), x.max()))
     slope, icept = np.polyfit(x, np.log(d), 1)
     return float(np.exp(best)), float(np.exp(icept + slope * best))
@@ -180,10 +186,9 @@ def compute_optimal_frontier(
         return opt, float(a), float(b)
 
     opt, a, b = frontier(groups)
-    fitted = np.empty_like(loss)  # each profile's parabola in log N, at its points
-    for g in groups:
-        coef = np.polyfit(np.log(n[g]), np.log(loss[g]), 2)
-        fitted[g] = np.exp(np.polyval(coef, np.log(n[g])))
+    fitted = np.empty_like(loss)  # each profile's parabola, at its points
+    for g in groups if noise else ():
+        fitted[g] = np.exp(np.polyval(_profile_parabola(n[g], loss[g]), np.log(n[g])))
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap):

@@ -458,8 +458,13 @@ def fit(args: argparse.Namespace) -> int:
         print(f"error: no finished points in {args.sweep}", file=sys.stderr)
         return 2
     repeats = [r for folder in args.repeats for r in collect(Path(folder))]
-    for r in rows + repeats:
+    every = rows + repeats
+    for r in every:
         r.setdefault("flops", float("nan"))
+    # the laws in N and D from the grid; points trained to a budget make the frontier.
+    # A sweep holds each point once, so the points seen twice are the repeats.
+    grid = [r for r in every if not r.get("budget")] or every
+    budgeted = [r for r in every if r.get("budget")]
     stem = Path(args.results)
     stem.parent.mkdir(parents=True, exist_ok=True)
     doc = {"sweep": args.sweep, "points": rows, "repeats": repeats, "fits": {}}
@@ -479,13 +484,8 @@ def fit(args: argparse.Namespace) -> int:
             f"| {r.get(METRICS['forces'], nan):.5f} |"
         )
     for name, key in METRICS.items():
-        if not all(key in r for r in rows + repeats):
+        if not all(key in r for r in every):
             continue
-        # the laws in N and D from the grid; points trained to a budget make the frontier.
-        # A sweep holds each point once, so the points seen twice are the repeats.
-        every = rows + repeats
-        grid = [r for r in every if not r.get("budget")] or every
-        budgeted = [r for r in every if r.get("budget")]
         noise, noise_lines = seed_noise_lines(grid, "grid", name, key, doc)
         budget_noise, budget_lines = seed_noise_lines(budgeted, "budget", name, key, doc)
         lines += noise_lines + budget_lines
