@@ -255,7 +255,7 @@ def test_seed_noise_is_the_pooled_spread_of_repeated_points_and_widens_intervals
     )
 
 
-def test_fit_takes_repeated_points_into_the_fits_and_their_noise(tmp_path):
+def test_fit_takes_repeated_points_into_the_fits_and_their_noise(tmp_path, capsys):
     """fit --repeats: points trained again with another seed join the fits, the table marks
     them, and their spread from the sweep's points is the seed noise the bootstrap adds."""
     import json
@@ -285,3 +285,7 @@ def test_fit_takes_repeated_points_into_the_fits_and_their_noise(tmp_path):
     assert doc["fits"]["energy_per_structure"]["L(N, D)"]["points"] == 14
     text = stem.with_suffix(".md").read_text()
     assert text.count("(repeat)") == 2 and "MAE, grid points: 7.1%" in text
+    # a mistyped folder is named in one line, not a traceback
+    assert tool.main([*args, "--repeats", str(tmp_path / "seed2")]) == 2
+    assert "seed2 is not a folder of finished points" in capsys.readouterr().err
+    assert tool.main(["fit", str(tmp_path / "nowhere"), "--results", str(stem)]) == 2

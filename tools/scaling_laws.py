@@ -453,6 +453,10 @@ def seed_noise_lines(points: list[dict], part: str, name: str, key: str, doc: di
 
 
 def fit(args: argparse.Namespace) -> int:
+    for folder in [args.sweep, *args.repeats]:
+        if not Path(folder).is_dir():
+            print(f"error: {folder} is not a folder of finished points", file=sys.stderr)
+            return 2
     rows = collect(Path(args.sweep))
     if not rows:
         print(f"error: no finished points in {args.sweep}", file=sys.stderr)
