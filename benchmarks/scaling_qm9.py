@@ -187,6 +187,40 @@ def isoflop_lines(family: str, rows: list[dict], iso: dict | None) -> list[str]:
     return lines
 
 
+ENVELOPE_BUDGETS = [1e12, 3e12, 1e13, 3e13]
+
+
+def envelope_lines(grids: dict[str, list[dict]]) -> list[str]:
+    """Families at equal training compute: per budget, the lowest validation MAE of any grid
+    point that spent no more FLOPs (with its parameters and molecules). The grid was not
+    tuned to a budget, so each cell bounds the compute-optimal error from above."""
+    if not grids:
+        return []
+    lines = [
+        "",
+        "Equal compute: the best grid point within each training-FLOP budget, validation "
+        "MAE (meV per molecule), parameters / molecules",
+        "",
+        "| family | "
+        + " | ".join(f"<= {c:.0e}".replace("e+", "e") for c in ENVELOPE_BUDGETS)
+        + " |",
+        "|---|" + "---|" * len(ENVELOPE_BUDGETS),
+    ]
+    for family, rows in grids.items():
+        cells = []
+        for budget in ENVELOPE_BUDGETS:
+            within = [r for r in rows if r["flops"] <= budget]
+            best = min(within, key=lambda r: r["energy_mae"], default=None)
+            cells.append(
+                ""
+                if best is None
+                else f"{1000 * best['energy_mae']:.1f} ({best['parameters'] / 1e3:.0f}k / "
+                f"{best['train_structures']:,})"
+            )
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(args) -> int:
     """One table of every family's exponents (from the per-family fit JSONs) beside the
     published ones: the table of benchmarks/results/scaling-qm9-cpu.md."""
@@ -236,6 +270,7 @@ def report(args) -> int:
             "molecules"
         )
         lines += mae_table(title, rows, "train_structures", [f"{d:,}" for d in sizes])
+    lines += envelope_lines(grids)
     for family, (rows, iso) in profiles.items():
         lines += isoflop_lines(family, rows, iso)
     lines += convergence_lines(args)
