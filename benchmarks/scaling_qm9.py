@@ -221,6 +221,44 @@ def envelope_lines(grids: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def plot_compute(grids: dict[str, list[dict]], profiles: dict, path: Path) -> None:
+    """Validation MAE against training FLOPs: every grid point of every family, each
+    family's lower envelope, and the IsoFLOP minima where a family has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for family, rows in grids.items():
+        pts = sorted((r["flops"], 1000 * r["energy_mae"]) for r in rows)
+        envelope, best = [], float("inf")
+        for c, mae in pts:
+            if mae < best:
+                best = mae
+                envelope.append((c, mae))
+        line = ax.loglog(*zip(*pts, strict=True), "o", alpha=0.45, label=f"{family} grid")[0]
+        ax.loglog(*zip(*envelope, strict=True), "-", color=line.get_color())
+        rows_iso = profiles.get(family, ([], None))[0]
+        if rows_iso:
+            minima = {}
+            for r in rows_iso:
+                mae = 1000 * r["energy_mae"]
+                minima[r["budget"]] = min(minima.get(r["budget"], mae), mae)
+            c, mae = zip(*sorted(minima.items()), strict=True)
+            ax.loglog(
+                c, mae, "s--", color=line.get_color(), label=f"{family} IsoFLOP minima (seed 0)"
+            )
+    ax.set_xlabel("training FLOPs C")
+    ax.set_ylabel("validation energy MAE (meV per molecule)")
+    ax.set_title("QM9 U0: error against training compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(args) -> int:
     """One table of every family's exponents (from the per-family fit JSONs) beside the
     published ones: the table of benchmarks/results/scaling-qm9-cpu.md."""
@@ -271,6 +309,7 @@ def report(args) -> int:
         )
         lines += mae_table(title, rows, "train_structures", [f"{d:,}" for d in sizes])
     lines += envelope_lines(grids)
+    plot_compute(grids, profiles, ROOT / "benchmarks/results/scaling-qm9-compute.png")
     for family, (rows, iso) in profiles.items():
         lines += isoflop_lines(family, rows, iso)
     lines += convergence_lines(args)
