@@ -190,6 +190,16 @@ def isoflop_lines(family: str, rows: list[dict], iso: dict | None) -> list[str]:
 ENVELOPE_BUDGETS = [1e12, 3e12, 1e13, 3e13]
 
 
+def lower_envelope(rows: list[dict]) -> list[dict]:
+    """The grid points, by training FLOPs, that beat every cheaper point's validation MAE:
+    the best error reached within each amount of compute."""
+    envelope: list[dict] = []
+    for r in sorted(rows, key=lambda r: r["flops"]):
+        if not envelope or r["energy_mae"] < envelope[-1]["energy_mae"]:
+            envelope.append(r)
+    return envelope
+
+
 def envelope_lines(grids: dict[str, list[dict]]) -> list[str]:
     """Families at equal training compute: per budget, the lowest validation MAE of any grid
     point that spent no more FLOPs (with its parameters and molecules). The grid was not
@@ -207,10 +217,9 @@ def envelope_lines(grids: dict[str, list[dict]]) -> list[str]:
         "|---|" + "---|" * len(ENVELOPE_BUDGETS),
     ]
     for family, rows in grids.items():
-        cells = []
+        envelope, cells = lower_envelope(rows), []
         for budget in ENVELOPE_BUDGETS:
-            within = [r for r in rows if r["flops"] <= budget]
-            best = min(within, key=lambda r: r["energy_mae"], default=None)
+            best = next((r for r in reversed(envelope) if r["flops"] <= budget), None)
             cells.append(
                 ""
                 if best is None
@@ -231,12 +240,8 @@ def plot_compute(grids: dict[str, list[dict]], profiles: dict, path: Path) -> No
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for family, rows in grids.items():
-        pts = sorted((r["flops"], 1000 * r["energy_mae"]) for r in rows)
-        envelope, best = [], float("inf")
-        for c, mae in pts:
-            if mae < best:
-                best = mae
-                envelope.append((c, mae))
+        pts = [(r["flops"], 1000 * r["energy_mae"]) for r in rows]
+        envelope = [(r["flops"], 1000 * r["energy_mae"]) for r in lower_envelope(rows)]
         line = ax.loglog(*zip(*pts, strict=True), "o", alpha=0.45, label=f"{family} grid")[0]
         ax.loglog(*zip(*envelope, strict=True), "-", color=line.get_color())
         rows_iso = profiles.get(family, ([], None))[0]
